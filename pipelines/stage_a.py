@@ -169,10 +169,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     x, recon.float(), posterior, step=step, cfg=sa.loss,
                     lpips=lpips_module, discriminator=disc, last_layer=last_layer,
                 )
-                if guard.should_skip(g_loss):
-                    skipped = True
+                skipped = guard.should_skip(g_loss)
+                # On a skipped step every rank still runs a (zero-weighted) backward so DDP's gradient
+                # reduction completes; the gradients are thrown away below.
+                (g_loss * (0.0 if skipped else 1.0 / accum)).backward()
+                if skipped:
                     break
-                (g_loss / accum).backward()
             pairs.append((x, recon.detach()))
             _accumulate(sums, g_metrics, accum)
         if skipped:
@@ -192,10 +194,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     logits = disc(torch.cat([x, recon]).float())
                     logits_real, logits_fake = logits.chunk(2)
                     d_loss, d_metrics = discriminator_loss(logits_real, logits_fake, step=step, cfg=sa.loss)
-                    if guard.should_skip(d_loss):
+                    d_skipped = guard.should_skip(d_loss)
+                    (d_loss * (0.0 if d_skipped else 1.0 / len(pairs))).backward()
+                    if d_skipped:
                         opt_d.zero_grad(set_to_none=True)
                         break
-                    (d_loss / len(pairs)).backward()
                 _accumulate(sums, d_metrics, len(pairs))
             else:
                 if sa.optim.grad_clip:

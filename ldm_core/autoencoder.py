@@ -1,0 +1,427 @@
+"""The first-stage autoencoder of latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis
+with Latent Diffusion Models", Sec. 3.1 and App. G): a convolutional ResNet encoder E and decoder D with
+a downsampling factor f = 2 ** (len(channel_mult) - 1), so a (3, H, W) image maps to a (c, H/f, W/f)
+latent z (256x256x3 -> 32x32x4 for f = 8, c = 4).
+
+Two regularisations of the latent space (LDM Sec. 3.1):
+
+- kind="kl": E outputs the mean and log-variance of a diagonal Gaussian posterior q(z | x) and training
+  adds a small KL(q || N(0, I)) penalty (Kingma & Welling 2014, "Auto-Encoding Variational Bayes").
+- kind="deterministic": E outputs z directly; the posterior is a point mass (std 0, KL 0), so encoding
+  the same image twice gives the same code.
+
+Layout for `channel_mult = [1, 2, 4, 4]` (C = base_channels, N = num_res_blocks):
+
+    Encoder: conv_in -> [level i: ResnetBlock(C * mult[i]) x N, then Downsample except at the last level]
+             -> mid: ResnetBlock -> (SelfAttention) -> ResnetBlock -> GroupNorm -> SiLU -> conv_out
+    Decoder: conv_in -> mid -> [level i from last to 0: ResnetBlock(C * mult[i]) x (N + 1), then
+             Upsample except at level 0] -> GroupNorm -> SiLU -> conv_out
+
+The model carries the latent scale factor used by the diffusion stage (LDM Sec. 4.3.2 / App. G, "rescale
+the latent by the component-wise std"): a buffer `scale_factor`, 1.0 until a pipeline measures
+1 / std(z) on data and stores it; `encode_scaled` / `decode_scaled` apply it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, ValidationError, model_validator
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ldm_core.config import ConfigError, StrictConfig, format_validation_error
+
+__all__ = ["AutoencoderConfig", "DiagonalGaussian", "Encoder", "Decoder", "AutoencoderKL"]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_NAME = "ldm_core.AutoencoderKL"
+FORMAT_VERSION = 1
+NORM_EPS = 1e-6
+"""GroupNorm epsilon of every norm layer (the LDM autoencoder value)."""
+
+
+class AutoencoderConfig(StrictConfig):
+    """Shape of the autoencoder. Defaults are the LDM / Stable Diffusion kl-f8 layout (f = 8, c = 4)."""
+
+    in_channels: int = Field(3, ge=1)
+    """Channels of the input image."""
+    out_channels: int = Field(3, ge=1)
+    """Channels of the reconstructed image."""
+    latent_channels: int = Field(4, ge=1)
+    """Channels c of the latent z (the diffusion model's in_channels)."""
+    base_channels: int = Field(128, ge=1)
+    """Base width C; level i has C * channel_mult[i] channels."""
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 4, 4])
+    """Width multiplier per resolution level; the downsampling factor is f = 2 ** (len(channel_mult) - 1)."""
+    num_res_blocks: int = Field(2, ge=1)
+    """ResnetBlocks per encoder level (the decoder has one more per level)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout inside every ResnetBlock."""
+    norm_groups: int = Field(32, ge=1)
+    """GroupNorm groups; every level's width must be divisible by it."""
+    mid_attention: bool = True
+    """Single-head self-attention in the encoder's and decoder's mid block (lowest resolution)."""
+    kind: Literal["kl", "deterministic"] = "kl"
+    """"kl": Gaussian posterior with a KL penalty (VAE); "deterministic": z = E(x), no sampling, KL 0."""
+    logvar_min: float = -30.0
+    """Lower clamp of the posterior log-variance (keeps exp(logvar) representable)."""
+    logvar_max: float = 20.0
+    """Upper clamp of the posterior log-variance."""
+    gradient_checkpointing: bool = False
+    """Recompute ResnetBlock / attention activations in the backward pass (less memory, ~30% more compute)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoencoderConfig:
+        if not self.channel_mult:
+            raise ValueError("channel_mult must list at least one level")
+        if any(m < 1 for m in self.channel_mult):
+            raise ValueError(f"channel_mult entries must be >= 1, got {self.channel_mult}")
+        for m in self.channel_mult:
+            if (self.base_channels * m) % self.norm_groups:
+                raise ValueError(
+                    f"base_channels * channel_mult = {self.base_channels} * {m} = {self.base_channels * m} "
+                    f"is not divisible by norm_groups = {self.norm_groups}"
+                )
+        if self.logvar_min >= self.logvar_max:
+            raise ValueError(f"logvar_min ({self.logvar_min}) must be < logvar_max ({self.logvar_max})")
+        return self
+
+    @property
+    def downsample_factor(self) -> int:
+        """f: the image side divided by the latent side."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The posterior q(z | x).
+# ----------------------------------------------------------------------------------------------------
+
+
+class DiagonalGaussian:
+    """q(z | x) = N(mu, diag(sigma^2)) over latents of shape (B, c, h, w), or a point mass at mu.
+
+    `logvar` is clamped to [logvar_min, logvar_max]. With `deterministic=True`, sigma = 0: `sample()`
+    returns mu and `kl()` is 0.
+    """
+
+    def __init__(
+        self,
+        mean: torch.Tensor,
+        logvar: torch.Tensor | None = None,
+        *,
+        deterministic: bool = False,
+        logvar_min: float = -30.0,
+        logvar_max: float = 20.0,
+    ):
+        self.mean = mean
+        self.deterministic = deterministic
+        if deterministic:
+            self.logvar = None
+            self.std = torch.zeros_like(mean)
+            self.var = torch.zeros_like(mean)
+        else:
+            if logvar is None:
+                raise ValueError("a non-deterministic DiagonalGaussian needs a logvar")
+            if logvar.shape != mean.shape:
+                raise ValueError(f"mean {tuple(mean.shape)} and logvar {tuple(logvar.shape)} differ in shape")
+            self.logvar = torch.clamp(logvar, logvar_min, logvar_max)
+            self.std = torch.exp(0.5 * self.logvar)
+            self.var = torch.exp(self.logvar)
+
+    @classmethod
+    def from_moments(cls, moments: torch.Tensor, *, logvar_min: float = -30.0, logvar_max: float = 20.0) -> DiagonalGaussian:
+        """Split encoder moments (B, 2c, h, w) into mu (B, c, h, w) and logvar (B, c, h, w)."""
+        mean, logvar = torch.chunk(moments, 2, dim=1)
+        return cls(mean, logvar, logvar_min=logvar_min, logvar_max=logvar_max)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mu + sigma * eps, eps ~ N(0, I): the reparameterisation trick (Kingma & Welling 2014,
+        Sec. 2.4), differentiable with respect to mu and logvar."""
+        if self.deterministic:
+            return self.mean
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self) -> torch.Tensor:
+        """The most likely latent, mu."""
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per sample, shape (B,), summed over the latent dims, computed in fp32.
+
+        Closed form (Kingma & Welling 2014, App. B / eq. 10):
+            KL = 1/2 * sum(mu^2 + sigma^2 - 1 - log sigma^2).
+        """
+        if self.deterministic:
+            return torch.zeros(self.mean.shape[0], device=self.mean.device, dtype=torch.float32)
+        mu, logvar = self.mean.float(), self.logvar.float()
+        return 0.5 * torch.sum(mu.pow(2) + logvar.exp() - 1.0 - logvar, dim=tuple(range(1, mu.ndim)))
+
+    def nll(self, x: torch.Tensor) -> torch.Tensor:
+        """-log q(x) per sample, shape (B,), summed over the latent dims, computed in fp32:
+        1/2 * sum(log(2 pi) + logvar + (x - mu)^2 / sigma^2). Undefined for a point mass."""
+        if self.deterministic:
+            raise ValueError("nll is undefined for a deterministic (point-mass) posterior")
+        mu, logvar = self.mean.float(), self.logvar.float()
+        log_two_pi = math.log(2.0 * math.pi)
+        return 0.5 * torch.sum(log_two_pi + logvar + (x.float() - mu).pow(2) / logvar.exp(), dim=tuple(range(1, mu.ndim)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=NORM_EPS, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv3x3 -> GroupNorm -> SiLU -> dropout -> conv3x3, plus a (1x1) skip
+    (He et al. 2016, pre-activation form)."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = _norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _norm(out_channels, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention over the h*w positions, with a residual connection."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = _norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=1)  # 3 x (B, C, h, w)
+        q, k, v = (t.reshape(b, 1, c, h * w).transpose(-1, -2) for t in (q, k, v))  # (B, 1, hw, C)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, hw, C)
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Halve the resolution with a stride-2 conv3x3 (padded right/bottom so H/2 is exact)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour upsampling, then conv3x3."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Checkpointed(nn.Module):
+    """Runs a sequence of blocks, recomputing their activations in backward when enabled."""
+
+    gradient_checkpointing: bool = False
+
+    def _run(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, use_reentrant=False)
+        return block(h)
+
+
+class Encoder(_Checkpointed):
+    """x (B, in, H, W) -> (B, out, H/f, W/f), out = 2c moments (kl) or c (deterministic)."""
+
+    def __init__(self, cfg: AutoencoderConfig, out_channels: int):
+        super().__init__()
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+        ch, g = cfg.base_channels, cfg.norm_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        blocks: list[nn.Module] = []
+        width = ch
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResnetBlock(width, ch * mult, cfg.dropout, g))
+                width = ch * mult
+            if level < len(cfg.channel_mult) - 1:
+                blocks.append(Downsample(width))
+        self.down = nn.ModuleList(blocks)
+        self.mid = nn.ModuleList(
+            [ResnetBlock(width, width, cfg.dropout, g)]
+            + ([SelfAttention(width, g)] if cfg.mid_attention else [])
+            + [ResnetBlock(width, width, cfg.dropout, g)]
+        )
+        self.norm_out = _norm(width, g)
+        self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for block in (*self.down, *self.mid):
+            h = self._run(block, h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(_Checkpointed):
+    """z (B, c, h, w) -> image (B, out, h*f, w*f)."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+        ch, g = cfg.base_channels, cfg.norm_groups
+        width = ch * cfg.channel_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.latent_channels, width, 3, padding=1)
+        self.mid = nn.ModuleList(
+            [ResnetBlock(width, width, cfg.dropout, g)]
+            + ([SelfAttention(width, g)] if cfg.mid_attention else [])
+            + [ResnetBlock(width, width, cfg.dropout, g)]
+        )
+        blocks: list[nn.Module] = []
+        for level in reversed(range(len(cfg.channel_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResnetBlock(width, ch * cfg.channel_mult[level], cfg.dropout, g))
+                width = ch * cfg.channel_mult[level]
+            if level > 0:
+                blocks.append(Upsample(width))
+        self.up = nn.ModuleList(blocks)
+        self.norm_out = _norm(width, g)
+        self.conv_out = nn.Conv2d(width, cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        for block in (*self.mid, *self.up):
+            h = self._run(block, h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The autoencoder.
+# ----------------------------------------------------------------------------------------------------
+
+
+class AutoencoderKL(nn.Module):
+    """E, D and the 1x1 convs around the latent (LDM's quant_conv / post_quant_conv), for either kind."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        self.config = config
+        moments = 2 * config.latent_channels if config.kind == "kl" else config.latent_channels
+        self.encoder = Encoder(config, moments)
+        self.quant_conv = nn.Conv2d(moments, moments, 1)
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.decoder = Decoder(config)
+        self.register_buffer("scale_factor", torch.tensor(1.0))
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """The decoder's final conv weight: where the adaptive GAN weight compares gradient norms."""
+        return self.decoder.conv_out.weight
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """q(z | x) for images x (B, in, H, W) in [-1, 1], H and W divisible by f."""
+        f = self.downsample_factor
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[-2] % f or x.shape[-1] % f:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the downsampling factor f={f}")
+        moments = self.quant_conv(self.encoder(x))
+        if self.config.kind == "deterministic":
+            return DiagonalGaussian(moments, deterministic=True)
+        return DiagonalGaussian.from_moments(moments, logvar_min=self.config.logvar_min, logvar_max=self.config.logvar_max)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Image (B, out, h*f, w*f) from an unscaled latent z (B, c, h, w)."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
+        posterior = self.encode(x)
+        z = posterior.sample() if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    def encode_scaled(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """scale_factor * z: the latent the diffusion model sees (z sampled, or mu when sample=False)."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return z * self.scale_factor.to(z.dtype)
+
+    def decode_scaled(self, z_scaled: torch.Tensor) -> torch.Tensor:
+        """Decode a latent produced by the diffusion model: divide by scale_factor, then decode."""
+        return self.decode(z_scaled / self.scale_factor.to(z_scaled.dtype))
+
+    # --- serialisation: config.json (config + scale_factor) and model.safetensors (every other tensor)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `config.json` and `model.safetensors` into a local directory (created if needed)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k != "scale_factor"}
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "config": self.config.model_dump(mode="json"),
+            "scale_factor": float(self.scale_factor),
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> AutoencoderKL:
+        """Rebuild a model written by `save_pretrained` (on CPU, float32). Nothing is unpickled."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist (not a save_pretrained directory?)")
+        try:
+            meta = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            raise ConfigError(f"{config_path}: format is not {FORMAT_NAME!r}")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ConfigError(f"{config_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        try:
+            config = AutoencoderConfig.model_validate(meta.get("config"))
+        except ValidationError as e:
+            raise ConfigError(f"{config_path}:\n{format_validation_error(e, 'config')}") from None
+        scale_factor = meta.get("scale_factor")
+        if not isinstance(scale_factor, (int, float)) or not math.isfinite(scale_factor) or scale_factor <= 0:
+            raise ConfigError(f"{config_path}: scale_factor must be a positive finite number, got {scale_factor!r}")
+
+        model = cls(config)
+        tensors = load_file(str(weights_path))
+        tensors["scale_factor"] = torch.tensor(float(scale_factor))
+        try:
+            model.load_state_dict(tensors, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{weights_path} does not match {config_path}: {e}") from None
+        return model
