@@ -120,3 +120,14 @@ def ray_local(moto_server):
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Two cores shared by the test process and Ray workers: torch's own thread pool only thrashes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
