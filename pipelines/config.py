@@ -24,6 +24,7 @@ from ldm_core.losses import AutoencoderLossConfig
 from ldm_core.perceptual import LPIPSConfig
 from ldm_core.unet import UNetConfig
 from pipelines.data.config import DataConfig
+from pipelines.digits import DigitClassifierConfig
 from pipelines.settings import (
     MlflowSection,
     OptimSection,
@@ -158,6 +159,14 @@ class SampleConfig(StrictConfig):
     """Where PNGs and the grid go. None: `<run.output_uri>/samples/<stage B run id>`."""
     evaluate_digits: bool = False
     """Score prompt adherence with a digit classifier trained on real MNIST (for the MNIST prompts)."""
+    digit_classifier: DigitClassifierConfig = DigitClassifierConfig()
+    """The MNIST judge used when `evaluate_digits` is on (cached under `<run.output_uri>/cache/digit_classifier`)."""
+    batch_size: int = Field(default=64, ge=1)
+    """Samples per sampler call (the U-Net sees twice as many with guidance)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to sample: "auto" picks CUDA when visible, else the CPU."""
+    mixed_precision: Literal["no", "bf16"] = "bf16"
+    """bf16 autocast of the U-Net on CUDA. Ignored on CPU."""
 
 
 class PipelineConfig(StrictConfig):

@@ -115,7 +115,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     # The discriminator runs twice per step (inside the generator loss, then on its own update): keep its
     # buffers out of DDP's per-forward broadcast, which would modify them in place between the two passes.
-    disc = ray.train.torch.prepare_model(disc, parallel_strategy_kwargs={"broadcast_buffers": False})
+    disc = ray.train.torch.prepare_model(disc, parallel_strategy_kwargs={"forward_sync_buffers": False})
     last_layer = unwrap(model).last_layer
 
     guard = NonFiniteGuard(sa.train.max_consecutive_nonfinite, device)
@@ -366,7 +366,8 @@ def run_stage_a(
                 failure_config=ray.train.FailureConfig(max_failures=sa.train.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=sa.train.keep_checkpoints),
             ),
-            datasets={"train": train_ds, "holdout": holdout_ds},
+            # Stage A needs pixels only; captions and keys are for the encode step.
+            datasets={"train": train_ds.select_columns(["image"]), "holdout": holdout_ds.select_columns(["image"])},
         )
         result = trainer.fit()
         if result.error is not None:

@@ -26,6 +26,9 @@ from pipelines.settings import OptimSection, TrainLoopSection
 log = logging.getLogger(__name__)
 
 
+FAULT_GRACE_S = 5.0
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps produced a NaN/inf loss."""
 
@@ -171,4 +174,7 @@ def maybe_inject_fault(train: TrainLoopSection, step: int, rank: int, world_size
         return
     storage.write_bytes(marker, f"step={step}\n".encode())
     log.error("fault hook: rank %d exiting at step %d (train.fail_at_step)", rank, step)
+    # Ray Train's controller collects reports by polling; a process that dies right after reporting can
+    # take its last checkpoint with it. A real crash comes some time after the last checkpoint: so here.
+    time.sleep(FAULT_GRACE_S)
     os._exit(1)

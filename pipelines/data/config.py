@@ -1,0 +1,62 @@
+"""The dataset section of the pipeline config: where the shards are, how to build them, how to stream them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ldm_core.config import StrictConfig
+
+
+class DataConfig(StrictConfig):
+    uri: str
+    """Dataset root holding `manifest.json` and the shards: a local path, file:// or s3://bucket/prefix."""
+
+    # --- building shards (pipelines/prepare_data.py, and the DAG's prepare node)
+    source: str | None = None
+    """What to build the shards from when `uri` has none yet: a bundled dataset ("mnist", "skimage") or a
+    folder of images. None: the shards must already exist."""
+    format: Literal["webdataset", "parquet"] = "webdataset"
+    """Shard format: webdataset tar (KEY.jpg/png + KEY.txt + KEY.json) or Parquet (key, image, caption, meta)."""
+    shard_size: int = Field(default=1000, ge=1)
+    """Samples per shard when building."""
+    prepare_resolution: int | None = Field(default=None, ge=8)
+    """Shorter side of stored images when building (None: keep originals; skimage crops default to 128)."""
+    limit: int | None = Field(default=None, ge=1)
+    """Keep only the first N samples when building (quick experiments and tests)."""
+
+    # --- streaming (every stage)
+    resolution: int = Field(default=256, ge=8)
+    """Side of the square training crops."""
+    crop: Literal["random", "center"] = "random"
+    """Random crops for training augmentation, or centre crops."""
+    random_flip: bool = False
+    """Flip horizontally with probability 0.5."""
+    min_size: int = Field(default=0, ge=0)
+    """Images whose shorter side is below this many pixels are skipped (counted as `too_small`); larger ones
+    smaller than `resolution` are upscaled (counted as `upscaled`)."""
+    batch_size: int = Field(default=16, ge=1)
+    """Images per batch on each worker."""
+    shuffle_buffer: int = Field(default=1024, ge=0)
+    """Rows in each worker's local shuffle buffer (0: no local shuffle). Shard order is shuffled too."""
+    holdout_fraction: float = Field(default=0.01, ge=0, lt=1)
+    """Fraction of samples (chosen by a hash of the key, so stable) held out for evaluation."""
+
+    # --- CPU budget
+    cpus_per_task: float = Field(default=0.25, gt=0)
+    """CPUs each Ray Data read/decode task reserves."""
+    reserved_cpus: float = Field(default=0.5, ge=0)
+    """CPUs that must stay free of Train workers so read/decode tasks can run (checked before training on a
+    fixed-size cluster; set 0 on an autoscaling cluster that adds CPU nodes for data)."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_size > self.resolution:
+            raise ValueError(f"min_size ({self.min_size}) must not exceed resolution ({self.resolution})")
+        if self.reserved_cpus and self.reserved_cpus < self.cpus_per_task:
+            raise ValueError(
+                f"reserved_cpus ({self.reserved_cpus}) is smaller than cpus_per_task ({self.cpus_per_task}): "
+                "not even one read task could run"
+            )
+        return self

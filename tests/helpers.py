@@ -1,0 +1,43 @@
+"""Small builders shared by the pipeline tests: tiny configs and tiny real datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mnist_dataset(tmp_path: Path, limit: int = 96, resolution: int | None = None, fmt: str = "webdataset") -> str:
+    """A real (tiny) shard set of bundled MNIST digits in tmp_path. Returns its URI."""
+    from pipelines.data import prepare_dataset
+
+    uri = str(tmp_path / f"mnist-{fmt}-{limit}")
+    prepare_dataset("mnist", uri, fmt=fmt, shard_size=32, resolution=resolution, limit=limit, seed=0)
+    return uri
+
+
+def tiny_overrides(tmp_path: Path, data_uri: str) -> list[str]:
+    """--set overrides that shrink the quickstart to seconds: 32 px, 8-channel models, 4 steps."""
+    return [
+        f"run.output_uri={tmp_path / 'out'}",
+        f"data.uri={data_uri}",
+        "data.resolution=32",
+        "data.batch_size=4",
+        "data.shuffle_buffer=8",
+        "data.holdout_fraction=0.2",
+        "stage_a.model.base_channels=8",
+        "stage_a.model.channel_mult=[1, 2, 2]",
+        "stage_a.model.norm_groups=4",
+        "stage_a.model.num_res_blocks=1",
+        "stage_a.discriminator.base_channels=8",
+        "stage_a.discriminator.norm_groups=4",
+        "stage_a.discriminator.num_layers=2",
+        "stage_a.lpips.net=squeeze",
+        "stage_a.train.max_steps=4",
+        "stage_a.train.log_every=1",
+        "stage_a.train.image_every=2",
+        "stage_a.train.checkpoint_every=2",
+        "stage_a.eval.scale_batches=2",
+        "stage_a.eval.max_batches=2",
+        "stage_a.train.max_failures=0",
+    ]
