@@ -52,6 +52,7 @@ from pipelines.training import (
     batches_forever,
     fault_marker,
     maybe_inject_fault,
+    node_ids,
     report,
     seed_everything,
     warmup_schedule,
@@ -117,6 +118,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # buffers out of DDP's per-forward broadcast, which would modify them in place between the two passes.
     disc = ray.train.torch.prepare_model(disc, parallel_strategy_kwargs={"forward_sync_buffers": False})
     last_layer = unwrap(model).last_layer
+    nodes = node_ids()
+    if client:
+        client.set_tag(run_id, "train_nodes", ",".join(sorted(set(nodes))))
 
     guard = NonFiniteGuard(sa.train.max_consecutive_nonfinite, device)
     guard.total = nonfinite_total

@@ -44,6 +44,16 @@ def world() -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
+def node_ids() -> list[str]:
+    """The Ray node id of every rank, in rank order (to record where the worker group actually ran)."""
+    mine = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    everyone: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return [str(n) for n in everyone]
+
+
 def autocast(device: torch.device, mixed_precision: str):
     """bf16 autocast on CUDA when configured; a no-op on CPU (tests) or with mixed_precision='no'."""
     if device.type == "cuda" and mixed_precision == "bf16":
