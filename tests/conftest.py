@@ -52,7 +52,9 @@ def moto_server(tmp_path_factory):
     Sets the standard AWS variables for the whole session (keys 'testing'), so s3fs, pyarrow and boto3 in
     this process and in Ray workers started afterwards all talk to it.
     """
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    # The venv's own moto (pinned by pyproject), not whatever `moto_server` is first on PATH.
+    venv_exe = Path(sys.executable).parent / "moto_server"
+    exe = str(venv_exe) if venv_exe.exists() else shutil.which("moto_server")
     port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)

@@ -147,7 +147,7 @@ def iter_tar(payload: bytes, shard: str) -> Iterator[tuple[str, bytes | None, st
                         raise tarfile.ReadError("short read")
                 except (tarfile.TarError, OSError):
                     problems.append("corrupt_member")
-                    continue
+                    break  # the stream is broken past this member: nothing after it can be trusted
                 groups.setdefault(key, {})[ext.lower()] = data
     except tarfile.TarError:
         problems.append("corrupt_shard")

@@ -37,8 +37,10 @@ def _tar_shard(samples: list[Sample]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for s in samples:
-            for name, payload in ((f"{s.key}.{s.ext}", s.data), (f"{s.key}.txt", s.caption.encode()),
-                                  (f"{s.key}.json", json.dumps(s.meta).encode())):
+            members = [(f"{s.key}.{s.ext}", s.data), (f"{s.key}.json", json.dumps(s.meta).encode())]
+            if s.caption is not None:  # webdataset convention: no caption, no .txt member
+                members.insert(1, (f"{s.key}.txt", s.caption.encode()))
+            for name, payload in members:
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
@@ -49,7 +51,7 @@ def _parquet_shard(samples: list[Sample]) -> bytes:
     table = pa.table({
         "key": [s.key for s in samples],
         "image": pa.array([s.data for s in samples], type=pa.binary()),
-        "caption": [s.caption for s in samples],
+        "caption": pa.array([s.caption for s in samples], type=pa.string()),
         "meta": [json.dumps(s.meta) for s in samples],
     })
     buf = io.BytesIO()

@@ -27,7 +27,7 @@ class Sample:
     key: str
     data: bytes
     ext: str  # "png", "jpg", ...
-    caption: str
+    caption: str | None  # None: the source had no caption for it (stored as such, counted when streamed)
     meta: dict = field(default_factory=dict)
 
 
@@ -112,14 +112,17 @@ def _caption_table(path: Path) -> dict[str, str]:
 
 def image_folder(folder: str | Path, captions: str | Path | None = None) -> Iterator[Sample]:
     """Images under a folder (recursively). Captions from `captions` (CSV/JSONL: key or file, caption),
-    else from a `KEY.txt` sidecar next to each image, else empty (and counted when streamed)."""
+    else from a `KEY.txt` sidecar next to each image, else none (stored as missing, counted when streamed)."""
     folder = Path(folder)
     table = _caption_table(Path(captions)) if captions else {}
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
         key = path.relative_to(folder).with_suffix("").as_posix().replace("/", "__")
         sidecar = path.with_suffix(".txt")
-        caption = table.get(path.stem) if table else (sidecar.read_text().strip() if sidecar.is_file() else "")
-        yield Sample(key, path.read_bytes(), path.suffix.lower().lstrip("."), caption or "", {"file": path.name})
+        if table:
+            caption = table.get(path.stem)
+        else:
+            caption = sidecar.read_text().strip() if sidecar.is_file() else None
+        yield Sample(key, path.read_bytes(), path.suffix.lower().lstrip("."), caption, {"file": path.name})
 
 
 BUNDLED: dict[str, Callable[..., Iterator[Sample]]] = {"mnist": mnist, "skimage": skimage_photos}
