@@ -108,6 +108,7 @@ class Context:
     parent_run_id: str
     outcomes: dict[str, NodeOutcome]
     key: str
+    forced: bool = False
 
     def upstream(self, *stages: str) -> tuple[str, ...]:
         return tuple(o.run_id for s in stages if (o := self.outcomes.get(s)) and o.run_id)
@@ -116,9 +117,10 @@ class Context:
         return {tracking.TAG_CACHE_KEY: self.key}
 
     def keyed_cfg(self) -> PipelineConfig:
-        """The config with a run name that carries the cache key: Ray Train resumes only matching runs."""
+        """The config with a run name that carries the cache key: Ray Train resumes only matching runs.
+        A forced node gets a fresh name, so it trains from scratch instead of resuming."""
         cfg = self.cfg.model_copy(deep=True)
-        cfg.run.name = f"{self.cfg.run.name}-{self.key[:8]}"
+        cfg.run.name = f"{self.cfg.run.name}-{self.key[:8]}" + (f"-forced{int(time.time())}" if self.forced else "")
         return cfg
 
 
@@ -253,7 +255,7 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: s
             keys[node.stage] = key
             t0 = time.monotonic()
             cached = None if i >= forced_from else find_stage_run(experiment_id, node.stage, key, finished=True)
-            ctx = Context(cfg, experiment_id, parent_id, outcomes, key)
+            ctx = Context(cfg, experiment_id, parent_id, outcomes, key, forced=i >= forced_from)
             if node.stage == "prepare":
                 outcome = node.run(ctx) if i >= first else _prepared_only(cfg, key)
             elif cached is not None:

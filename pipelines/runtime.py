@@ -27,8 +27,10 @@ def init_ray(cfg: RaySection) -> None:
         log.info("attaching to Ray at %s", address)
         ray.init(address=address)
     else:
+        # "local" always starts a fresh Ray for this process, never a stale or foreign `ray start` cluster
+        # (attach to one of those explicitly with ray.address=auto).
         log.info("starting a local Ray (num_cpus=%s)", cfg.num_cpus or "all")
-        ray.init(num_cpus=cfg.num_cpus)
+        ray.init(address="local", num_cpus=cfg.num_cpus)
 
 
 def setup_logging() -> None:

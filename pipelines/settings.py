@@ -32,8 +32,9 @@ class RunSection(StrictConfig):
 
 class RaySection(StrictConfig):
     address: str | None = None
-    """Ray cluster to attach to ("auto", "ray://host:10001", ...). None: the RAY_ADDRESS variable when set
-    (as under `ray job submit`), else a new local Ray on this machine."""
+    """Ray cluster to attach to ("auto" for one started with `ray start` on this machine, "host:6379",
+    "ray://host:10001"). None: the RAY_ADDRESS variable when set (as under `ray job submit`), else a new
+    local Ray for this process."""
     num_cpus: int | None = None
     """CPUs of a new local Ray (None: all of this machine's). Ignored when attaching to a cluster."""
 

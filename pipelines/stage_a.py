@@ -203,7 +203,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     if d_skipped:
                         opt_d.zero_grad(set_to_none=True)
                         break
-                _accumulate(sums, d_metrics, len(pairs))
+                # disc_factor is already reported by the generator loss.
+                _accumulate(sums, {k: v for k, v in d_metrics.items() if k != "disc_factor"}, len(pairs))
             else:
                 if sa.optim.grad_clip:
                     torch.nn.utils.clip_grad_norm_(disc.parameters(), sa.optim.grad_clip)

@@ -77,6 +77,10 @@ def two_node_cluster(tmp_path_factory, moto_server):
             _stop(proc)
         if worker_tmp:
             shutil.rmtree(worker_tmp, ignore_errors=True)
+        # `ray start` records the head for `ray.init(address="auto")`; killed by PID, nobody else clears it.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(f":{gcs_port}"):
+            current.unlink()
 
 
 def _wait_for_nodes(env: dict, gcs_port: int, count: int, timeout: float = 120) -> None:

@@ -44,8 +44,9 @@ class DataConfig(StrictConfig):
     """Fraction of samples (chosen by a hash of the key, so stable) held out for evaluation."""
 
     # --- CPU budget
-    cpus_per_task: float = Field(default=0.25, gt=0)
-    """CPUs each Ray Data read/decode task reserves."""
+    cpus_per_task: float = Field(default=0.5, gt=0)
+    """CPUs each Ray Data read/decode task reserves. Measured on 2 cores (benchmarks/README.md): smaller
+    fractions run more decode tasks at once than there are cores, and throughput drops."""
     reserved_cpus: float = Field(default=0.5, ge=0)
     """CPUs that must stay free of Train workers so read/decode tasks can run (checked before training on a
     fixed-size cluster; set 0 on an autoscaling cluster that adds CPU nodes for data)."""
