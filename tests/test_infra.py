@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, free_port
+from tests.conftest import REPO, free_port
 
 INFRA = REPO / "infra"
 CLUSTER_YAML = INFRA / "aws" / "cluster.yaml"
