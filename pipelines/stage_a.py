@@ -346,8 +346,10 @@ def run_stage_a(
         else:
             log.info("resuming MLflow run %s of %s", run_id, trainer_name)
 
-        train_ds, skip_counter = build_dataset(cfg.data, split="train", storage=cfg.storage, shuffle=True, seed=cfg.run.seed)
-        holdout_ds, _ = build_dataset(cfg.data, split="holdout", storage=cfg.storage, shuffle=False, seed=cfg.run.seed, skip_counter=skip_counter)
+        train_ds, skip_counter = build_dataset(cfg.data, split="train", storage=cfg.storage, shuffle=True, seed=cfg.run.seed,
+                                            columns=["image"])
+        holdout_ds, _ = build_dataset(cfg.data, split="holdout", storage=cfg.storage, shuffle=False, seed=cfg.run.seed, skip_counter=skip_counter,
+                                   columns=["image"])
         ckpt_loc = storage.resolve(cfg.run.checkpoint_root, cfg.storage)
         trainer = ray.train.torch.TorchTrainer(
             train_loop_per_worker,
@@ -372,7 +374,7 @@ def run_stage_a(
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=sa.train.keep_checkpoints),
             ),
             # Stage A needs pixels only; captions and keys are for the encode step.
-            datasets={"train": train_ds.select_columns(["image"]), "holdout": holdout_ds.select_columns(["image"])},
+            datasets={"train": train_ds, "holdout": holdout_ds},
         )
         result = trainer.fit()
         if result.error is not None:

@@ -1,4 +1,9 @@
-"""Sharded image datasets: building shards, streaming them with Ray Data, accounting for bad samples."""
+"""Sharded image datasets: building shards, streaming them with Ray Data, accounting for bad samples.
+
+    prepare_dataset("mnist", "s3://bucket/datasets/mnist", fmt="webdataset", shard_size=1000)
+    ds, skips = build_dataset(DataConfig(uri="s3://bucket/datasets/mnist", resolution=32), split="train")
+    skips.snapshot()  # {"converted_l": 4750, "upscaled": 4750}
+"""
 
 from pipelines.data.config import DataConfig
 from pipelines.data.reader import (
@@ -7,11 +12,14 @@ from pipelines.data.reader import (
     build_dataset,
     check_cpu_budget,
     decode_image,
+    decode_sample,
+    new_skip_counter,
     open_skip_counter,
 )
-from pipelines.data.shards import DatasetError, prepare_dataset, read_manifest, write_shards
+from pipelines.data.shards import DatasetError, index_shards, prepare_dataset, read_manifest, write_shards
 
 __all__ = [
     "DROP_REASONS", "DataConfig", "DatasetError", "SkipCounterHandle", "build_dataset", "check_cpu_budget",
-    "decode_image", "open_skip_counter", "prepare_dataset", "read_manifest", "write_shards",
+    "decode_image", "decode_sample", "index_shards", "new_skip_counter", "open_skip_counter", "prepare_dataset",
+    "read_manifest", "write_shards",
 ]

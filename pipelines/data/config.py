@@ -10,6 +10,8 @@ from ldm_core.config import StrictConfig
 
 
 class DataConfig(StrictConfig):
+    """The `data` section: one dataset, read the same way by every stage (pipelines/data/reader.py)."""
+
     uri: str
     """Dataset root holding `manifest.json` and the shards: a local path, file:// or s3://bucket/prefix."""
 
@@ -18,11 +20,13 @@ class DataConfig(StrictConfig):
     """What to build the shards from when `uri` has none yet: a bundled dataset ("mnist", "skimage") or a
     folder of images. None: the shards must already exist."""
     format: Literal["webdataset", "parquet"] = "webdataset"
-    """Shard format: webdataset tar (KEY.jpg/png + KEY.txt + KEY.json) or Parquet (key, image, caption, meta)."""
+    """Shard format when building: webdataset tar (KEY.png + KEY.txt + KEY.json) or Parquet (key, image,
+    caption, meta). Reading takes the format from the manifest."""
     shard_size: int = Field(default=1000, ge=1)
     """Samples per shard when building."""
     prepare_resolution: int | None = Field(default=None, ge=8)
-    """Shorter side of stored images when building (None: keep originals; skimage crops default to 128)."""
+    """Side of stored images when building from a bundled source (None: MNIST's native 28 px, skimage crops
+    at 128 px). Folders are stored as they are."""
     limit: int | None = Field(default=None, ge=1)
     """Keep only the first N samples when building (quick experiments and tests)."""
 
@@ -39,17 +43,20 @@ class DataConfig(StrictConfig):
     batch_size: int = Field(default=16, ge=1)
     """Images per batch on each worker."""
     shuffle_buffer: int = Field(default=1024, ge=0)
-    """Rows in each worker's local shuffle buffer (0: no local shuffle). Shard order is shuffled too."""
+    """Rows in each worker's local shuffle buffer (0: no local shuffle). Shard order is shuffled too (seeded by
+    run.seed, different every epoch)."""
     holdout_fraction: float = Field(default=0.01, ge=0, lt=1)
-    """Fraction of samples (chosen by a hash of the key, so stable) held out for evaluation."""
+    """Fraction of samples held out for evaluation (split "holdout"); chosen by a hash of the key, so stable
+    across runs, shard layouts and formats."""
 
     # --- CPU budget
     cpus_per_task: float = Field(default=0.5, gt=0)
-    """CPUs each Ray Data read/decode task reserves. Measured on 2 cores (benchmarks/README.md): smaller
-    fractions run more decode tasks at once than there are cores, and throughput drops."""
+    """CPUs each Ray Data read+decode task (one shard) reserves. Measured on 2 cores (benchmarks/README.md):
+    smaller fractions run more decode tasks at once than there are cores, and throughput drops."""
     reserved_cpus: float = Field(default=0.5, ge=0)
-    """CPUs that must stay free of Train workers so read/decode tasks can run (checked before training on a
-    fixed-size cluster; set 0 on an autoscaling cluster that adds CPU nodes for data)."""
+    """CPUs that must stay free of Train workers so read/decode tasks can run: `check_cpu_budget` fails
+    before training when num_workers x cpus_per_worker leaves less. At least `cpus_per_task`. Set 0 on an
+    autoscaling cluster that adds CPU nodes for data (the check is skipped)."""
 
     @model_validator(mode="after")
     def _check(self):

@@ -1,43 +1,61 @@
 """The one image reader every stage uses: shards -> Ray Data -> batches of `image`, `caption`, `key`.
 
-Ray Data reads whole shard files (in shuffled order when training), a decode task explodes each shard into
-samples, decodes them, converts any mode to RGB, resizes the shorter side to the resolution, crops (random
-or centre), flips when configured and normalises to [-1, 1] (float32, CHW). Nothing is materialised:
-blocks stream to the Train workers, which add a local shuffle buffer and get their own split through
-`ray.train.get_dataset_shard`.
+Ray Data reads whole shard files (in a seeded, per-epoch reshuffled order when training), and a decode
+task explodes each shard into samples, decodes them, converts any mode to RGB, resizes the shorter side
+to the resolution, crops (random or centre), flips when configured and normalises to [-1, 1] (float32,
+CHW), yielding blocks small enough to stream. Nothing is materialised: blocks flow to the consumers (Train
+workers add a local shuffle buffer and get their own split through `ray.train.get_dataset_shard`).
 
-Bad data never fails the job and is never silently dropped: every sample that is skipped or repaired is
-recorded by reason (once per sample, however many epochs re-read it) in a `SkipCounter` actor, which the
-driver and the Train workers read.
+Bad data never fails the job and is never silently dropped. Every sample that is skipped or repaired is
+counted by reason (`DROP_REASONS` are skips, every other reason is a repair that keeps the sample), and
+samples that a damaged shard lost are counted against the manifest's per-shard count, so that, for a full
+pass over split "all", kept + dropped == manifest["num_samples"]. The counts go to a `SkipCounter` actor
+that the driver and the Train workers read; it keeps one record per (shard, split), so re-reading a shard
+in a later epoch replaces its record instead of counting its samples again, and its memory grows with the
+number of shards, not of samples.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import tarfile
 import uuid
 from collections import Counter
-from typing import Iterator
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
 import ray
-from PIL import Image, ImageFile
+from PIL import Image, ImageOps
 
-from pipelines import storage
 from pipelines.data.config import DataConfig
-from pipelines.data.shards import read_manifest
-from pipelines.storage import StorageConfig
+from pipelines.data.shards import PARQUET_COLUMNS, read_manifest, split_member_name
+from pipelines.storage import StorageConfig, resolve
 
 log = logging.getLogger(__name__)
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 COUNTER_NAMESPACE = "ldm-data"
+SPLITS = ("train", "holdout", "all")
+COLUMNS = ("image", "caption", "key")
+# Decoded blocks stay well below Ray Data's default 128 MiB target block size, so a shard of 1,000
+# 256-px images (750 MiB as float32) streams as a dozen blocks instead of one object.
+TARGET_BLOCK_BYTES = 64 * 2**20
 
-# Reasons a sample is dropped; every other reason in the counts is a repair (the sample is kept).
-DROP_REASONS = ("empty_image", "corrupt_image", "too_small", "missing_image", "corrupt_shard", "corrupt_member")
+# Reasons a sample is dropped. Every other reason in the counts is a repair (the sample is kept):
+# converted_<mode> (to RGB), upscaled (smaller than the crop), missing_caption (kept with caption "").
+DROP_REASONS = (
+    "empty_image",  # zero-byte image member / value
+    "corrupt_image",  # undecodable or truncated image
+    "too_small",  # shorter side below data.min_size
+    "too_large",  # over PIL's decompression-bomb limit
+    "unsupported_mode",  # a pixel mode that cannot be converted to RGB
+    "missing_image",  # a key with a caption but no image (intact shard)
+    "corrupt_member",  # samples lost to a damaged tar member or Parquet row group (orphans, shortfall vs manifest)
+    "corrupt_shard",  # samples of a shard that could not be read at all
+)
 
 
 class SkipSample(Exception):
@@ -51,40 +69,56 @@ class SkipSample(Exception):
 # ---------------------------------------------------------------------------------------------------
 
 
+def _rescale_to_l(img: Image.Image, peak: float) -> Image.Image:
+    arr = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
-    """Any PIL mode -> RGB. Returns the image and the repair applied (None when it was RGB already)."""
+    """Any PIL mode -> 8-bit RGB. Returns the image and the repair applied (None when it was RGB already).
+
+    Alpha (RGBA, LA, PA, P with transparency) is composited over white; 16-bit and 32-bit integer greys are
+    rescaled by their bit depth, float greys by [0, 1]. Raises SkipSample("unsupported_mode") otherwise.
+    """
     mode = img.mode
     if mode == "RGB":
         return img, None
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8), "L")
-        return img.convert("RGB"), "converted_16bit"
-    if mode == "P":
-        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-        if img.mode == "RGB":
-            return img, "converted_palette"
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB"), "converted_alpha"
-    if mode == "CMYK":
-        return img.convert("RGB"), "converted_cmyk"
-    return img.convert("RGB"), f"converted_{mode.lower().replace(';', '')}"
+    try:
+        if mode.startswith("I;16") or mode == "I":
+            peak = 65535.0 if mode.startswith("I;16") or np.asarray(img).max() > 255 else 255.0
+            return _rescale_to_l(img, peak).convert("RGB"), "converted_16bit"
+        if mode == "F":
+            return _rescale_to_l(img, 1.0).convert("RGB"), "converted_float"
+        if mode == "P":
+            if "transparency" not in img.info:
+                return img.convert("RGB"), "converted_palette"
+            img, mode = img.convert("RGBA"), "RGBA"
+        if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB"), "converted_alpha"
+        return img.convert("RGB"), f"converted_{mode.lower().replace(';', '')}"
+    except (ValueError, OSError):
+        raise SkipSample("unsupported_mode") from None
 
 
-def decode_image(data: bytes, *, resolution: int, crop: str, random_flip: bool, min_size: int,
+def decode_image(data: bytes | None, *, resolution: int, crop: str, random_flip: bool, min_size: int,
                  rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
-    """Encoded image bytes -> float32 (3, R, R) in [-1, 1], plus the repairs made. Raises SkipSample."""
+    """Encoded image bytes -> float32 (3, R, R) in [-1, 1], plus the repairs made. Raises SkipSample.
+
+    Steps: decode (EXIF orientation applied), any mode -> RGB, resize the shorter side to R (bicubic;
+    upscaling counted), crop R x R (random or centre), flip horizontally with p=0.5 when `random_flip`,
+    x / 127.5 - 1.
+    """
     if not data:
         raise SkipSample("empty_image")
     notes: list[str] = []
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()  # truncated files fail here, not lazily later
-            img = opened.copy()
+            img = ImageOps.exif_transpose(opened)
+    except Image.DecompressionBombError:
+        raise SkipSample("too_large") from None
     except Exception:
         raise SkipSample("corrupt_image") from None
     img, repair = to_rgb(img)
@@ -104,14 +138,21 @@ def decode_image(data: bytes, *, resolution: int, crop: str, random_flip: bool, 
     else:
         x0, y0 = (new_w - resolution) // 2, (new_h - resolution) // 2
     img = img.crop((x0, y0, x0 + resolution, y0 + resolution))
-    arr = np.asarray(img, dtype=np.float32)
+    arr = np.asarray(img, dtype=np.float32)  # (R, R, 3)
     if random_flip and rng.random() < 0.5:
         arr = arr[:, ::-1]
-    return np.ascontiguousarray(arr.transpose(2, 0, 1)) / 127.5 - 1.0, notes
+    return np.ascontiguousarray(arr.transpose(2, 0, 1)) / 127.5 - 1.0, notes  # (3, R, R)
+
+
+def decode_sample(data: bytes | None, cfg: DataConfig, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+    """`decode_image` with the resolution, crop, flip and minimum size of a DataConfig: what the reader does
+    to every sample, usable without Ray (the DataLoader benchmark, notebooks)."""
+    return decode_image(data, resolution=cfg.resolution, crop=cfg.crop, random_flip=cfg.random_flip,
+                        min_size=cfg.min_size, rng=rng)
 
 
 def in_split(key: str, split: str, holdout_fraction: float) -> bool:
-    """Stable train/holdout assignment from a hash of the key."""
+    """Stable train/holdout assignment from a hash of the key (independent of shard layout and order)."""
     if split == "all":
         return True
     bucket = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
@@ -123,91 +164,161 @@ def in_split(key: str, split: str, holdout_fraction: float) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 
-def iter_tar(payload: bytes, shard: str) -> Iterator[tuple[str, bytes | None, str | None, str | None]]:
-    """(key, image bytes, caption, problem) per sample of a webdataset tar; tolerant of corrupt members."""
+class RawSample(NamedTuple):
+    key: str
+    image: bytes | None  # None: the shard holds no image for this key
+    caption: str | None  # None: no caption
+
+
+class ShardContents(NamedTuple):
+    samples: list[RawSample]
+    damaged: bool  # part of the shard could not be read; keys without an image lost theirs to the damage
+    unreadable: bool  # nothing could be read at all
+
+
+def read_tar(payload: bytes) -> ShardContents:
+    """Group a webdataset tar's members by key. Tolerant of damage: a broken member header is skipped over
+    (`ignore_zeros` scans on to the next valid header, which the offsets reveal as a gap of non-zero
+    bytes), a member cut short ends the scan; either marks the shard damaged."""
     groups: dict[str, dict[str, bytes]] = {}
-    problems: list[str] = []
+    damaged = False
     try:
-        with tarfile.open(fileobj=io.BytesIO(payload), mode="r:*") as tar:
+        with tarfile.open(fileobj=io.BytesIO(payload), mode="r:", ignore_zeros=True) as tar:
+            expected_offset = 0  # where the next header should start if nothing was skipped
             while True:
                 try:
                     member = tar.next()
-                except tarfile.TarError:
-                    problems.append("corrupt_member")
+                except (tarfile.TarError, OSError):
+                    damaged = True
                     break
                 if member is None:
                     break
-                if not member.isfile() or "." not in member.name.rsplit("/", 1)[-1]:
+                if member.offset != expected_offset and any(payload[expected_offset:member.offset]):
+                    damaged = True
+                expected_offset = tar.offset
+                key, ext = split_member_name(member.name)
+                if not member.isfile() or not ext:
                     continue
-                key, ext = member.name.rsplit(".", 1)
                 try:
                     f = tar.extractfile(member)
                     data = f.read() if f is not None else b""
-                    if len(data) != member.size:
-                        raise tarfile.ReadError("short read")
                 except (tarfile.TarError, OSError):
-                    problems.append("corrupt_member")
-                    break  # the stream is broken past this member: nothing after it can be trusted
-                groups.setdefault(key, {})[ext.lower()] = data
-    except tarfile.TarError:
-        problems.append("corrupt_shard")
-    for i, reason in enumerate(problems):
-        yield f"{shard}#{reason}{i}", None, None, reason
+                    data = b""
+                if len(data) != member.size:
+                    damaged = True
+                    break  # cut short: the stream ends inside this member
+                groups.setdefault(key, {})[ext] = data
+    except (tarfile.TarError, OSError):
+        return ShardContents([], True, True)
+    samples = []
     for key, parts in groups.items():
         image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
         caption = parts["txt"].decode("utf-8", "replace").strip() if "txt" in parts else None
-        yield key, image, caption, None if image is not None else "missing_image"
+        samples.append(RawSample(key, image, caption))
+    return ShardContents(samples, damaged, not samples and (damaged or bool(payload.strip(b"\0"))))
 
 
-def iter_parquet(payload: bytes, shard: str) -> Iterator[tuple[str, bytes | None, str | None, str | None]]:
+def _image_bytes(value) -> bytes | None:
+    """An image cell: raw bytes, or a Hugging Face style struct {"bytes": ..., "path": ...}."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return value
+
+
+def read_parquet(payload: bytes, columns: dict, shard_name: str) -> ShardContents:
+    """Rows of a Parquet shard, row group by row group: an unreadable row group loses only its rows."""
     try:
-        table = pq.read_table(io.BytesIO(payload), columns=["key", "image", "caption"])
+        pf = pq.ParquetFile(io.BytesIO(payload))
     except Exception:
-        yield f"{shard}#corrupt_shard", None, None, "corrupt_shard"
-        return
-    for key, image, caption in zip(*(table.column(c).to_pylist() for c in ("key", "image", "caption"))):
-        yield str(key), image, caption, None if image is not None else "missing_image"
+        return ShardContents([], True, True)
+    key_col, image_col, caption_col = columns.get("key"), columns["image"], columns["caption"]
+    wanted = [c for c in (key_col, image_col, caption_col) if c]
+    samples, damaged, row = [], False, 0
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        try:
+            table = pf.read_row_group(g, columns=wanted)
+        except Exception:
+            damaged, row = True, row + n
+            continue
+        keys = table.column(key_col).to_pylist() if key_col else [f"{shard_name}-{row + i:06d}" for i in range(n)]
+        for key, image, caption in zip(keys, table.column(image_col).to_pylist(), table.column(caption_col).to_pylist()):
+            samples.append(RawSample(str(key), _image_bytes(image), None if caption is None else str(caption)))
+        row += n
+    return ShardContents(samples, damaged, not samples and damaged)
 
 
-SHARD_READERS = {".tar": iter_tar, ".parquet": iter_parquet}
+def read_shard(payload: bytes, rel_path: str, columns: dict) -> ShardContents:
+    if rel_path.endswith(".parquet"):
+        return read_parquet(payload, columns, rel_path.rsplit("/", 1)[-1].rsplit(".", 1)[0])
+    return read_tar(payload)
 
 
-def decode_shards(batch: dict, *, cfg: dict, split: str, seed: int, counter_name: str) -> dict:
-    """Ray Data map_batches fn: a batch of whole shard files -> a batch of decoded samples."""
-    images, captions, keys = [], [], []
-    events: dict[str, str] = {}  # sample id -> reason, sent to the counter once per call
+def _rows_per_block(resolution: int) -> int:
+    return max(1, TARGET_BLOCK_BYTES // (3 * resolution * resolution * np.dtype(np.float32).itemsize))
+
+
+def decode_shards(batch: dict, *, cfg: DataConfig, split: str, seed: int, counter_name: str, root_path: str,
+                  expected: dict[str, int], parquet_columns: dict, columns: tuple[str, ...]) -> Iterator[dict]:
+    """Ray Data map_batches fn: whole shard files in, blocks of decoded samples out.
+
+    Counts go to the SkipCounter once a shard is done: shard-level losses (which no split owns, since
+    their keys are unknown) under part "shard", per-sample skips and repairs under the split.
+    """
+    block_rows = _rows_per_block(cfg.resolution)
+    images: list[np.ndarray] = []
+    captions: list[str] = []
+    keys: list[str] = []
+
+    def block() -> dict:
+        out = {"image": np.stack(images), "caption": np.array(captions, dtype=object), "key": np.array(keys, dtype=object)}
+        out = {c: out[c] for c in columns}
+        images.clear()
+        captions.clear()
+        keys.clear()
+        return out
+
     for payload, path in zip(batch["bytes"], batch["path"]):
-        suffix = "." + str(path).rsplit(".", 1)[-1]
-        shard = str(path).rsplit("/", 1)[-1]
-        rng = np.random.default_rng([seed, int.from_bytes(hashlib.blake2b(shard.encode(), digest_size=4).digest(), "big"),
-                                     int(np.random.default_rng().integers(2**31))])
-        for key, image, caption, problem in SHARD_READERS[suffix](payload, shard):
-            if problem is not None:
-                events[key] = problem
+        rel = str(path)[len(root_path):].lstrip("/")
+        n_expected = expected.get(rel, 0)
+        shard_hash = int.from_bytes(hashlib.blake2b(rel.encode(), digest_size=4).digest(), "big")
+        # Seeded per shard, plus fresh entropy: crops and flips differ from epoch to epoch.
+        rng = np.random.default_rng([seed, shard_hash, int(np.random.default_rng().integers(2**31))])
+        contents = read_shard(payload, rel, parquet_columns)
+        shard_counts: Counter = Counter()
+        split_counts: Counter = Counter()
+        if contents.unreadable:
+            shard_counts["corrupt_shard"] = max(n_expected, 1)
+        elif contents.damaged or len(contents.samples) < n_expected:
+            lost = n_expected - len(contents.samples)
+            if lost > 0:
+                shard_counts["corrupt_member"] = lost
+            elif not any(s.image is None for s in contents.samples):
+                log.warning("shard %s is damaged but no sample was lost", rel)
+        elif len(contents.samples) > n_expected:
+            log.warning("shard %s holds %d samples, its manifest says %d", rel, len(contents.samples), n_expected)
+        for sample in contents.samples:
+            if not in_split(sample.key, split, cfg.holdout_fraction):
                 continue
-            if not in_split(key, split, cfg["holdout_fraction"]):
+            if sample.image is None:
+                split_counts["corrupt_member" if contents.damaged else "missing_image"] += 1
                 continue
             try:
-                array, notes = decode_image(image, resolution=cfg["resolution"], crop=cfg["crop"],
-                                            random_flip=cfg["random_flip"], min_size=cfg["min_size"], rng=rng)
+                array, notes = decode_sample(sample.image, cfg, rng)
             except SkipSample as skip:
-                events[key] = skip.reason
+                split_counts[skip.reason] += 1
                 continue
-            for note in notes:
-                events[f"{key}|{note}"] = note
-            if caption is None:
-                events[f"{key}|missing_caption"] = "missing_caption"
+            split_counts.update(notes)
+            if sample.caption is None:
+                split_counts["missing_caption"] += 1
             images.append(array)
-            captions.append(caption or "")
-            keys.append(key)
-    if events:
-        ray.get_actor(counter_name, namespace=COUNTER_NAMESPACE).add.remote(events)
-    r = cfg["resolution"]
-    return {
-        "image": np.stack(images) if images else np.zeros((0, 3, r, r), np.float32),
-        "caption": np.array(captions, dtype=object),
-        "key": np.array(keys, dtype=object),
-    }
+            captions.append(sample.caption or "")
+            keys.append(sample.key)
+            if len(images) == block_rows:
+                yield block()
+        ray.get(_counter_actor(counter_name).record.remote(rel, {"shard": dict(shard_counts), split: dict(split_counts)}))
+    if images:
+        yield block()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -217,20 +328,40 @@ def decode_shards(batch: dict, *, cfg: dict, split: str, seed: int, counter_name
 
 @ray.remote(num_cpus=0)
 class SkipCounter:
-    """Distinct samples skipped or repaired, by reason (a re-read in a later epoch is not counted twice)."""
+    """Skips and repairs by reason, one record per (shard, part). A shard read again (next epoch, a retried
+    task) replaces its record, so a sample is counted once however often it is read."""
 
     def __init__(self):
-        self.seen: dict[str, str] = {}
+        self.records: dict[tuple[str, str], dict[str, int]] = {}
 
-    def add(self, events: dict[str, str]) -> None:
-        self.seen.update(events)
+    def record(self, shard: str, parts: dict[str, dict[str, int]]) -> None:
+        """`parts`: {"shard": shard-level losses, SPLIT: that split's per-sample counts}."""
+        for part, counts in parts.items():
+            self.records[(shard, part)] = counts
 
     def snapshot(self) -> dict[str, int]:
-        return dict(Counter(self.seen.values()))
+        total: Counter = Counter()
+        for (shard, part), counts in self.records.items():
+            if part in ("train", "holdout") and (shard, "all") in self.records:
+                continue  # "all" already holds both splits of this shard
+            total.update(counts)
+        return {reason: n for reason, n in sorted(total.items()) if n}
+
+
+_actors: dict[str, "ray.actor.ActorHandle"] = {}
+
+
+def _counter_actor(name: str):
+    if name not in _actors:
+        _actors[name] = ray.get_actor(name, namespace=COUNTER_NAMESPACE)
+    return _actors[name]
 
 
 class SkipCounterHandle:
-    """A picklable handle on a named SkipCounter actor, usable from the driver and from Train workers."""
+    """A picklable handle on a named SkipCounter actor, usable from the driver and from Train workers.
+
+    `snapshot()` -> {reason: samples}; `dropped()` -> samples skipped (the reasons in DROP_REASONS).
+    """
 
     def __init__(self, name: str, actor=None):
         self.name = name
@@ -238,7 +369,7 @@ class SkipCounterHandle:
         self._actor = actor
 
     def snapshot(self) -> dict[str, int]:
-        actor = self._actor or ray.get_actor(self.name, namespace=COUNTER_NAMESPACE)
+        actor = self._actor or _counter_actor(self.name)
         return ray.get(actor.snapshot.remote())
 
     def dropped(self) -> int:
@@ -246,10 +377,12 @@ class SkipCounterHandle:
 
 
 def open_skip_counter(name: str) -> SkipCounterHandle:
+    """The handle on an existing counter, by name (e.g. inside a Train worker, from the loop config)."""
     return SkipCounterHandle(name)
 
 
 def new_skip_counter() -> SkipCounterHandle:
+    """A fresh counter actor, owned by the caller (it lives as long as the caller's Ray job)."""
     name = f"skips-{uuid.uuid4().hex[:12]}"
     actor = SkipCounter.options(name=name, namespace=COUNTER_NAMESPACE).remote()
     handle = SkipCounterHandle(name, actor)
@@ -262,42 +395,61 @@ def new_skip_counter() -> SkipCounterHandle:
 # ---------------------------------------------------------------------------------------------------
 
 
-def shard_uris(cfg: DataConfig, manifest: dict, storage_cfg: StorageConfig | None) -> tuple[list[str], object]:
-    root = storage.resolve(cfg.uri, storage_cfg)
-    return [root.join(s["path"]).path for s in manifest["shards"]], root.filesystem
-
-
 def build_dataset(cfg: DataConfig, split: str = "train", *, storage: StorageConfig | None = None, shuffle: bool = True,
-                  seed: int = 0, skip_counter: SkipCounterHandle | None = None) -> tuple[ray.data.Dataset, SkipCounterHandle]:
-    """A streaming Ray Dataset of decoded samples (`image`, `caption`, `key`) and its skip counter.
+                  seed: int = 0, skip_counter: SkipCounterHandle | None = None,
+                  columns: Sequence[str] = COLUMNS) -> tuple[ray.data.Dataset, SkipCounterHandle]:
+    """A streaming Ray Dataset of decoded samples (`image` float32 (3, R, R) in [-1, 1], `caption`, `key`)
+    and the handle on its skip counter (pass `skip_counter` to share one between the splits of a stage).
 
-    `split`: "train", "holdout" (by `holdout_fraction`) or "all". Raises DatasetError before anything runs
-    when the dataset is missing, incomplete or empty.
+    `split`: "train", "holdout" (by `cfg.holdout_fraction`, stable per key) or "all". `shuffle`: shard order
+    drawn from `seed`, different every epoch (an execution of the dataset); rows are shuffled further by
+    the consumer's local shuffle buffer (`cfg.shuffle_buffer`). `columns`: the subset to keep (e.g. only
+    "image" for Stage A). Select them here rather than with `Dataset.select_columns`, whose extra Project
+    tasks reserve a whole CPU each and are never scheduled when only `data.reserved_cpus` < 1 is free
+    (measured: the pipeline hangs). Raises DatasetError before anything runs when the dataset is missing,
+    incomplete or empty.
     """
-    if split not in ("train", "holdout", "all"):
-        raise ValueError(f"split {split!r}: choose train, holdout or all")
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: choose one of {', '.join(SPLITS)}")
+    columns = tuple(columns)
+    if not columns or set(columns) - set(COLUMNS):
+        raise ValueError(f"columns {list(columns)}: choose among {', '.join(COLUMNS)}")
     manifest = read_manifest(cfg.uri, storage)
-    paths, filesystem = shard_uris(cfg, manifest, storage)
+    root = resolve(cfg.uri, storage)
+    paths = [root.join(s["path"]).path for s in manifest["shards"]]
     counter = skip_counter or new_skip_counter()
+    # One read task per shard: no read-side block splitting, so the read fuses with the decode below and
+    # a shard's bytes never pass through the object store.
     ds = ray.data.read_binary_files(
-        paths, filesystem=filesystem, include_paths=True, shuffle="files" if shuffle else None,
-        ray_remote_args={"num_cpus": cfg.cpus_per_task},
+        paths, filesystem=root.filesystem, include_paths=True, override_num_blocks=len(paths),
+        shuffle=ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle else None,
+        num_cpus=cfg.cpus_per_task,
     )
-    # No fusion with the read or other stages' decisions needed: one task turns one shard into samples.
     return ds.map_batches(
-        decode_shards, batch_size=1, num_cpus=cfg.cpus_per_task,
-        fn_kwargs={"cfg": cfg.model_dump(), "split": split, "seed": seed, "counter_name": counter.name},
+        decode_shards, batch_size=None, num_cpus=cfg.cpus_per_task,  # None: whole read blocks, so it fuses
+        fn_kwargs={
+            "cfg": cfg, "split": split, "seed": seed, "counter_name": counter.name, "root_path": root.path,
+            "expected": {s["path"]: s["num_samples"] for s in manifest["shards"]},
+            "parquet_columns": manifest.get("columns", PARQUET_COLUMNS), "columns": columns,
+        },
     ), counter
 
 
 def check_cpu_budget(total_cpus: float, scaling, data: DataConfig, section: str = "stage_a") -> None:
-    """Fail before training when Train workers would leave Ray Data no CPU (training would hang)."""
+    """Fail before training when Train workers would leave Ray Data no CPU (its read and decode tasks would
+    never be scheduled and training would hang).
+
+    `scaling`: any object with `num_workers` and `cpus_per_worker` (pipelines.settings.ScalingSection);
+    `section`: the config section it came from, named in the error. `data.reserved_cpus = 0` turns the
+    check off (an autoscaling cluster, whose current size says nothing about what it will add).
+    """
     used = scaling.num_workers * scaling.cpus_per_worker
     if data.reserved_cpus and total_cpus - used < data.reserved_cpus:
         raise ValueError(
             f"CPU budget: {section}.scaling.num_workers x {section}.scaling.cpus_per_worker = "
             f"{scaling.num_workers} x {scaling.cpus_per_worker} = {used:g} of the cluster's {total_cpus:g} CPUs, "
             f"leaving {total_cpus - used:g} < data.reserved_cpus = {data.reserved_cpus:g} for Ray Data's read and "
-            f"decode tasks, which would never be scheduled (training hangs). Lower cpus_per_worker (fractions "
-            f"are fine) or num_workers, or set data.reserved_cpus=0 on an autoscaling cluster."
+            f"decode tasks (data.cpus_per_task = {data.cpus_per_task:g} each), which would never be scheduled "
+            f"(training hangs). Lower cpus_per_worker (fractions are fine) or num_workers, or set "
+            f"data.reserved_cpus=0 on an autoscaling cluster that adds CPU nodes for data."
         )

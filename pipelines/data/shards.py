@@ -2,7 +2,11 @@
 
 The manifest is written last: a dataset without `manifest.json` is incomplete and no stage will read it.
 It lists every shard with its sample count and sha256, the total count and a content digest (sha256 over
-the shard digests), which the lineage in MLflow refers to.
+the shards' paths, counts and digests), which the lineage in MLflow refers to. The per-shard counts also
+let the reader count samples lost inside a damaged shard, so nothing disappears unaccounted.
+
+Shards that already exist (written by img2dataset, webdataset or a team's own Parquet export) get a
+manifest with `index_shards`, without being rewritten.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import tarfile
 import time
 from itertools import islice
@@ -23,17 +26,27 @@ from pipelines import storage
 from pipelines.data.sources import Sample, open_source
 from pipelines.storage import StorageConfig
 
-log = logging.getLogger(__name__)
-
 MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
 SHARD_SUFFIX = {"webdataset": ".tar", "parquet": ".parquet"}
+# Parquet column roles -> the names this project writes; `index_shards` records other names in the manifest.
+PARQUET_COLUMNS = {"key": "key", "image": "image", "caption": "caption"}
 
 
 class DatasetError(RuntimeError):
     """The dataset cannot be used: missing, incomplete (no manifest) or empty."""
 
 
+def split_member_name(name: str) -> tuple[str, str]:
+    """webdataset convention: "dir/KEY.EXT" -> ("dir/KEY", "ext"), split at the first dot of the base name
+    (so "0001.seg.png" is key "0001" with extension "seg.png")."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
 def _tar_shard(samples: list[Sample]) -> bytes:
+    """A webdataset tar: KEY.EXT (image), KEY.txt (caption, absent when there is none), KEY.json (meta)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for s in samples:
@@ -48,6 +61,7 @@ def _tar_shard(samples: list[Sample]) -> bytes:
 
 
 def _parquet_shard(samples: list[Sample]) -> bytes:
+    """A Parquet table with columns key, image (encoded bytes), caption (null when there is none), meta (JSON)."""
     table = pa.table({
         "key": [s.key for s in samples],
         "image": pa.array([s.data for s in samples], type=pa.binary()),
@@ -68,15 +82,41 @@ def _chunks(items: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
         yield chunk
 
 
+def content_digest(shards: list[dict]) -> str:
+    """sha256 over every shard's path, sample count and sha256: equal digests mean equal datasets."""
+    lines = "".join(f"{s['path']}\t{s['num_samples']}\t{s['sha256']}\n" for s in shards)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _finish(root: storage.Location, shards: list[dict], *, name: str, source: str, fmt: str, **extra) -> dict:
+    """Write the manifest (last: its presence marks the dataset complete) and return it."""
+    total = sum(s["num_samples"] for s in shards)
+    if total == 0:
+        raise DatasetError(f"source {source or name!r} yielded no samples: no manifest written to {root.uri}")
+    manifest = {
+        "version": MANIFEST_VERSION, "name": name, "source": source, "format": fmt, "num_samples": total,
+        "shards": shards, "digest": content_digest(shards),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
+    }
+    storage.write_json(root.join(MANIFEST), manifest)
+    return manifest
+
+
+def _refuse_complete(root: storage.Location) -> None:
+    if storage.exists(root.join(MANIFEST)):
+        raise DatasetError(f"{root.uri} already holds a complete dataset ({MANIFEST}); choose another output")
+
+
 def write_shards(samples: Iterable[Sample], output_uri: str, *, fmt: str = "webdataset", shard_size: int = 1000,
-                 name: str = "images", source: str = "", storage_cfg: StorageConfig | None = None) -> dict:
-    """Write samples as shards under `output_uri`, then the manifest. Returns the manifest."""
+                 name: str = "images", source: str = "", storage_cfg: StorageConfig | None = None,
+                 **manifest_extra) -> dict:
+    """Write samples as shards under `output_uri`, printing progress, then the manifest. Returns the manifest."""
     if fmt not in SHARD_WRITERS:
         raise ValueError(f"format {fmt!r}: choose one of {', '.join(SHARD_WRITERS)}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1 (got {shard_size})")
     root = storage.resolve(output_uri, storage_cfg)
-    manifest_loc = root.join(MANIFEST)
-    if storage.exists(manifest_loc):
-        raise DatasetError(f"{root.uri} already holds a complete dataset ({MANIFEST}); choose another output")
+    _refuse_complete(root)
     storage.makedirs(root)
     shards, total, started = [], 0, time.monotonic()
     for i, chunk in enumerate(_chunks(samples, shard_size)):
@@ -85,27 +125,70 @@ def write_shards(samples: Iterable[Sample], output_uri: str, *, fmt: str = "webd
         storage.write_bytes(root.join(rel), payload)
         shards.append({"path": rel, "num_samples": len(chunk), "sha256": hashlib.sha256(payload).hexdigest()})
         total += len(chunk)
-        print(f"  wrote {rel}: {len(chunk)} samples ({total} so far, {time.monotonic() - started:.1f}s)", flush=True)
-    if total == 0:
-        raise DatasetError(f"source {source or name!r} yielded no samples: nothing written to {root.uri}")
-    digest = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
-    manifest = {
-        "name": name, "source": source, "format": fmt, "num_samples": total, "shards": shards,
-        "digest": digest, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    storage.write_json(manifest_loc, manifest)  # last: its presence marks the dataset complete
-    return manifest
+        print(f"  wrote {root.join(rel).uri}: {len(chunk)} samples ({total} so far, "
+              f"{time.monotonic() - started:.1f}s)", flush=True)
+    extra = {"columns": PARQUET_COLUMNS} if fmt == "parquet" else {}
+    return _finish(root, shards, name=name, source=source, fmt=fmt, **extra, **manifest_extra)
 
 
 def prepare_dataset(source: str, output_uri: str, *, fmt: str = "webdataset", shard_size: int = 1000,
                     resolution: int | None = None, limit: int | None = None, seed: int = 0,
                     captions: str | None = None, storage: StorageConfig | None = None) -> dict:
-    """Build a shard set from a bundled dataset name ("mnist", "skimage") or a folder of images."""
+    """Build a shard set from a bundled dataset name ("mnist", "skimage") or a folder of images.
+
+    `resolution`: side of the stored images for bundled sources (None: their native size; folders are
+    stored as they are). `limit`: keep the first N samples. `captions`: CSV/JSONL mapping for a folder.
+    Returns the manifest (with `digest`, `num_samples`, `shards`).
+    """
     samples = open_source(source, resolution=resolution, seed=seed, captions=captions)
     if limit is not None:
         samples = islice(samples, limit)
     name = source if "/" not in source else source.rstrip("/").rsplit("/", 1)[-1]
-    return write_shards(samples, output_uri, fmt=fmt, shard_size=shard_size, name=name, source=source, storage_cfg=storage)
+    return write_shards(samples, output_uri, fmt=fmt, shard_size=shard_size, name=name, source=source,
+                        storage_cfg=storage, prepare_resolution=resolution, seed=seed)
+
+
+def _count_tar_samples(payload: bytes) -> int:
+    """Distinct keys in a webdataset tar (a key is the member path up to the first dot of its base name)."""
+    with tarfile.open(fileobj=io.BytesIO(payload), mode="r:*") as tar:
+        return len({split_member_name(m.name)[0] for m in tar if m.isfile()})
+
+
+def index_shards(uri: str, *, storage_cfg: StorageConfig | None = None, image_column: str = "image",
+                 caption_column: str = "caption", key_column: str | None = "key", name: str | None = None) -> dict:
+    """Write a manifest for shards that already exist under `uri` (img2dataset / webdataset tars, or Parquet
+    tables with an image-bytes column and a caption column), leaving the shards as they are.
+
+    Parquet column names are recorded in the manifest for the reader; `key_column=None` keys rows as
+    SHARD-ROW. An image column may hold bytes or Hugging Face style structs {bytes, path}.
+    """
+    root = storage.resolve(uri, storage_cfg)
+    _refuse_complete(root)
+    found = {fmt: storage.list_files(root, suffix) for fmt, suffix in SHARD_SUFFIX.items()}
+    formats = [fmt for fmt, paths in found.items() if paths]
+    if not formats:
+        raise DatasetError(f"{root.uri}: no shards to index (no {' or '.join(SHARD_SUFFIX.values())} files)")
+    if len(formats) > 1:
+        raise DatasetError(f"{root.uri}: holds both tar and Parquet shards; index one format per dataset root")
+    fmt = formats[0]
+    shards, started = [], time.monotonic()
+    for path in found[fmt]:
+        rel = path[len(root.path.rstrip("/")) + 1:]
+        payload = storage.read_bytes(root.join(rel))
+        if fmt == "webdataset":
+            count = _count_tar_samples(payload)
+        else:
+            schema = pq.read_schema(io.BytesIO(payload))
+            missing = [c for c in (image_column, caption_column, key_column) if c is not None and c not in schema.names]
+            if missing:
+                raise DatasetError(f"{root.join(rel).uri}: no column(s) {missing} (columns: {schema.names}); "
+                                   "pass the right --image-column / --caption-column / --key-column")
+            count = pq.read_metadata(io.BytesIO(payload)).num_rows
+        shards.append({"path": rel, "num_samples": count, "sha256": hashlib.sha256(payload).hexdigest()})
+        print(f"  indexed {root.join(rel).uri}: {count} samples ({time.monotonic() - started:.1f}s)", flush=True)
+    extra = {"columns": {"key": key_column, "image": image_column, "caption": caption_column}} if fmt == "parquet" else {}
+    return _finish(root, shards, name=name or root.path.rstrip("/").rsplit("/", 1)[-1], source=f"indexed:{root.uri}",
+                   fmt=fmt, **extra)
 
 
 def read_manifest(uri: str, storage_cfg: StorageConfig | None = None) -> dict:
@@ -120,10 +203,16 @@ def read_manifest(uri: str, storage_cfg: StorageConfig | None = None) -> dict:
     loc = root.join(MANIFEST)
     if not storage.exists(loc):
         raise DatasetError(
-            f"dataset {root.uri} has no {MANIFEST}: it is incomplete (an interrupted prepare?) or not a dataset "
-            "built by pipelines/prepare_data.py"
+            f"dataset {root.uri} has no {MANIFEST}: it is incomplete (an interrupted prepare?) or its shards were "
+            "written elsewhere (give them a manifest with `pipelines/prepare_data.py --index --output URI`)"
         )
-    manifest = storage.read_json(loc)
-    if not manifest.get("shards") or manifest.get("num_samples", 0) == 0:
+    try:
+        manifest = storage.read_json(loc)
+    except ValueError as e:
+        raise DatasetError(f"{loc.uri} is not valid JSON ({e})") from e
+    missing = [k for k in ("shards", "num_samples", "digest", "format") if k not in manifest]
+    if missing:
+        raise DatasetError(f"{loc.uri} lacks {', '.join(missing)}: not a manifest written by pipelines/prepare_data.py")
+    if not manifest["shards"] or manifest["num_samples"] == 0:
         raise DatasetError(f"dataset {root.uri} is empty (its manifest lists no samples)")
     return manifest

@@ -8,15 +8,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
-
-log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -93,42 +90,67 @@ def skimage_photos(resolution: int | None = None, seed: int = 0, crops_per_photo
                          {"photo": name, "box": [x0, y0, side]})
 
 
-def _caption_table(path: Path) -> dict[str, str]:
-    """KEY -> caption from a CSV (columns key/file and caption/text) or JSONL mapping file."""
-    table: dict[str, str] = {}
+def _caption_rows(path: Path) -> Iterator[tuple[int, dict]]:
     if path.suffix == ".jsonl":
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
-                row = json.loads(line)
-                table[Path(str(row.get("key") or row.get("file"))).stem] = str(row.get("caption") or row.get("text") or "")
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"caption file {path}, line {n}: not JSON ({e})") from None
     elif path.suffix == ".csv":
         with path.open(newline="") as f:
-            for row in csv.DictReader(f):
-                table[Path(str(row.get("key") or row.get("file"))).stem] = str(row.get("caption") or row.get("text") or "")
+            yield from enumerate(csv.DictReader(f), 2)  # line 1 is the header
     else:
-        raise ValueError(f"caption file {path}: expected .csv or .jsonl")
+        raise ValueError(f"caption file {path}: expected a .csv or .jsonl file")
+
+
+def _caption_table(path: Path) -> dict[str, str]:
+    """Image reference -> caption from a CSV (columns key or file, and caption or text) or JSONL mapping.
+
+    A reference is a file name, a path relative to the folder, or a key (a name without extension);
+    every image is looked up by its relative path first, then by its name, then by its stem.
+    """
+    if not path.is_file():
+        raise ValueError(f"caption file {path} does not exist")
+    table: dict[str, str] = {}
+    for n, row in _caption_rows(path):
+        ref = row.get("file") or row.get("key")
+        caption = row.get("caption", row.get("text"))
+        if not ref or caption is None:
+            raise ValueError(f"caption file {path}, line {n}: needs a 'file' or 'key' and a 'caption' or 'text' (got {row})")
+        table[str(ref).strip()] = str(caption).strip()
     return table
 
 
+def folder_key(relative: Path) -> str:
+    """A webdataset-safe key for an image at `relative` (inside its folder): no slashes and no dots, since
+    webdataset readers split a member name at the first dot of its base name into KEY and extension."""
+    return relative.with_suffix("").as_posix().replace("/", "__").replace(".", "_")
+
+
 def image_folder(folder: str | Path, captions: str | Path | None = None) -> Iterator[Sample]:
-    """Images under a folder (recursively). Captions from `captions` (CSV/JSONL: key or file, caption),
-    else from a `KEY.txt` sidecar next to each image, else none (stored as missing, counted when streamed)."""
+    """Images under a folder (recursively), sorted by path. Captions from `captions` (CSV/JSONL mapping,
+    see `_caption_table`), else from a `KEY.txt` sidecar next to each image, else none (stored as missing,
+    counted as `missing_caption` when streamed). Files are stored as they are: undecodable ones are
+    skipped and counted by the reader, not here."""
     folder = Path(folder)
     table = _caption_table(Path(captions)) if captions else {}
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
-        key = path.relative_to(folder).with_suffix("").as_posix().replace("/", "__")
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()):
+        relative = path.relative_to(folder)
+        caption = next((table[r] for r in (relative.as_posix(), path.name, path.stem) if r in table), None)
         sidecar = path.with_suffix(".txt")
-        if table:
-            caption = table.get(path.stem)
-        else:
-            caption = sidecar.read_text().strip() if sidecar.is_file() else None
-        yield Sample(key, path.read_bytes(), path.suffix.lower().lstrip("."), caption, {"file": path.name})
+        if caption is None and sidecar.is_file():
+            caption = sidecar.read_text().strip()
+        yield Sample(folder_key(relative), path.read_bytes(), path.suffix.lower().lstrip("."), caption,
+                     {"file": relative.as_posix()})
 
 
 BUNDLED: dict[str, Callable[..., Iterator[Sample]]] = {"mnist": mnist, "skimage": skimage_photos}
 
 
 def open_source(source: str, *, resolution: int | None = None, seed: int = 0, captions: str | None = None) -> Iterator[Sample]:
+    """The samples of a bundled dataset (by name) or of a local folder of images."""
     if source in BUNDLED:
         return BUNDLED[source](resolution=resolution, seed=seed)
     if Path(source).is_dir():
