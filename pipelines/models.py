@@ -4,15 +4,33 @@ The stage contracts: Stage A publishes the autoencoder (weights + config + measu
 an MLflow model registered under `mlflow.autoencoder_model_name`; later stages load it with
 `load_autoencoder("models:/ldm-autoencoder/3")` or `load_autoencoder("runs:/<run_id>/autoencoder")`.
 The weights inside are the model's own `save_pretrained` folder, so nothing is unpickled.
+
+Stage B publishes the U-Net bundle the same way (`publish_unet`, registered under `mlflow.unet_model_name`):
+raw and EMA weights, the U-Net and diffusion configs, the text encoder, the empty-prompt condition, the latent
+shape and scale, and the autoencoder it was trained on; `load_unet_bundle(uri)` gives it back ready to sample.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 import mlflow
+import numpy as np
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
 
 from ldm_core.autoencoder import AutoencoderKL
+from ldm_core.config import ConfigError, format_validation_error
+from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
+from ldm_core.unet import UNet, UNetConfig
+from pipelines.checkpoints import save_tensors
+from pipelines.text_encoders import TextEncoderConfig
 
 _CODE_DIR = Path(__file__).resolve().parent / "mlflow_models"
 # The pyfunc flavour needs the project itself to serve; the pins match pyproject.toml.
@@ -20,7 +38,8 @@ PYFUNC_REQUIREMENTS = ["torch==2.14.1", "numpy", "safetensors", "pydantic>=2.9",
 
 
 def publish_pretrained(
-    directory: str | Path, *, artifact_key: str, code_file: str, name: str, registered_model_name: str | None
+    directory: str | Path, *, artifact_key: str, code_file: str, name: str, registered_model_name: str | None,
+    signature=None,
 ) -> tuple[str, int | None]:
     """Log a `save_pretrained` folder as a pyfunc model of the active run (and register it).
 
@@ -33,6 +52,7 @@ def publish_pretrained(
         artifacts={artifact_key: str(directory)},
         registered_model_name=registered_model_name,
         pip_requirements=PYFUNC_REQUIREMENTS,
+        signature=signature,
     )
     version = info.registered_model_version
     if registered_model_name and version is not None:
@@ -77,3 +97,168 @@ def run_id_of(model_uri: str) -> str:
             return client.get_model_version(name, version).run_id
         return client.get_model_version_by_alias(name, version).run_id
     return client.get_logged_model(ref).source_run_id
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage B: the U-Net bundle (weights + everything needed to sample from them).
+# ----------------------------------------------------------------------------------------------------
+
+UNET_FORMAT = "ldm_pipeline.UNetBundle"
+UNET_FORMAT_VERSION = 1
+UNET_WEIGHTS = "unet.safetensors"
+UNET_EMA_WEIGHTS = "unet_ema.safetensors"
+NULL_CONDITION_FILE = "null_condition.safetensors"
+UNET_PYFUNC_PARAMS = {"steps": 50, "guidance_scale": 4.0, "eta": 0.0, "seed": 0, "use_ema": True}
+"""Inference params of the U-Net pyfunc (DDIM steps, CFG scale, DDIM eta, noise seed, EMA weights) and their defaults."""
+
+
+@dataclass
+class UNetBundle:
+    """A published Stage B model, ready to sample from (see pipelines/sample.py)."""
+
+    unet: UNet
+    """The U-Net in eval mode, frozen, on the CPU (EMA weights when requested and present)."""
+    unet_config: UNetConfig
+    """Shape of the U-Net (context_dim = the text encoder's hidden size)."""
+    diffusion: DiffusionConfig
+    """The noise schedule and prediction target (eps or v) it was trained with."""
+    schedule: NoiseSchedule
+    """`diffusion`'s betas / alpha_bar on the CPU (`.to(device)` before sampling)."""
+    text_encoder: TextEncoderConfig
+    """The text encoder the U-Net was trained with (name/path and the max_length of its token sequences)."""
+    hidden_size: int
+    """Width D of the text encoder's hidden states."""
+    null_context: torch.Tensor
+    """Empty-prompt hidden states (L, D) float32: the unconditional input of classifier-free guidance."""
+    null_mask: torch.Tensor
+    """Empty-prompt attention mask (L,) bool."""
+    latent_shape: tuple[int, int, int]
+    """(C, h, w) of the scaled latents the U-Net denoises."""
+    scale_factor: float
+    """The autoencoder's latent scale: decode `z / scale_factor`."""
+    autoencoder_uri: str
+    """MLflow URI of the Stage A autoencoder whose latents the U-Net denoises (decode with it)."""
+    encode_run_id: str | None
+    """Lineage: the encode run that wrote the training latents."""
+    stage_a_run_id: str | None
+    """Lineage: the Stage A run that trained the autoencoder."""
+    stage_b_run_id: str | None
+    """Lineage: the Stage B run that trained these weights."""
+    use_ema: bool
+    """Whether `unet` holds the EMA weights."""
+    step: int = 0
+    """Optimiser steps the weights were trained for."""
+    meta: dict = field(default_factory=dict)
+    """The whole config.json."""
+
+
+def save_unet_bundle(
+    directory: str | Path,
+    *,
+    unet_state: Mapping[str, torch.Tensor],
+    ema_state: Mapping[str, torch.Tensor] | None,
+    unet_config: UNetConfig,
+    diffusion: DiffusionConfig,
+    text_encoder: TextEncoderConfig,
+    hidden_size: int,
+    null_context: torch.Tensor,
+    null_mask: torch.Tensor,
+    latent_shape: tuple[int, ...],
+    scale_factor: float,
+    autoencoder_uri: str,
+    encode_run_id: str | None = None,
+    stage_a_run_id: str | None = None,
+    stage_b_run_id: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a U-Net bundle folder: raw (+ EMA) weights, the null condition and config.json. Nothing pickled.
+
+    `ema_state` is a full U-Net state dict holding the EMA weights (buffers as in `unet_state`).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_tensors(directory / UNET_WEIGHTS, unet_state)
+    if ema_state is not None:
+        save_tensors(directory / UNET_EMA_WEIGHTS, ema_state)
+    save_tensors(directory / NULL_CONDITION_FILE, {"context": null_context.float(), "mask": null_mask.to(torch.bool)})
+    meta = {
+        "format": UNET_FORMAT,
+        "format_version": UNET_FORMAT_VERSION,
+        "unet": unet_config.model_dump(mode="json"),
+        "diffusion": diffusion.model_dump(mode="json"),
+        "text_encoder": {**text_encoder.model_dump(mode="json"), "hidden_size": int(hidden_size)},
+        "latent_shape": [int(s) for s in latent_shape],
+        "scale_factor": float(scale_factor),
+        "autoencoder_uri": autoencoder_uri,
+        "encode_run_id": encode_run_id,
+        "stage_a_run_id": stage_a_run_id,
+        "stage_b_run_id": stage_b_run_id,
+        "weights": {"raw": UNET_WEIGHTS, "ema": UNET_EMA_WEIGHTS if ema_state is not None else None},
+        "null_condition": NULL_CONDITION_FILE,
+        **dict(extra or {}),
+    }
+    (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def read_unet_bundle(directory: str | Path, use_ema: bool = True) -> UNetBundle:
+    """Load a folder written by `save_unet_bundle` (on the CPU, eval mode, frozen)."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} does not exist: not a U-Net bundle folder")
+    meta = json.loads(config_path.read_text())
+    if meta.get("format") != UNET_FORMAT or meta.get("format_version") != UNET_FORMAT_VERSION:
+        raise ConfigError(f"{config_path}: format {meta.get('format')!r} v{meta.get('format_version')!r}, "
+                          f"expected {UNET_FORMAT!r} v{UNET_FORMAT_VERSION}")
+    try:
+        unet_config = UNetConfig.model_validate(meta["unet"])
+        diffusion = DiffusionConfig.model_validate(meta["diffusion"])
+        text = dict(meta["text_encoder"])
+        hidden_size = int(text.pop("hidden_size"))
+        text_encoder = TextEncoderConfig.model_validate(text)
+    except ValidationError as e:
+        raise ConfigError(f"{config_path}:\n{format_validation_error(e)}") from None
+    ema_file = meta["weights"].get("ema")
+    chosen = ema_file if (use_ema and ema_file) else meta["weights"]["raw"]
+    unet = UNet(unet_config)
+    unet.load_state_dict(load_file(str(directory / chosen)))
+    unet.eval().requires_grad_(False)
+    null = load_file(str(directory / meta["null_condition"]))
+    return UNetBundle(
+        unet=unet, unet_config=unet_config, diffusion=diffusion, schedule=NoiseSchedule(diffusion),
+        text_encoder=text_encoder, hidden_size=hidden_size, null_context=null["context"], null_mask=null["mask"].to(torch.bool),
+        latent_shape=tuple(int(s) for s in meta["latent_shape"]), scale_factor=float(meta["scale_factor"]),
+        autoencoder_uri=meta["autoencoder_uri"], encode_run_id=meta.get("encode_run_id"),
+        stage_a_run_id=meta.get("stage_a_run_id"), stage_b_run_id=meta.get("stage_b_run_id"),
+        use_ema=chosen == ema_file, step=int(meta.get("step", 0)), meta=meta,
+    )
+
+
+def publish_unet(directory: str | Path, registered_model_name: str | None) -> tuple[str, int | None]:
+    """Log a `save_unet_bundle` folder as the pyfunc model "unet" of the active run (and register it).
+
+    Returns (model_uri, registered_version), as `publish_pretrained`.
+    """
+    from mlflow.models import infer_signature
+
+    directory = Path(directory)
+    if directory.name != "unet":  # MLflow names the artifact folder after the source folder
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(directory, Path(tmp) / "unet")
+            return publish_unet(Path(tmp) / "unet", registered_model_name)
+    meta = json.loads((directory / "config.json").read_text())
+    example_out = np.zeros((1, *meta["latent_shape"]), dtype=np.float32)
+    signature = infer_signature(["a prompt"], example_out, params=dict(UNET_PYFUNC_PARAMS))
+    return publish_pretrained(
+        directory, artifact_key="unet", code_file="unet_pyfunc.py", name="unet", registered_model_name=registered_model_name,
+        signature=signature,
+    )
+
+
+def load_unet_bundle(model_uri: str, use_ema: bool = True) -> UNetBundle:
+    """The Stage B U-Net published at `model_uri` (models:/ldm-unet/3, runs:/<id>/unet, models:/m-<id>)."""
+    bundle = read_unet_bundle(download_pretrained(model_uri, "unet"), use_ema=use_ema)
+    if bundle.stage_b_run_id is None:
+        bundle.stage_b_run_id = run_id_of(model_uri)
+    return bundle

@@ -41,3 +41,39 @@ def tiny_overrides(tmp_path: Path, data_uri: str) -> list[str]:
         "stage_a.eval.max_batches=2",
         "stage_a.train.max_failures=0",
     ]
+
+
+def tiny_later_stages() -> list[str]:
+    """--set overrides that shrink encode, Stage B and sampling to seconds: a 2-level 8-channel U-Net, 4 steps,
+    12-token prompts, two prompts, no digit classifier."""
+    return [
+        "encode.batch_size=16",
+        "encode.rows_per_shard=16",
+        "encode.scaling.cpus_per_actor=0.5",
+        "encode.text_encoder.max_length=12",
+        "stage_b.unet.model_channels=8",
+        "stage_b.unet.channel_mult=[1, 2]",
+        "stage_b.unet.num_res_blocks=1",
+        "stage_b.unet.attention_levels=[1]",
+        "stage_b.unet.num_heads=2",
+        "stage_b.unet.norm_groups=4",
+        "stage_b.unet.context_dim=384",
+        "stage_b.unet.in_channels=4",
+        "stage_b.unet.out_channels=4",
+        "stage_b.diffusion.num_timesteps=100",
+        "stage_b.batch_size=4",
+        "stage_b.shuffle_buffer=8",
+        "stage_b.train.max_steps=4",
+        "stage_b.train.log_every=1",
+        "stage_b.train.image_every=2",
+        "stage_b.train.checkpoint_every=2",
+        "stage_b.train.max_failures=0",
+        "stage_b.sample_steps=3",
+        "stage_b.sample_columns=2",
+        "stage_b.eval_batches=1",
+        "stage_b.scaling.num_workers=1",
+        "sample.prompts=[a handwritten digit three, '']",
+        "sample.num_per_prompt=2",
+        "sample.steps=3",
+        "sample.evaluate_digits=false",
+    ]

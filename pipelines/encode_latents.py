@@ -1,0 +1,311 @@
+"""Encode: images + captions -> Parquet latents for Stage B, as a Ray Data batch-inference job, tracked in MLflow.
+
+    python pipelines/encode_latents.py --config configs/quickstart.yaml [--set encode.autoencoder_uri=models:/ldm-autoencoder/2]
+
+The Stage A autoencoder (by MLflow URI, default: the latest registered version) and the text encoder run in a
+Ray Data actor pool (`map_batches` over the streamed image dataset; a GPU per actor when configured). Each
+row keeps the posterior's mean and std, already multiplied by the recorded scale factor, so Stage B draws a
+fresh latent sample every time it sees an image. A datasink writes the Parquet files; the manifest goes last.
+
+Reads top to bottom: the actor, finding the inputs (autoencoder, output folder), the job and its MLflow run.
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable, not pipelines/
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm_core.config import ConfigError
+from pipelines import latents, storage, tracking
+from pipelines.config import PipelineConfig, add_config_args, config_from_args
+from pipelines.data import DatasetError, build_dataset, read_manifest
+from pipelines.data.reader import in_split
+from pipelines.models import load_autoencoder, run_id_of
+from pipelines.runtime import init_ray, setup_logging
+from pipelines.text_encoders import TextEncoderConfig, encode_prompts_remote, load_text_encoder
+
+log = logging.getLogger("encode")
+STAGE = "encode"
+TAG_LATENTS_URI = "latents_uri"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Actor side: one per slot of the actor pool.
+# ----------------------------------------------------------------------------------------------------
+
+
+class LatentEncoder:
+    """Ray Data callable class: a batch of images + captions -> latent moments + text hidden states."""
+
+    def __init__(self, autoencoder: list, text_encoder: dict, holdout_fraction: float):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        weights = ray.get(autoencoder[0])  # {"config", "state", "scale_factor"} put in the object store by the driver
+        self.autoencoder = AutoencoderKL(AutoencoderConfig.model_validate(weights["config"]))
+        self.autoencoder.load_state_dict(weights["state"])
+        self.autoencoder.to(self.device).eval().requires_grad_(False)
+        self.text = load_text_encoder(TextEncoderConfig.model_validate(text_encoder), self.device)
+        self.holdout_fraction = holdout_fraction
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        x = torch.as_tensor(batch["image"], device=self.device)  # (B, 3, H, W) in [-1, 1]
+        posterior = self.autoencoder.encode(x)
+        s = self.autoencoder.scale_factor
+        mean = (posterior.mean * s).float().cpu().numpy()  # (B, C, h, w): scaled like the latents Stage B trains on
+        std = (posterior.std * s).float().cpu().numpy()
+        captions = [str(c) for c in batch["caption"]]
+        # Captions repeat (MNIST has ten); encode each distinct one once.
+        unique, inverse = np.unique(np.array(captions, dtype=object), return_inverse=True)
+        hidden, mask, truncated = self.text.encode_numpy(list(unique))
+        keys = [str(k) for k in batch["key"]]
+        return {
+            "key": np.array(keys, dtype=object),
+            "caption": np.array(captions, dtype=object),
+            "latent_mean": mean,
+            "latent_std": std,
+            "text_hidden": hidden[inverse],  # (B, L, D)
+            "text_mask": mask[inverse],  # (B, L)
+            "caption_truncated": truncated[inverse],
+            "holdout": np.array([in_split(k, "holdout", self.holdout_fraction) for k in keys], dtype=bool),
+            "text_encoder": np.array([self.text.name] * len(keys), dtype=object),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Driver side.
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodeResult:
+    run_id: str
+    latents_uri: str
+    num_rows: int
+    manifest: dict
+    metrics: dict = field(default_factory=dict)
+    reused: bool = False
+    """The folder was already complete for the same inputs: nothing was encoded again."""
+
+
+def latest_autoencoder_uri(cfg: PipelineConfig) -> str:
+    """models:/<autoencoder_model_name>/<latest version>."""
+    name = cfg.mlflow.autoencoder_model_name
+    versions = MlflowClient().search_model_versions(f"name = '{name}'")
+    if not versions:
+        raise ConfigError(f"encode.autoencoder_uri is not set and the registered model {name!r} "
+                          f"(mlflow.autoencoder_model_name) has no versions: run Stage A first")
+    return f"models:/{name}/{max(int(v.version) for v in versions)}"
+
+
+def encode_settings(cfg: PipelineConfig, autoencoder_uri: str, stage_a_run_id: str, dataset_digest: str) -> dict:
+    """What determines the latents' content: an existing folder is reused only when all of it matches."""
+    return {
+        "autoencoder_uri": autoencoder_uri,
+        "stage_a_run_id": stage_a_run_id,
+        "dataset_uri": cfg.data.uri,
+        "dataset_digest": dataset_digest,
+        "resolution": cfg.data.resolution,
+        "holdout_fraction": cfg.data.holdout_fraction,
+        "text_encoder": cfg.encode.text_encoder.name_or_path,
+        "max_length": cfg.encode.text_encoder.max_length,
+    }
+
+
+def default_output_uri(cfg: PipelineConfig, settings: dict) -> str:
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cfg.run.output_uri.rstrip('/')}/latents/{settings['stage_a_run_id']}-{key}"
+
+
+def check_resolution(cfg: PipelineConfig, autoencoder: AutoencoderKL) -> tuple[int, int, int]:
+    f = autoencoder.downsample_factor
+    if cfg.data.resolution % f:
+        raise ConfigError(f"data.resolution={cfg.data.resolution} is not divisible by the autoencoder's "
+                          f"downsampling factor f={f}")
+    side = cfg.data.resolution // f
+    return (autoencoder.config.latent_channels, side, side)
+
+
+def run_encode(
+    cfg: PipelineConfig, *, parent_run_id: str | None = None, upstream_run_ids: tuple[str, ...] = (), extra_tags: dict | None = None
+) -> EncodeResult:
+    init_ray(cfg.ray)
+    ec = cfg.encode
+    experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
+    autoencoder_uri = ec.autoencoder_uri or latest_autoencoder_uri(cfg)
+    stage_a_run_id = run_id_of(autoencoder_uri)
+    data_manifest = read_manifest(cfg.data.uri, cfg.storage)  # fails clearly on a missing/empty dataset
+    autoencoder = load_autoencoder(autoencoder_uri)
+    latent_shape = check_resolution(cfg, autoencoder)
+    settings = encode_settings(cfg, autoencoder_uri, stage_a_run_id, data_manifest["digest"])
+    output_uri = ec.output_uri or default_output_uri(cfg, settings)
+    root = storage.resolve(output_uri, cfg.storage)
+
+    existing = _complete_manifest(root, cfg)
+    if existing is not None and existing["settings"] != settings:
+        raise latents.LatentsError(
+            f"encode.output_uri={output_uri!r} already holds complete latents made from other inputs "
+            f"({_diff(existing['settings'], settings)}): choose another encode.output_uri or delete it"
+        )
+
+    tags = {"autoencoder_uri": autoencoder_uri, "dataset_uri": cfg.data.uri, "dataset_digest": data_manifest["digest"],
+            "text_encoder": ec.text_encoder.name_or_path, **(extra_tags or {})}
+    with tracking.stage_run(
+        experiment_id=experiment_id, stage=STAGE, run_name=f"{cfg.run.name}-{STAGE}",
+        upstream_run_ids=tuple(upstream_run_ids) or (stage_a_run_id,), parent_run_id=parent_run_id, tags=tags,
+    ) as run:
+        run_id = run.info.run_id
+        client = MlflowClient()
+        tracking.log_params(client, run_id, tracking.flatten({"encode": ec.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json")}))
+        if existing is not None:
+            log.info("latents at %s are already complete for these inputs: reusing them", root.uri)
+            mlflow.set_tags({TAG_LATENTS_URI: root.uri, "reused": "true", "latents_digest": existing["digest"],
+                             "encode_run_id_of_latents": existing.get("encode_run_id", "")})
+            metrics = {"encode/rows": existing["num_rows"]}
+            mlflow.log_metrics(metrics)
+            return EncodeResult(run_id, root.uri, existing["num_rows"], existing, metrics, reused=True)
+
+        manifest, metrics = _encode(cfg, root, autoencoder, autoencoder_uri, latent_shape, settings, run_id)
+        tracking.log_metrics(client, run_id, metrics, 0)
+        mlflow.set_tags({TAG_LATENTS_URI: root.uri, "latents_digest": manifest["digest"]})
+        _log_dataset_input(cfg, data_manifest)
+        log.info("encode done: %d rows -> %s (%.1f images/s)", manifest["num_rows"], root.uri, metrics["perf/images_per_s"])
+        return EncodeResult(run_id, root.uri, manifest["num_rows"], manifest, metrics)
+
+
+def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: AutoencoderKL, autoencoder_uri: str,
+            latent_shape: tuple[int, int, int], settings: dict, run_id: str) -> tuple[dict, dict]:
+    ec = cfg.encode
+    sc = ec.scaling
+    num_gpus = sc.gpus_per_actor if sc.use_gpu else 0
+    started = time.monotonic()
+    # The empty prompt's embedding (the CFG null condition), computed on a worker like the actors' encoders.
+    null_ref = encode_prompts_remote(ec.text_encoder, [""], num_cpus=sc.cpus_per_actor, num_gpus=num_gpus)
+
+    # Stage A's crops may be random; latents are computed once, so take the centre, unflipped.
+    data_cfg = cfg.data.model_copy(update={"crop": "center", "random_flip": False})
+    images, skip_counter = build_dataset(data_cfg, split="all", storage=cfg.storage, shuffle=False, seed=cfg.run.seed)
+    weights = ray.put({"config": autoencoder.config.model_dump(mode="json"), "state": autoencoder.state_dict()})
+    encoded = images.map_batches(
+        LatentEncoder,
+        batch_size=ec.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=sc.num_actors),
+        num_cpus=sc.cpus_per_actor,
+        num_gpus=num_gpus,
+        fn_constructor_kwargs={"autoencoder": [weights], "text_encoder": ec.text_encoder.model_dump(mode="json"),
+                               "holdout_fraction": cfg.data.holdout_fraction},
+    )
+    folder = f"{latents.PARTS_PREFIX}{run_id}"
+    sink = latents.LatentParquetSink(root.uri, cfg.storage, folder, ec.rows_per_shard, fail_after_rows=ec.fail_after_rows)
+    storage.makedirs(root)
+    encoded.write_datasink(sink)
+    seconds = time.monotonic() - started
+    null = ray.get(null_ref)
+    if not sink.files:
+        raise latents.LatentsError(f"encode wrote no rows to {root.uri}: every image of {cfg.data.uri} was skipped "
+                                   f"({skip_counter.snapshot()})")
+
+    null_payload = latents.null_condition_bytes(torch.tensor(null["hidden"][0]), torch.tensor(null["mask"][0]))
+    storage.write_bytes(root.join(latents.NULL_CONDITION), null_payload)
+    files = [vars(f) for f in sink.files]
+    totals = latents.summarize(sink.files)
+    null_sha = hashlib.sha256(null_payload).hexdigest()
+    manifest = {
+        "format": latents.FORMAT,
+        "format_version": latents.FORMAT_VERSION,
+        "settings": settings,
+        "files": files,
+        "num_rows": totals["num_rows"],
+        "num_holdout": totals["holdout"],
+        "num_truncated": totals["truncated"],
+        "latent_shape": list(latent_shape),
+        "scale_factor": float(autoencoder.scale_factor),
+        "latent_kind": autoencoder.config.kind,
+        "autoencoder_uri": autoencoder_uri,
+        "stage_a_run_id": settings["stage_a_run_id"],
+        "encode_run_id": run_id,
+        "dataset_uri": cfg.data.uri,
+        "dataset_digest": settings["dataset_digest"],
+        "text_encoder": {"name_or_path": ec.text_encoder.name_or_path, "max_length": int(null["max_length"]),
+                         "hidden_size": int(null["hidden_size"]), "model_type": null["model_type"]},
+        "null_condition": {"path": latents.NULL_CONDITION, "sha256": null_sha,
+                           "tokens": int(null["mask"][0].sum())},
+        "columns": ["key", "caption", "latent_mean", "latent_std", "text_hidden", "text_mask", "caption_truncated",
+                    "holdout", "text_encoder"],
+        "created": latents.timestamp(),
+    }
+    manifest["digest"] = latents.manifest_digest(files, null_sha, settings)
+    latents.write_manifest(root, manifest)  # last: its presence marks the folder complete
+    stale = latents.remove_stale_parts(root, folder)
+    if stale:
+        log.info("removed %d Parquet file(s) left by interrupted encode attempts", stale)
+
+    skipped = skip_counter.snapshot()
+    metrics = {
+        "encode/rows": totals["num_rows"],
+        "encode/holdout_rows": totals["holdout"],
+        "encode/files": len(files),
+        "encode/bytes": totals["num_bytes"],
+        "encode/truncated_captions": totals["truncated"],
+        "encode/stale_files_removed": stale,
+        "perf/seconds": seconds,
+        "perf/images_per_s": totals["num_rows"] / seconds if seconds > 0 else 0.0,
+        **{f"data/skipped_{k}": v for k, v in skipped.items()},
+    }
+    return manifest, metrics
+
+
+def _complete_manifest(root: storage.Location, cfg: PipelineConfig) -> dict | None:
+    try:
+        return latents.read_latents_manifest(root.uri, cfg.storage)
+    except latents.LatentsError:
+        return None
+
+
+def _diff(old: dict, new: dict) -> str:
+    return ", ".join(f"{k}: {old.get(k)!r} != {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k))
+
+
+def _log_dataset_input(cfg: PipelineConfig, manifest: dict) -> None:
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = resolve_dataset_source(cfg.data.uri if "://" in cfg.data.uri else Path(cfg.data.uri).as_uri())
+    mlflow.log_input(MetaDataset(source=source, name=manifest.get("name", "images"), digest=manifest["digest"][:36]), context="encode")
+
+
+def main(argv: list[str] | None = None) -> EncodeResult:
+    setup_logging()
+    parser = add_config_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    try:
+        cfg = config_from_args(parser.parse_args(argv))
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
+        result = run_encode(cfg)
+    except (ConfigError, DatasetError, latents.LatentsError) as e:
+        raise SystemExit(f"error: {e}") from None
+    verb = "reused" if result.reused else "wrote"
+    print(f"encode finished: run {result.run_id}, {verb} {result.num_rows} rows at {result.latents_uri}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

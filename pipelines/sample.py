@@ -1,0 +1,348 @@
+"""Sample: prompts -> images with the Stage B U-Net, everything else found through MLflow lineage.
+
+    python pipelines/sample.py --prompt "a handwritten digit seven" [--num 8] [--steps 50] [--guidance 4] [--seed 0] [--out DIR]
+    python pipelines/sample.py --config configs/photos.yaml --model-uri models:/ldm-unet/3 --prompt "a red bus"
+
+The U-Net is `sample.unet_uri` (or `--model-uri`), else the model of the latest finished `stage_b` run of
+the configured experiment. Its bundle names the autoencoder it was trained on and the text encoder that
+produced its conditioning, so nothing else has to be given. Sampling is DDIM (Song et al. 2021) or
+ancestral DDPM with classifier-free guidance (Ho & Salimans 2022); the initial noise of column j is drawn
+from `seed` and shared by every prompt, so the same seed gives the same images, and a prompt's images do
+not depend on which other prompts are rendered with it. Writes one PNG per sample, `grid.png` (a row per
+prompt) and `samples.json`, and logs the grid and metrics to an MLflow run tagged `stage=sample`. With
+`sample.evaluate_digits` the samples are scored by the MNIST digit classifier of `pipelines/digits.py`.
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable, not pipelines/
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import contextlib
+import io
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from pydantic import ValidationError
+from torchvision.utils import make_grid
+
+from ldm_core.config import ConfigError, format_validation_error
+from ldm_core.sampling import SAMPLERS
+from pipelines import storage, tracking
+from pipelines.config import PipelineConfig, add_config_args, config_from_args
+from pipelines.digits import load_or_train_classifier, prompt_adherence, prompt_digit
+from pipelines.models import load_autoencoder, load_unet_bundle
+from pipelines.runtime import setup_logging
+from pipelines.text_encoders import load_text_encoder
+from pipelines.training import autocast
+
+log = logging.getLogger("sample")
+STAGE = "sample"
+UPSTREAM_STAGE = "stage_b"
+GRID_ARTIFACT = "samples/grid.png"
+
+
+class NoModelError(LookupError):
+    """No U-Net to sample from: no URI given and no finished Stage B run with a published model."""
+
+
+@dataclass
+class SampleResult:
+    run_id: str | None
+    out_dir: str
+    image_paths: list[str]
+    grid_path: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_uri: str = ""
+    images: torch.Tensor | None = None
+    """(P * N, C, H, W) float32 in [-1, 1], prompt-major (the N samples of prompt 0 first)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding the model
+# ---------------------------------------------------------------------------------------------------
+
+
+def latest_stage_b_model(cfg: PipelineConfig) -> str:
+    """The `model_uri` of the latest finished stage_b run of `mlflow.experiment`."""
+    uri = tracking.tracking_uri(cfg.mlflow)
+    exp = MlflowClient(uri).get_experiment_by_name(cfg.mlflow.experiment)
+    where = f"experiment '{cfg.mlflow.experiment}' of {uri}"
+    if exp is None:
+        raise NoModelError(f"no U-Net to sample from: {where} does not exist; train Stage B first "
+                           f"(python pipelines/run.py) or pass --model-uri")
+    runs = MlflowClient(uri).search_runs(
+        [exp.experiment_id], filter_string=f"tags.{tracking.TAG_STAGE} = '{UPSTREAM_STAGE}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.end_time DESC"],
+    )
+    for run in runs:
+        if run.data.tags.get("model_uri"):
+            return run.data.tags["model_uri"]
+    raise NoModelError(f"no U-Net to sample from: {where} has no finished {UPSTREAM_STAGE} run with a published model; "
+                       f"train Stage B first (python pipelines/run.py) or pass --model-uri")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("sample.device=cuda: no CUDA device is visible")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation (pure: tensors in, tensors out)
+# ---------------------------------------------------------------------------------------------------
+
+
+def initial_noise(seed: int, num: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+    """x_T for the `num` columns of the grid, (num, C, h, w), drawn on the CPU from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((num, *latent_shape), generator=g, dtype=torch.float32)
+
+
+@torch.no_grad()
+def generate(
+    unet: torch.nn.Module,
+    autoencoder: torch.nn.Module,
+    schedule,
+    *,
+    context: torch.Tensor,
+    context_mask: torch.Tensor | None,
+    null_context: torch.Tensor,
+    null_mask: torch.Tensor | None,
+    latent_shape: tuple[int, ...],
+    scale_factor: float,
+    num_per_prompt: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    prediction: str = "eps",
+    batch_size: int = 64,
+    mixed_precision: str = "no",
+) -> torch.Tensor:
+    """Images (P * N, C, H, W) in [-1, 1] for P prompt conditions context (P, L, D) / mask (P, L).
+
+    Sample j of every prompt starts from the same x_T[j] (see `initial_noise`); the latents are divided
+    by `scale_factor` (the one the U-Net was trained with, LDM Sec. 4.3.2) and decoded. Batches of `batch_size` samples (2x that through the
+    U-Net with guidance); samplers that add noise (eta > 0, ddpm) draw it from a generator seeded with
+    `seed + 1 + batch index`, so results do not depend on anything but the arguments.
+    """
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"sample.sampler: unknown {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    device = context.device
+    p, n = context.shape[0], num_per_prompt
+    x_T = initial_noise(seed, n, latent_shape).repeat(p, 1, 1, 1)  # (N, C, h, w) -> (P * N, C, h, w)
+    cond = context.repeat_interleave(n, 0)  # (P, L, D) -> (P * N, L, D), prompt-major
+    cond_mask = None if context_mask is None else context_mask.repeat_interleave(n, 0)
+    kwargs = {"eta": eta} if sampler == "ddim" else {}
+    out = []
+    for b, i in enumerate(range(0, p * n, batch_size)):
+        sl = slice(i, i + batch_size)
+        g = torch.Generator().manual_seed(seed + 1 + b)
+        with autocast(device, mixed_precision):
+            z = SAMPLERS[sampler](
+                unet, tuple(x_T[sl].shape), schedule=schedule, context=cond[sl],
+                context_mask=None if cond_mask is None else cond_mask[sl], null_context=null_context, null_mask=null_mask,
+                steps=steps, guidance_scale=guidance, generator=g, prediction=prediction, x_T=x_T[sl].to(device), **kwargs,
+            )
+        out.append(autoencoder.decode(z.float() / scale_factor).float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------
+
+
+def slug(prompt: str, max_len: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:max_len].rstrip("-") or "prompt"
+
+
+def to_png(image: torch.Tensor) -> bytes:
+    """A CHW tensor in [-1, 1] -> PNG bytes (grayscale when it has one channel)."""
+    arr = tracking.tensor_grid_to_uint8(image)  # (H, W, C) uint8
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_samples(images: torch.Tensor, prompts: list[str], num_per_prompt: int, out_dir: str,
+                  storage_cfg: storage.StorageConfig, manifest: dict) -> tuple[list[str], str, np.ndarray]:
+    """PNGs `p<i>_<slug>_<j>.png`, `grid.png` (row i = prompt i) and `samples.json` under out_dir (local or
+    s3://). Returns (image URIs, grid URI, grid as HWC uint8)."""
+    root = storage.resolve(out_dir, storage_cfg)
+    storage.makedirs(root)
+    paths, entries = [], []
+    for k, image in enumerate(images):
+        i, j = divmod(k, num_per_prompt)
+        loc = root.join(f"p{i:02d}_{slug(prompts[i])}_{j:03d}.png")
+        storage.write_bytes(loc, to_png(image))
+        paths.append(loc.uri)
+        entries.append({"file": loc.uri.rsplit("/", 1)[-1], "prompt": prompts[i], "prompt_index": i, "sample_index": j})
+    grid = make_grid(images, nrow=num_per_prompt, padding=2, pad_value=-1.0)
+    grid_loc = root.join("grid.png")
+    storage.write_bytes(grid_loc, to_png(grid))
+    storage.write_json(root.join("samples.json"), {**manifest, "images": entries, "grid": "grid.png"})
+    return paths, grid_loc.uri, tracking.tensor_grid_to_uint8(grid)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_sample(
+    cfg: PipelineConfig,
+    *,
+    prompts: list[str] | None = None,
+    parent_run_id: str | None = None,
+    upstream_run_ids: tuple[str, ...] = (),
+    log_to_mlflow: bool = True,
+    extra_tags: dict | None = None,
+) -> SampleResult:
+    """Render `prompts` (default `cfg.sample.prompts`) with the configured (or latest) Stage B U-Net."""
+    sc = cfg.sample
+    prompts = list(prompts if prompts is not None else sc.prompts)
+    if not prompts:
+        raise ConfigError("sample.prompts: give at least one prompt")
+    if sc.evaluate_digits and not any(prompt_digit(p) is not None for p in prompts):
+        raise ConfigError(f"sample.evaluate_digits: none of the prompts names a digit "
+                          f"(expected e.g. 'a handwritten digit seven'): {prompts}")
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg.mlflow))
+    model_uri = sc.unet_uri or latest_stage_b_model(cfg)
+    device = pick_device(sc.device)
+
+    bundle = load_unet_bundle(model_uri, use_ema=sc.use_ema)
+    T = bundle.diffusion.num_timesteps
+    if sc.steps > T:
+        raise ConfigError(f"sample.steps={sc.steps}: more than the model's {T} diffusion timesteps")
+    unet = bundle.unet.to(device).eval()
+    autoencoder = load_autoencoder(bundle.autoencoder_uri).to(device)
+    if not math.isclose(float(autoencoder.scale_factor), bundle.scale_factor, rel_tol=1e-5):
+        log.warning("autoencoder %s has scale_factor %.6g but the U-Net was trained on latents scaled by %.6g: using the U-Net's",
+                    bundle.autoencoder_uri, float(autoencoder.scale_factor), bundle.scale_factor)
+    text_encoder = load_text_encoder(bundle.text_encoder, device)
+    if text_encoder.hidden_size != bundle.hidden_size:
+        raise ConfigError(f"text encoder {bundle.text_encoder.name_or_path!r} has hidden size {text_encoder.hidden_size}, "
+                          f"but the U-Net {model_uri} was trained on {bundle.hidden_size}")
+    context, mask = text_encoder.encode(prompts)
+    log.info("sampling %d x %d images with %s (autoencoder %s, text encoder %s) on %s",
+             len(prompts), sc.num_per_prompt, model_uri, bundle.autoencoder_uri, bundle.text_encoder.name_or_path, device)
+    images = generate(
+        unet, autoencoder, bundle.schedule.to(device),
+        context=context.to(device), context_mask=mask.to(device),
+        null_context=bundle.null_context.to(device), null_mask=bundle.null_mask.to(device),
+        latent_shape=tuple(bundle.latent_shape), scale_factor=bundle.scale_factor, num_per_prompt=sc.num_per_prompt,
+        steps=sc.steps, guidance=sc.guidance, seed=sc.seed, sampler=sc.sampler, eta=sc.eta,
+        prediction=bundle.diffusion.prediction, batch_size=sc.batch_size, mixed_precision=sc.mixed_precision,
+    )
+
+    metrics: dict[str, float] = {}
+    if sc.evaluate_digits:
+        clf = load_or_train_classifier(sc.digit_classifier, cache_uri=f"{cfg.run.output_uri.rstrip('/')}/cache/digit_classifier",
+                                       storage_cfg=cfg.storage)
+        metrics = prompt_adherence(images, [p for p in prompts for _ in range(sc.num_per_prompt)], clf)
+        log.info("prompt adherence %.4f (classifier held-out accuracy %.4f)",
+                 metrics["eval/prompt_accuracy"], metrics["eval/classifier_holdout_accuracy"])
+
+    out_dir = sc.out_dir or f"{cfg.run.output_uri.rstrip('/')}/samples/{bundle.stage_b_run_id}"
+    manifest = {"model_uri": model_uri, "autoencoder_uri": bundle.autoencoder_uri, "use_ema": bundle.use_ema,
+                "prompts": prompts, "settings": sc.model_dump(mode="json", exclude={"prompts", "out_dir"}), "metrics": metrics}
+    upstream = tuple(upstream_run_ids) or tuple(r for r in (bundle.stage_b_run_id,) if r)
+
+    run_context = contextlib.nullcontext() if not log_to_mlflow else tracking.stage_run(
+        experiment_id=tracking.setup(cfg.mlflow, cfg.run.output_uri), stage=STAGE, run_name=f"{cfg.run.name}-sample",
+        upstream_run_ids=upstream, parent_run_id=parent_run_id, tags=extra_tags)
+    with run_context as run:
+        run_id = manifest["run_id"] = run.info.run_id if run is not None else None
+        paths, grid_uri, grid = write_samples(images, prompts, sc.num_per_prompt, out_dir, cfg.storage, manifest)
+        if run is not None:
+            client = MlflowClient()
+            tracking.log_params(client, run_id, tracking.flatten({"sample": manifest["settings"]}))
+            client.log_dict(run_id, {"prompts": prompts}, "samples/prompts.json")
+            mlflow.set_tags({"unet_uri": model_uri, "autoencoder_uri": bundle.autoencoder_uri, "out_dir": out_dir})
+            tracking.log_image(client, run_id, grid, GRID_ARTIFACT)
+            tracking.log_metrics(client, run_id, metrics, 0)
+    log.info("wrote %d images and %s", len(paths), grid_uri)
+    return SampleResult(run_id=run_id, out_dir=out_dir, image_paths=paths, grid_path=grid_uri, metrics=metrics,
+                        model_uri=model_uri, images=images)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+# flag -> SampleConfig field
+_FLAGS = {"prompt": "prompts", "num": "num_per_prompt", "steps": "steps", "guidance": "guidance", "eta": "eta",
+          "sampler": "sampler", "seed": "seed", "out": "out_dir", "model_uri": "unet_uri", "device": "device"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = add_config_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable); default: sample.prompts")
+    parser.add_argument("--num", type=int, help="images per prompt (sample.num_per_prompt)")
+    parser.add_argument("--steps", type=int, help="sampler steps (sample.steps)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (sample.guidance); 1 = none")
+    parser.add_argument("--eta", type=float, help="DDIM eta (sample.eta)")
+    parser.add_argument("--sampler", help="ddim or ddpm (sample.sampler)")
+    parser.add_argument("--seed", type=int, help="seed of the initial noise (sample.seed)")
+    parser.add_argument("--out", help="output folder, local or s3:// (sample.out_dir)")
+    parser.add_argument("--model-uri", help="MLflow URI of the U-Net (default: latest finished stage_b run)")
+    parser.add_argument("--device", help="auto, cpu or cuda (sample.device)")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
+    parser.add_argument("--evaluate-digits", action="store_true", help="score MNIST prompt adherence (sample.evaluate_digits)")
+    parser.add_argument("--no-mlflow", action="store_true", help="write the files only, no MLflow run")
+    return parser
+
+
+def apply_flags(cfg: PipelineConfig, args: argparse.Namespace) -> PipelineConfig:
+    """CLI flags override cfg.sample (validated like the YAML: a bad value names its flag and field)."""
+    for flag, name in _FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        try:
+            setattr(cfg.sample, name, value)
+        except ValidationError as e:
+            raise ConfigError(f"--{flag.replace('_', '-')}: {format_validation_error(e, 'sample')}") from None
+    if args.no_ema:
+        cfg.sample.use_ema = False
+    if args.evaluate_digits:
+        cfg.sample.evaluate_digits = True
+    if args.out is not None and not storage.is_remote(args.out):  # relative to here, as in the YAML
+        cfg.sample.out_dir = str(Path(args.out.removeprefix("file://")).expanduser().resolve())
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> SampleResult:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = apply_flags(config_from_args(args), args)
+        result = run_sample(cfg, log_to_mlflow=not args.no_mlflow)
+    except (ConfigError, NoModelError) as e:
+        raise SystemExit("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip())) from None
+    print(f"sample finished: {len(result.image_paths)} images and grid {result.grid_path}"
+          + (f" (MLflow run {result.run_id})" if result.run_id else ""))
+    for key, value in sorted(result.metrics.items()):
+        print(f"  {key:36s} {value:.4f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Sampling: prompts -> images through the published U-Net, its autoencoder and its text encoder.
+
+The first half exercises the pure generation and writing functions on tiny random models; the second half
+publishes a tiny U-Net bundle to a real MLflow store (in a run tagged stage=stage_b, as Stage B does) and
+drives `run_sample` and the CLI end to end.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm_core.config import ConfigError
+from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
+from ldm_core.sampling import ddim_sample
+from ldm_core.unet import UNet, UNetConfig
+from pipelines import sample, storage, tracking
+from pipelines.config import load_config
+from pipelines.digits import load_or_train_classifier
+from pipelines.models import publish_autoencoder, publish_unet, save_unet_bundle
+from pipelines.text_encoders import TextEncoderConfig, load_text_encoder
+from tests.helpers import REPO
+
+CONTEXT_DIM = 8
+TINY_AE = AutoencoderConfig(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, norm_groups=4, mid_attention=False)
+TINY_UNET = UNetConfig(model_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], num_heads=2,
+                       norm_groups=4, context_dim=CONTEXT_DIM)
+TINY_DIFFUSION = DiffusionConfig(num_timesteps=100)
+
+
+def _perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A freshly built U-Net outputs exactly 0 (zero-initialised last layers): give every weight some noise so
+    that conditions, guidance and steps make a difference."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    unet = _perturbed(UNet(TINY_UNET), 1)
+    ae = AutoencoderKL(TINY_AE).eval()
+    ae.scale_factor.fill_(0.7)
+    g = torch.Generator().manual_seed(2)
+    context = torch.randn(3, 5, CONTEXT_DIM, generator=g)  # three "prompts"
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[0, 3:] = False
+    null = torch.randn(5, CONTEXT_DIM, generator=g)
+    return {"unet": unet, "ae": ae, "schedule": NoiseSchedule(TINY_DIFFUSION), "context": context, "mask": mask, "null": null}
+
+
+def _generate(tiny, **overrides):
+    kwargs = dict(context=tiny["context"], context_mask=tiny["mask"], null_context=tiny["null"], null_mask=None,
+                  latent_shape=(4, 4, 4), scale_factor=0.7, num_per_prompt=2, steps=4, guidance=3.0, seed=0)
+    kwargs.update(overrides)
+    return sample.generate(tiny["unet"], tiny["ae"], tiny["schedule"], **kwargs)
+
+
+def test_generate_is_reproducible_and_seeded(tiny):
+    a, b = _generate(tiny), _generate(tiny)
+    assert a.shape == (6, 3, 8, 8) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+    assert not torch.allclose(a, _generate(tiny, seed=1))
+    # The batch split does not change the images, nor does an ancestral sampler's noise.
+    assert torch.allclose(a, _generate(tiny, batch_size=4), atol=1e-5)
+    assert torch.equal(_generate(tiny, eta=1.0), _generate(tiny, eta=1.0))
+    assert torch.equal(_generate(tiny, sampler="ddpm"), _generate(tiny, sampler="ddpm"))
+
+
+def test_generate_matches_ddim_with_the_given_steps_and_guidance(tiny):
+    """The images are DDIM(steps, guidance) from the seeded noise, decoded with the latent scale undone."""
+    steps, guidance = 3, 2.5
+    images = _generate(tiny, steps=steps, guidance=guidance, num_per_prompt=1)
+    x_T = sample.initial_noise(0, 1, (4, 4, 4)).repeat(3, 1, 1, 1)
+    z = ddim_sample(tiny["unet"], (3, 4, 4, 4), schedule=tiny["schedule"], context=tiny["context"],
+                    context_mask=tiny["mask"], null_context=tiny["null"], null_mask=None, steps=steps,
+                    guidance_scale=guidance, x_T=x_T)
+    expected = tiny["ae"].decode(z / 0.7).clamp(-1, 1)
+    assert torch.allclose(images, expected, atol=1e-5)
+    assert not torch.allclose(images, _generate(tiny, steps=steps + 2, guidance=guidance, num_per_prompt=1), atol=1e-3)
+    assert not torch.allclose(images, _generate(tiny, steps=steps, guidance=0.0, num_per_prompt=1), atol=1e-3)
+
+
+def test_prompt_images_do_not_depend_on_the_other_prompts(tiny):
+    all_three = _generate(tiny)
+    last_alone = _generate(tiny, context=tiny["context"][2:], context_mask=tiny["mask"][2:])
+    assert torch.allclose(all_three[4:], last_alone, atol=1e-5)
+    # Column j shares its noise across prompts, yet different prompts give different images.
+    assert not torch.allclose(all_three[0], all_three[2], atol=1e-3)
+
+
+def test_write_samples_pngs_grid_and_manifest(tmp_path, tiny):
+    images = _generate(tiny)
+    prompts = ["a handwritten digit zero", "A digit: 7!", "a handwritten digit zero"]
+    paths, grid_uri, grid = sample.write_samples(images, prompts, 2, str(tmp_path / "out"), None, {"seed": 0})
+    assert len(paths) == 6 and len(set(paths)) == 6
+    assert paths[2].endswith("p01_a-digit-7_000.png")
+    for path, image in zip(paths, images):
+        png = Image.open(path)
+        assert png.size == (8, 8) and png.mode == "RGB"
+        # The PNG holds the image (up to 8-bit quantisation).
+        arr = torch.from_numpy(np.array(png)).permute(2, 0, 1).float() / 127.5 - 1
+        assert torch.allclose(arr, image, atol=1 / 127.5 + 1e-6)
+    grid_png = Image.open(grid_uri)
+    # make_grid: 2 columns, 3 rows of 8 px images with 2 px padding.
+    assert grid_png.size == (2 * (8 + 2) + 2, 3 * (8 + 2) + 2) == grid.shape[1::-1]
+    manifest = json.loads((tmp_path / "out" / "samples.json").read_text())
+    assert [e["prompt_index"] for e in manifest["images"]] == [0, 0, 1, 1, 2, 2]
+    assert manifest["seed"] == 0 and manifest["grid"] == "grid.png"
+
+
+def test_grayscale_png():
+    png = Image.open(io.BytesIO(sample.to_png(torch.zeros(1, 4, 6))))
+    assert png.mode == "L" and png.size == (6, 4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end: a tiny U-Net bundle published to a real MLflow store, then run_sample and the CLI.
+# ---------------------------------------------------------------------------------------------------
+
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+TEXT = TextEncoderConfig(max_length=8)
+DIGIT_PROMPTS = ["a handwritten digit three", "a handwritten digit eight"]
+
+
+def _publish_unet(tmp, experiment_id: str, *, ae_uri: str, ae_run: str, seed: int, status: str = "FINISHED") -> tuple[str, str]:
+    """What Stage B leaves behind: a run tagged stage=stage_b with the published bundle and a model_uri tag."""
+    encoder = load_text_encoder(TEXT)
+    null_context, null_mask = encoder.encode([""])
+    unet_cfg = TINY_UNET.model_copy(update={"context_dim": encoder.hidden_size})
+    torch.manual_seed(seed)
+    raw = _perturbed(UNet(unet_cfg), seed).state_dict()
+    ema = _perturbed(UNet(unet_cfg), seed + 100).state_dict()
+    with tracking.stage_run(experiment_id=experiment_id, stage="stage_b", run_name=f"tiny-stage-b-{seed}",
+                            upstream_run_ids=[ae_run]) as run:
+        folder = save_unet_bundle(
+            tmp / f"bundle-{seed}" / "unet", unet_state=raw, ema_state=ema, unet_config=unet_cfg, diffusion=TINY_DIFFUSION,
+            text_encoder=TEXT, hidden_size=encoder.hidden_size, null_context=null_context[0], null_mask=null_mask[0],
+            latent_shape=(4, 4, 4), scale_factor=0.7, autoencoder_uri=ae_uri, stage_a_run_id=ae_run,
+            stage_b_run_id=run.info.run_id,
+        )
+        model_uri, _ = publish_unet(folder, None)
+        mlflow.set_tag("model_uri", model_uri)
+    if status != "FINISHED":
+        MlflowClient().set_terminated(run.info.run_id, status=status)
+    return model_uri, run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """A tracking store holding a Stage A autoencoder and three Stage B runs: older, latest finished, newest failed."""
+    tmp = tmp_path_factory.mktemp("published")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    overrides = [f"run.output_uri={tmp / 'out'}", f"mlflow.tracking_uri={uri}", f"data.uri={tmp / 'data'}",
+                 "sample.steps=3", "sample.num_per_prompt=2", f"sample.prompts={json.dumps(DIGIT_PROMPTS)}",
+                 "sample.evaluate_digits=false"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        cfg = load_config(QUICKSTART, overrides)
+        experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
+        ae = AutoencoderKL(TINY_AE).eval()
+        ae.scale_factor.fill_(0.7)
+        with tracking.stage_run(experiment_id=experiment_id, stage="stage_a", run_name="tiny-stage-a") as run:
+            ae_uri, _ = publish_autoencoder(ae, tmp, None)
+            mlflow.set_tag("model_uri", ae_uri)
+        ae_run = run.info.run_id
+        older, _ = _publish_unet(tmp, experiment_id, ae_uri=ae_uri, ae_run=ae_run, seed=1)
+        latest, latest_run = _publish_unet(tmp, experiment_id, ae_uri=ae_uri, ae_run=ae_run, seed=2)
+        failed, _ = _publish_unet(tmp, experiment_id, ae_uri=ae_uri, ae_run=ae_run, seed=3, status="FAILED")
+        yield {"cfg": cfg, "overrides": overrides, "tmp": tmp, "uri": uri, "latest": latest, "latest_run": latest_run,
+               "older": older, "failed": failed, "ae_uri": ae_uri}
+    mlflow.set_tracking_uri(None)
+
+
+def _cfg(published, *extra: str):
+    return load_config(QUICKSTART, published["overrides"] + list(extra))
+
+
+def test_run_sample_uses_the_latest_finished_stage_b_and_records_lineage(published):
+    cfg = _cfg(published)
+    result = sample.run_sample(cfg)
+    assert result.model_uri == published["latest"] != published["failed"]
+    assert len(result.image_paths) == 4 and all(Path(p).is_file() for p in result.image_paths)
+    assert Path(result.grid_path).is_file()
+    assert result.out_dir == f"{cfg.run.output_uri}/samples/{published['latest_run']}"
+    run = MlflowClient().get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["stage"] == "sample"
+    assert run.data.tags["upstream_run_ids"] == published["latest_run"]
+    assert run.data.tags["autoencoder_uri"] == published["ae_uri"]
+    assert run.data.params["sample.steps"] == "3" and run.data.params["sample.guidance"] == str(cfg.sample.guidance)
+    logged = {a.path for a in MlflowClient().list_artifacts(result.run_id, "samples")}
+    assert sample.GRID_ARTIFACT in logged
+    manifest = json.loads((Path(result.out_dir) / "samples.json").read_text())
+    assert manifest["model_uri"] == published["latest"] and manifest["use_ema"] is True and manifest["run_id"] == result.run_id
+
+
+def test_same_seed_same_images_other_seed_other_images(published, tmp_path):
+    a = sample.run_sample(_cfg(published, f"sample.out_dir={tmp_path / 'a'}"), log_to_mlflow=False)
+    b = sample.run_sample(_cfg(published, f"sample.out_dir={tmp_path / 'b'}"), log_to_mlflow=False)
+    assert a.run_id is None and torch.equal(a.images, b.images)
+    assert [Path(p).read_bytes() for p in a.image_paths] == [Path(p).read_bytes() for p in b.image_paths]
+    c = sample.run_sample(_cfg(published, f"sample.out_dir={tmp_path / 'c'}", "sample.seed=1"), log_to_mlflow=False)
+    assert not torch.allclose(a.images, c.images, atol=1e-3)
+
+
+def test_cli_flags_override_the_config(published, tmp_path):
+    out = tmp_path / "cli"
+    result = sample.main(["--config", QUICKSTART, *[f"--set={o}" for o in published["overrides"]],
+                          "--prompt", "a handwritten digit five", "--num", "3", "--steps", "2", "--guidance", "0",
+                          "--seed", "7", "--out", str(out), "--model-uri", published["older"], "--no-mlflow"])
+    assert result.model_uri == published["older"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["grid.png"] + [f"p00_a-handwritten-digit-five_{j:03d}.png" for j in range(3)]
+    settings = json.loads((out / "samples.json").read_text())["settings"]
+    assert (settings["num_per_prompt"], settings["steps"], settings["guidance"], settings["seed"]) == (3, 2, 0.0, 7)
+    # The flags are what the images were made with: the same values through the config give the same images,
+    # and changing any one of steps or guidance changes them.
+    same = ["sample.prompts=['a handwritten digit five']", "sample.num_per_prompt=3", "sample.steps=2", "sample.guidance=0",
+            "sample.seed=7", f"sample.unet_uri={published['older']}", f"sample.out_dir={tmp_path / 'cfg'}"]
+    assert torch.equal(result.images, sample.run_sample(_cfg(published, *same), log_to_mlflow=False).images)
+    for change in ("sample.steps=3", "sample.guidance=4"):
+        other = sample.run_sample(_cfg(published, *same, change), log_to_mlflow=False).images
+        assert not torch.allclose(result.images, other, atol=1e-3), change
+
+
+def test_ema_weights_by_default_raw_on_request(published, tmp_path):
+    ema = sample.run_sample(_cfg(published, f"sample.out_dir={tmp_path / 'ema'}"), log_to_mlflow=False)
+    raw = sample.main(["--config", QUICKSTART, *[f"--set={o}" for o in published["overrides"]], "--no-ema",
+                       "--out", str(tmp_path / "raw"), "--no-mlflow"])
+    assert json.loads((tmp_path / "raw" / "samples.json").read_text())["use_ema"] is False
+    assert not torch.allclose(ema.images, raw.images, atol=1e-3)
+
+
+def test_evaluate_digits_logs_prompt_adherence(published):
+    cfg = _cfg(published, "sample.evaluate_digits=true", "sample.digit_classifier.epochs=1",
+               "sample.digit_classifier.min_holdout_accuracy=0.5")
+    result = sample.run_sample(cfg)
+    logged = MlflowClient().get_run(result.run_id).data.metrics
+    for key in ("eval/prompt_accuracy", "eval/prompt_accuracy_3", "eval/prompt_accuracy_8", "eval/classifier_holdout_accuracy"):
+        assert logged[key] == pytest.approx(result.metrics[key]), key
+    # The figures are the classifier's verdicts on these very images.
+    clf = load_or_train_classifier(cfg.sample.digit_classifier, cache_uri=f"{cfg.run.output_uri}/cache/digit_classifier")
+    assert clf.from_cache
+    predicted = clf.predict(result.images)
+    assert logged["eval/prompt_accuracy_3"] == pytest.approx(float((predicted[:2] == 3).float().mean()))
+    assert logged["eval/prompt_accuracy"] == pytest.approx(float((predicted == torch.tensor([3, 3, 8, 8])).float().mean()))
+    assert logged["eval/classifier_holdout_accuracy"] == pytest.approx(clf.holdout_accuracy)
+    with pytest.raises(ConfigError, match="none of the prompts names a digit"):
+        sample.run_sample(cfg, prompts=["a photo of a cat"], log_to_mlflow=False)
+
+
+def test_no_stage_b_run_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    args = ["--config", QUICKSTART, f"--set=run.output_uri={tmp_path}", "--prompt", "a handwritten digit one"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
+    with pytest.raises(SystemExit) as missing:
+        sample.main(args)
+    assert str(missing.value).startswith("error: no U-Net to sample from: experiment 'ldm-quickstart'")
+    assert "does not exist" in str(missing.value) and "\n" not in str(missing.value)
+    # The experiment exists but holds only a failed Stage B run.
+    cfg = load_config(QUICKSTART, [f"run.output_uri={tmp_path}"])
+    experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
+    MlflowClient().set_terminated(
+        MlflowClient().create_run(experiment_id, tags={"stage": "stage_b", "model_uri": "models:/ldm-unet/1"}).info.run_id,
+        status="FAILED")
+    with pytest.raises(SystemExit, match="has no finished stage_b run with a published model"):
+        sample.main(args)
+
+
+def test_bad_values_are_one_line_errors(published, tmp_path):
+    base = ["--config", QUICKSTART, *[f"--set={o}" for o in published["overrides"]], "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        sample.main(base + ["--steps", "0"])
+    assert str(e.value).startswith("error: --steps: sample.steps:") and "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match=r"sample.steps=500: more than the model's 100 diffusion timesteps"):
+        sample.main(base + ["--steps", "500"])
+    with pytest.raises(SystemExit, match="error: --sampler"):
+        sample.main(base + ["--sampler", "euler"])
+    with pytest.raises(SystemExit, match="config file not found"):
+        sample.main(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_samples_go_to_object_storage(published, s3_bucket):
+    out = f"s3://{s3_bucket}/samples/run-1"
+    result = sample.run_sample(_cfg(published, f"sample.out_dir={out}"), log_to_mlflow=False)
+    loc = storage.resolve(out)
+    names = [p.rsplit("/", 1)[-1] for p in storage.list_files(loc)]
+    assert sorted(names) == sorted(["grid.png", "samples.json"] + [p.rsplit("/", 1)[-1] for p in result.image_paths])
+    assert result.grid_path == f"{out}/grid.png"
+    png = Image.open(io.BytesIO(storage.read_bytes(loc.join(result.image_paths[0].rsplit("/", 1)[-1]))))
+    assert png.size == tuple(result.images.shape[-2:])
