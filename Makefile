@@ -4,8 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/quickstart.yaml
-# The DAG runs prepare -> stage_a today; encode, stage_b and sample join as they land (issues #5, #6).
-UNTIL ?= stage_a
+# UNTIL=stage_a (or any stage) stops the DAG early; empty runs it to the end (sample).
+UNTIL ?=
 PYTEST_ARGS ?=
 
 .PHONY: install run test bench clean
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	$(PY) pipelines/run.py --config $(CONFIG) --until $(UNTIL)
+	$(PY) pipelines/run.py --config $(CONFIG) $(if $(UNTIL),--until $(UNTIL))
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

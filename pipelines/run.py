@@ -167,8 +167,8 @@ def run_encode_node(ctx: Context) -> NodeOutcome:
     cfg = ctx.keyed_cfg()
     cfg.encode.autoencoder_uri = ctx.outcomes["stage_a"].outputs["model_uri"]
     result = run_encode(cfg, parent_run_id=ctx.parent_run_id, upstream_run_ids=ctx.upstream("stage_a"), extra_tags=ctx.tags())
-    return NodeOutcome("encode", "ran", result.run_id, ctx.key, outputs={"latents_uri": result.latents_uri},
-                       metrics=getattr(result, "metrics", {}))
+    return NodeOutcome("encode", "reused" if result.reused else "ran", result.run_id, ctx.key,
+                       outputs={"latents_uri": result.latents_uri}, metrics=result.metrics)
 
 
 def run_stage_b_node(ctx: Context) -> NodeOutcome:
@@ -177,8 +177,8 @@ def run_stage_b_node(ctx: Context) -> NodeOutcome:
     cfg = ctx.keyed_cfg()
     cfg.stage_b.latents_uri = ctx.outcomes["encode"].outputs["latents_uri"]
     result = run_stage_b(cfg, parent_run_id=ctx.parent_run_id, upstream_run_ids=ctx.upstream("encode", "stage_a"), extra_tags=ctx.tags())
-    return NodeOutcome("stage_b", "resumed" if getattr(result, "resumed", False) else "ran", result.run_id, ctx.key,
-                       outputs={"model_uri": result.model_uri}, metrics=getattr(result, "metrics", {}))
+    return NodeOutcome("stage_b", "resumed" if result.resumed else "ran", result.run_id, ctx.key,
+                       outputs={"model_uri": result.model_uri}, metrics=result.metrics)
 
 
 def run_sample_node(ctx: Context) -> NodeOutcome:
@@ -188,7 +188,7 @@ def run_sample_node(ctx: Context) -> NodeOutcome:
     cfg.sample.unet_uri = ctx.outcomes["stage_b"].outputs["model_uri"]
     result = run_sample(cfg, parent_run_id=ctx.parent_run_id, upstream_run_ids=ctx.upstream("stage_b"), extra_tags=ctx.tags())
     return NodeOutcome("sample", "ran", result.run_id, ctx.key, outputs={"out_dir": str(result.out_dir)},
-                       metrics=getattr(result, "metrics", {}))
+                       metrics=result.metrics)
 
 
 def _sections(*paths: str) -> Callable[[PipelineConfig], dict]:
@@ -210,7 +210,7 @@ def _sections(*paths: str) -> Callable[[PipelineConfig], dict]:
 DAG: tuple[Node, ...] = (
     Node("prepare", (), _sections("data.source", "data.format", "data.shard_size", "data.prepare_resolution", "data.limit", "run.seed"), run_prepare),
     Node("stage_a", ("prepare",), _sections("stage_a", "data", "run.seed"), run_stage_a_node),
-    Node("encode", ("stage_a",), _sections("encode.text_encoder", "encode.batch_size", "data.resolution", "data.holdout_fraction"), run_encode_node),
+    Node("encode", ("stage_a",), _sections("encode.text_encoder", "encode.output_uri", "data.resolution", "data.holdout_fraction"), run_encode_node),
     Node("stage_b", ("encode",), _sections("stage_b", "sample.prompts", "run.seed"), run_stage_b_node),
     Node("sample", ("stage_b",), _sections("sample"), run_sample_node),
 )
@@ -297,7 +297,7 @@ def _print_outcome(o: NodeOutcome) -> None:
 SUMMARY_METRICS = {
     "stage_a": ("eval/psnr", "eval/ssim", "eval/lpips", "eval/bicubic_psnr", "eval/bicubic_ssim", "perf/images_per_s"),
     "encode": ("perf/images_per_s",),
-    "stage_b": ("perf/images_per_s", "train/loss"),
+    "stage_b": ("perf/images_per_s", "train/loss", "eval/holdout_loss", "eval/holdout_loss_ema"),
     "sample": ("eval/prompt_accuracy", "eval/classifier_holdout_accuracy"),
 }
 SUMMARY_GRIDS = {"stage_a": "reconstructions/holdout_final.png", "sample": "samples/grid.png"}
@@ -351,8 +351,9 @@ def main(argv: list[str] | None = None) -> dict[str, NodeOutcome]:
 def _print_where(cfg: PipelineConfig, outcomes: dict[str, NodeOutcome]) -> None:
     print("\nDone.")
     if "sample" in outcomes:
-        print(f"  samples:  {outcomes['sample'].outputs.get('out_dir')}")
-    for stage in ("stage_a", "sample"):
+        out_dir = outcomes["sample"].outputs.get("out_dir")
+        print(f"  samples:  {out_dir} (grid: {out_dir}/grid.png)")
+    for stage in ("stage_a", "encode", "stage_b", "sample"):
         if stage in outcomes:
             shown = {k: round(v, 4) for k, v in outcomes[stage].metrics.items() if k in SUMMARY_METRICS[stage]}
             print(f"  {stage} metrics: {shown}")

@@ -1,8 +1,15 @@
-"""The DAG driver (pipelines/run.py) on a real local Ray and MLflow store: prepare -> stage_a, caching by
-cache key, --force, and config errors reported before any stage starts."""
+"""The DAG driver (pipelines/run.py) on a real local Ray and MLflow store: prepare -> stage_a -> encode -> stage_b
+-> sample on a tiny config; lineage, cache hits, partial re-runs, --force / --from / --until, a driver killed in
+the middle of a stage, and config errors reported before any stage starts."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,50 +18,138 @@ from mlflow.tracking import MlflowClient
 from ldm_core.config import ConfigError
 from pipelines import run as pipeline
 from pipelines.config import load_config
-from tests.helpers import REPO, tiny_overrides
+from tests.helpers import REPO, tiny_later_stages, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
+STAGES = pipeline.STAGES
+
+
+def _overrides(tmp_path: Path, *extra: str) -> list[str]:
+    overrides = tiny_overrides(tmp_path, str(tmp_path / "data" / "mnist"))
+    overrides += ["data.source=mnist", "data.limit=96", "data.shard_size=32", "run.name=dagtest", *tiny_later_stages()]
+    return overrides + list(extra)
+
 
 def _cfg(tmp_path: Path, *extra: str):
-    overrides = tiny_overrides(tmp_path, str(tmp_path / "data" / "mnist"))
-    overrides += ["data.source=mnist", "data.limit=96", "data.shard_size=32", "run.name=dagtest"]
-    return load_config(REPO / "configs/quickstart.yaml", overrides + list(extra))
+    return load_config(REPO / "configs/quickstart.yaml", _overrides(tmp_path, *extra))
 
 
-def test_prepare_and_stage_a_then_all_cache_hits_then_force(ray_local, mlflow_uri, tmp_path, capsys):
+def _checkpoints(cfg) -> list[Path]:
+    return sorted(Path(cfg.run.checkpoint_root).rglob("checkpoint_*"))
+
+
+def test_full_dag_with_lineage_then_cache_hits_then_only_changed_stages_rerun(ray_local, mlflow_uri, tmp_path, capsys):
     cfg = _cfg(tmp_path)
-    first = pipeline.run_pipeline(cfg, until="stage_a")
-    assert [first[s].status for s in ("prepare", "stage_a")] == ["ran", "ran"]
-    assert (tmp_path / "data" / "mnist" / "manifest.json").is_file()
+    first = pipeline.run_pipeline(cfg)
+    assert [first[s].status for s in STAGES] == ["ran"] * len(STAGES)
+    out = capsys.readouterr().out
+    for stage in STAGES:
+        assert f"[{stage}] ran" in out
+
+    # Lineage: every stage run is a child of one parent run, tagged with its stage and what it consumed.
+    client = MlflowClient()
+    runs = {s: client.get_run(first[s].run_id) for s in STAGES}
+    parent_id = runs["prepare"].data.tags["mlflow.parentRunId"]
+    for stage, run in runs.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["stage"] == stage
+        assert run.data.tags["mlflow.parentRunId"] == parent_id
+    upstream = {s: runs[s].data.tags["upstream_run_ids"] for s in STAGES}
+    assert upstream["stage_a"] == first["prepare"].run_id
+    assert upstream["encode"] == first["stage_a"].run_id
+    assert upstream["stage_b"] == f"{first['encode'].run_id},{first['stage_a'].run_id}"
+    assert upstream["sample"] == first["stage_b"].run_id
+    # Walk back from the samples to the dataset digest through the tags alone.
+    run_id = first["sample"].run_id
+    while client.get_run(run_id).data.tags["stage"] != "prepare":
+        run_id = client.get_run(run_id).data.tags["upstream_run_ids"].split(",")[0]
+    manifest = json.loads((tmp_path / "data" / "mnist" / "manifest.json").read_text())
+    assert client.get_run(run_id).data.tags["dataset_digest"] == manifest["digest"]
+    assert runs["encode"].data.tags["latents_uri"] == first["encode"].outputs["latents_uri"]
+    assert runs["stage_b"].data.tags["latents_uri"] == first["encode"].outputs["latents_uri"]
+
+    # The parent run's summary: a table over every stage plus the reconstruction and sample grids.
+    summary = json.loads(Path(client.download_artifacts(parent_id, "summary.json")).read_text())
+    assert [row["stage"] for row in summary["stages"]] == list(STAGES)
+    assert {a.path for a in client.list_artifacts(parent_id, "summary")} == {
+        "summary/holdout_final.png", "summary/grid.png"}
+    assert "stage_a/eval/psnr" in client.get_run(parent_id).data.metrics
+    samples = Path(first["sample"].outputs["out_dir"])
+    assert (samples / "grid.png").is_file() and len(list(samples.glob("p*.png"))) == 4
+
+    # Nothing changed: every stage is reused, no training step runs (no new run, no new checkpoint).
+    checkpoints = _checkpoints(cfg)
+    second = pipeline.run_pipeline(_cfg(tmp_path))
+    assert [second[s].status for s in STAGES] == ["skipped"] + ["reused"] * (len(STAGES) - 1)
+    assert [second[s].run_id for s in STAGES] == [first[s].run_id for s in STAGES]
+    assert _checkpoints(cfg) == checkpoints
+    assert "[stage_b] reused" in capsys.readouterr().out
+
+    # A Stage B setting changes the keys of stage_b and sample only: those two run, the rest is reused.
+    third = pipeline.run_pipeline(_cfg(tmp_path, "stage_b.optim.lr=5e-4"))
+    assert [third[s].status for s in STAGES] == ["skipped", "reused", "reused", "ran", "ran"]
+    assert third["stage_b"].run_id != first["stage_b"].run_id
+    assert client.get_run(third["sample"].run_id).data.tags["upstream_run_ids"] == third["stage_b"].run_id
+
+    # --force S reruns S (from scratch, under a fresh Ray Train name) even though it is cached; --until stops.
+    forced = pipeline.run_pipeline(_cfg(tmp_path), force="stage_b", until="stage_b")
+    assert list(forced) == list(STAGES[:4]) and forced["stage_b"].status == "ran"
+    assert forced["stage_b"].run_id not in {first["stage_b"].run_id, third["stage_b"].run_id}
+    assert "train/resumed_from_step" not in client.get_run(forced["stage_b"].run_id).data.metrics
+
+    # --from S takes the stages before S from the cache only: a changed Stage A setting has no cached run.
+    with pytest.raises(RuntimeError, match="--from stage_b: stage stage_a has no finished run"):
+        pipeline.run_pipeline(_cfg(tmp_path, "stage_a.optim.lr=5e-4"), from_stage="stage_b")
+    # (The cache holds the newest finished run per key: the forced one.)
+    started = pipeline.run_pipeline(_cfg(tmp_path), from_stage="sample")
+    assert started["stage_b"].status == "reused" and started["stage_b"].run_id == forced["stage_b"].run_id
+    assert started["sample"].status == "reused"
+
+
+def test_a_driver_killed_during_stage_b_resumes_it_from_its_checkpoint(ray_local, mlflow_uri, tmp_path):
+    """The DAG runs in its own process, attached to the test's Ray; it is SIGKILLed while Stage B is between
+    checkpoints (the fault hook holds a worker at step 3, after the step-2 checkpoint). Re-running resumes:
+    finished stages are reused and Stage B continues in the same MLflow run from step 2."""
+    overrides = _overrides(tmp_path, "stage_b.train.max_steps=6", "stage_b.train.fail_at_step=3",
+                           f"mlflow.tracking_uri={mlflow_uri}")
+    cfg = load_config(REPO / "configs/quickstart.yaml", overrides)
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token",
+           "MLFLOW_TRACKING_URI": mlflow_uri}
+    cmd = [sys.executable, str(REPO / "pipelines/run.py"), "--config", str(REPO / "configs/quickstart.yaml"),
+           *[f"--set={o}" for o in overrides]]
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "wb") as log:
+        driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        marker = None
+        while marker is None:
+            assert driver.poll() is None, f"the driver exited early:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"Stage B never reached the fault hook:\n{log_path.read_text()[-3000:]}"
+            marker = next(Path(cfg.run.checkpoint_root).glob("*-stage_b/.fault_injected"), None)
+            time.sleep(0.2)
+        time.sleep(2.0)  # inside the hook's grace period: the step-2 checkpoint is registered, the worker still alive
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    killed_log = log_path.read_text()
+    assert "[encode] ran" in killed_log and "[stage_b] running" in killed_log and "[stage_b] ran" not in killed_log
 
     client = MlflowClient()
-    stage_a = client.get_run(first["stage_a"].run_id)
-    prepare = client.get_run(first["prepare"].run_id)
-    assert stage_a.data.tags["stage"] == "stage_a" and prepare.data.tags["stage"] == "prepare"
-    assert stage_a.data.tags["upstream_run_ids"] == prepare.info.run_id  # lineage: dataset -> autoencoder
-    assert stage_a.data.tags["dataset_digest"] == prepare.data.tags["dataset_digest"]
-    parent_id = stage_a.data.tags["mlflow.parentRunId"]
-    summary = client.download_artifacts(parent_id, "summary.json")
-    assert "stage_a" in Path(summary).read_text()
+    interrupted = [r for r in client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id],
+                                                 "tags.stage = 'stage_b'")]
+    assert len(interrupted) == 1 and interrupted[0].info.status == "RUNNING"  # its driver died without a word
 
-    # Nothing changed: everything is reused and no training step runs (no new stage_a run, no new checkpoint).
-    ckpt_root = Path(cfg.run.checkpoint_root)
-    checkpoints_before = sorted(ckpt_root.rglob("checkpoint_*"))
-    second = pipeline.run_pipeline(_cfg(tmp_path), until="stage_a")
-    assert second["prepare"].status == "skipped" and second["stage_a"].status == "reused"
-    assert second["stage_a"].run_id == first["stage_a"].run_id
-    assert sorted(ckpt_root.rglob("checkpoint_*")) == checkpoints_before
-    assert "[stage_a] reused" in capsys.readouterr().out
-
-    # A changed stage_a setting changes its cache key: it runs again.
-    third = pipeline.run_pipeline(_cfg(tmp_path, "stage_a.optim.lr=5e-4"), until="stage_a")
-    assert third["stage_a"].status == "ran" and third["stage_a"].run_id != first["stage_a"].run_id
-
-    # --force reruns a cached stage.
-    forced = pipeline.run_pipeline(_cfg(tmp_path), until="stage_a", force="stage_a")
-    assert forced["stage_a"].status in {"ran", "resumed"}
-    assert forced["stage_a"].run_id not in {first["stage_a"].run_id, third["stage_a"].run_id}
+    again = pipeline.run_pipeline(load_config(REPO / "configs/quickstart.yaml", overrides))
+    assert [again[s].status for s in STAGES] == ["skipped", "reused", "reused", "resumed", "ran"]
+    assert again["stage_b"].run_id == interrupted[0].info.run_id
+    stage_b = client.get_run(again["stage_b"].run_id)
+    assert stage_b.info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(stage_b.info.run_id, "train/resumed_from_step")] == [2]
+    assert again["stage_b"].metrics["steps"] == 6
 
 
 def test_config_errors_stop_the_pipeline_before_any_stage(tmp_path, capsys):
@@ -63,3 +158,4 @@ def test_config_errors_stop_the_pipeline_before_any_stage(tmp_path, capsys):
     assert "stage_a.train.max_stepz" in str(e.value)
     with pytest.raises(ConfigError, match="--until"):
         pipeline.run_pipeline(_cfg(tmp_path), until="stage_z")
+    assert not (tmp_path / "data").exists()
