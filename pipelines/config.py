@@ -277,3 +277,13 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.config, args.overrides)
+
+
+def parse_cli(argv: list[str] | None, parser: argparse.ArgumentParser) -> tuple[PipelineConfig, argparse.Namespace]:
+    """Every entry point's front: `--config` and `--set` added to `parser`, parsed and validated. A bad config
+    exits with one "error: ..." message naming the field, before anything starts."""
+    args = add_config_args(parser).parse_args(argv)
+    try:
+        return config_from_args(args), args
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None

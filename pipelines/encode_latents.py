@@ -35,11 +35,11 @@ from mlflow.tracking import MlflowClient
 from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_core.config import ConfigError
 from pipelines import latents, storage, tracking
-from pipelines.config import PipelineConfig, add_config_args, config_from_args
+from pipelines.config import PipelineConfig, parse_cli
 from pipelines.data import DatasetError, build_dataset, read_manifest
 from pipelines.data.reader import in_split
 from pipelines.models import load_autoencoder, run_id_of
-from pipelines.runtime import init_ray, setup_logging
+from pipelines.runtime import exit_on, init_ray, setup_logging
 from pipelines.text_encoders import TextEncoderConfig, encode_prompts_remote, load_text_encoder
 
 log = logging.getLogger("encode")
@@ -185,7 +185,7 @@ def run_encode(
         manifest, metrics = _encode(cfg, root, autoencoder, autoencoder_uri, latent_shape, settings, run_id)
         tracking.log_metrics(client, run_id, metrics, 0)
         mlflow.set_tags({TAG_LATENTS_URI: root.uri, "latents_digest": manifest["digest"]})
-        _log_dataset_input(cfg, data_manifest)
+        tracking.log_dataset_input(cfg.data.uri, data_manifest.get("name", "images"), data_manifest["digest"], "encode")
         log.info("encode done: %d rows -> %s (%.1f images/s)", manifest["num_rows"], root.uri, metrics["perf/images_per_s"])
         return EncodeResult(run_id, root.uri, manifest["num_rows"], manifest, metrics)
 
@@ -283,25 +283,11 @@ def _diff(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} != {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k))
 
 
-def _log_dataset_input(cfg: PipelineConfig, manifest: dict) -> None:
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    source = resolve_dataset_source(cfg.data.uri if "://" in cfg.data.uri else Path(cfg.data.uri).as_uri())
-    mlflow.log_input(MetaDataset(source=source, name=manifest.get("name", "images"), digest=manifest["digest"][:36]), context="encode")
-
-
 def main(argv: list[str] | None = None) -> EncodeResult:
     setup_logging()
-    parser = add_config_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    try:
-        cfg = config_from_args(parser.parse_args(argv))
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    try:
+    cfg, _ = parse_cli(argv, argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    with exit_on(ConfigError, DatasetError, latents.LatentsError):
         result = run_encode(cfg)
-    except (ConfigError, DatasetError, latents.LatentsError) as e:
-        raise SystemExit(f"error: {e}") from None
     verb = "reused" if result.reused else "wrote"
     print(f"encode finished: run {result.run_id}, {verb} {result.num_rows} rows at {result.latents_uri}")
     return result

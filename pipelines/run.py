@@ -41,7 +41,7 @@ from mlflow.tracking import MlflowClient
 
 from ldm_core.config import ConfigError
 from pipelines import tracking
-from pipelines.config import PipelineConfig, add_config_args, config_from_args
+from pipelines.config import PipelineConfig, parse_cli
 from pipelines.runtime import init_ray, setup_logging
 
 log = logging.getLogger("pipeline")
@@ -334,15 +334,11 @@ def _summarise(client: MlflowClient, parent_id: str, outcomes: dict[str, NodeOut
 
 def main(argv: list[str] | None = None) -> dict[str, NodeOutcome]:
     setup_logging()
-    parser = add_config_args(argparse.ArgumentParser(description="Run the whole latent-diffusion pipeline."))
+    parser = argparse.ArgumentParser(description="Run the whole latent-diffusion pipeline.")
     parser.add_argument("--from", dest="from_stage", choices=STAGES, help="take earlier stages from the cache only")
     parser.add_argument("--until", choices=STAGES, help="stop after this stage")
     parser.add_argument("--force", choices=STAGES, help="ignore the cache for this stage and everything after it")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg, args = parse_cli(argv, parser)
     outcomes = run_pipeline(cfg, from_stage=args.from_stage, until=args.until, force=args.force)
     _print_where(cfg, outcomes)
     return outcomes

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import ray
 
@@ -39,3 +41,12 @@ def setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
+
+
+@contextmanager
+def exit_on(*errors: type[BaseException]) -> Iterator[None]:
+    """In an entry point's main(): turn the given (user-facing) errors into a one-line "error: ..." exit."""
+    try:
+        yield
+    except errors as e:
+        raise SystemExit("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip())) from None

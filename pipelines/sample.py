@@ -44,7 +44,7 @@ from pipelines import storage, tracking
 from pipelines.config import PipelineConfig, add_config_args, config_from_args
 from pipelines.digits import load_or_train_classifier, prompt_adherence, prompt_digit
 from pipelines.models import load_autoencoder, load_unet_bundle
-from pipelines.runtime import setup_logging
+from pipelines.runtime import exit_on, setup_logging
 from pipelines.text_encoders import load_text_encoder
 from pipelines.training import autocast
 
@@ -332,11 +332,9 @@ def apply_flags(cfg: PipelineConfig, args: argparse.Namespace) -> PipelineConfig
 def main(argv: list[str] | None = None) -> SampleResult:
     setup_logging()
     args = build_parser().parse_args(argv)
-    try:
+    with exit_on(ConfigError, NoModelError):
         cfg = apply_flags(config_from_args(args), args)
         result = run_sample(cfg, log_to_mlflow=not args.no_mlflow)
-    except (ConfigError, NoModelError) as e:
-        raise SystemExit("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip())) from None
     print(f"sample finished: {len(result.image_paths)} images and grid {result.grid_path}"
           + (f" (MLflow run {result.run_id})" if result.run_id else ""))
     for key, value in sorted(result.metrics.items()):

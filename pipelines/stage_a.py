@@ -36,14 +36,14 @@ from ldm_core.discriminator import NLayerDiscriminator
 from ldm_core.ema import EMA
 from ldm_core.losses import discriminator_loss, generator_loss
 from ldm_core.metrics import bicubic_baseline, psnr, ssim
+from ldm_core.config import ConfigError
 from ldm_core.perceptual import build_lpips
 from pipelines import storage, tracking
 from pipelines.checkpoints import load_meta, load_module, load_optimizer, load_tensors, save_checkpoint, unwrap
-from ldm_core.config import ConfigError
-from pipelines.config import PipelineConfig, add_config_args, config_from_args
-from pipelines.data import check_cpu_budget, open_skip_counter, read_manifest, build_dataset
+from pipelines.config import PipelineConfig, parse_cli
+from pipelines.data import DatasetError, build_dataset, check_cpu_budget, open_skip_counter, read_manifest
 from pipelines.models import publish_autoencoder
-from pipelines.runtime import init_ray, setup_logging
+from pipelines.runtime import exit_on, init_ray, setup_logging
 from pipelines.training import (
     NonFiniteGuard,
     StepTimer,
@@ -342,7 +342,7 @@ def run_stage_a(
         run_id = run.info.run_id
         if resume_id is None:
             tracking.log_params(MlflowClient(), run_id, tracking.flatten(cfg.model_dump(mode="json")))
-            _log_dataset_input(cfg, manifest)
+            tracking.log_dataset_input(cfg.data.uri, manifest.get("name", "images"), manifest["digest"], "training")
         else:
             log.info("resuming MLflow run %s of %s", run_id, trainer_name)
 
@@ -393,22 +393,11 @@ def run_stage_a(
         return StageAResult(run_id=run_id, model_uri=model_uri, model_version=version, metrics=final, resumed=resume_id is not None)
 
 
-def _log_dataset_input(cfg: PipelineConfig, manifest: dict) -> None:
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    source = resolve_dataset_source(cfg.data.uri if "://" in cfg.data.uri else Path(cfg.data.uri).as_uri())
-    mlflow.log_input(MetaDataset(source=source, name=manifest.get("name", "images"), digest=manifest["digest"][:36]), context="training")
-
-
 def main(argv: list[str] | None = None) -> StageAResult:
     setup_logging()
-    parser = add_config_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    try:
-        cfg = config_from_args(parser.parse_args(argv))
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    result = run_stage_a(cfg)
+    cfg, _ = parse_cli(argv, argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    with exit_on(ConfigError, DatasetError):
+        result = run_stage_a(cfg)
     print(f"stage_a finished: run {result.run_id}, model {result.model_uri}")
     for key in ("scale_factor", "eval/psnr", "eval/ssim", "eval/lpips", "eval/bicubic_psnr", "eval/bicubic_ssim"):
         print(f"  {key:20s} {result.metrics[key]:.4f}")

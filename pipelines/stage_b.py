@@ -43,12 +43,12 @@ from ldm_core.sampling import ddim_sample
 from ldm_core.unet import UNet
 from pipelines import latents, storage, tracking
 from pipelines.checkpoints import load_meta, load_module, load_optimizer, load_tensors, save_checkpoint, unwrap
-from pipelines.config import PipelineConfig, add_config_args, config_from_args
+from pipelines.config import PipelineConfig, parse_cli
 from pipelines.data import check_cpu_budget
 from pipelines.encode_latents import STAGE as ENCODE_STAGE
 from pipelines.encode_latents import TAG_LATENTS_URI
 from pipelines.models import load_autoencoder, publish_unet, save_unet_bundle
-from pipelines.runtime import init_ray, setup_logging
+from pipelines.runtime import exit_on, init_ray, setup_logging
 from pipelines.text_encoders import TextEncoderConfig, encode_prompts_remote
 from pipelines.training import (
     NonFiniteGuard,
@@ -403,7 +403,7 @@ def run_stage_b(
             tracking.log_params(MlflowClient(), run_id, tracking.flatten(
                 {"stage_b": sb.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json"),
                  "sample": {"prompts": cfg.sample.prompts, "guidance": cfg.sample.guidance}}))
-            _log_latents_input(latents_uri, manifest)
+            tracking.log_dataset_input(latents_uri, "latents", manifest["digest"], "training")
         else:
             log.info("resuming MLflow run %s of %s", run_id, trainer_name)
 
@@ -463,25 +463,11 @@ def run_stage_b(
                             resumed=resume_id is not None, latents_uri=latents_uri)
 
 
-def _log_latents_input(latents_uri: str, manifest: dict) -> None:
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    source = resolve_dataset_source(latents_uri if "://" in latents_uri else Path(latents_uri).as_uri())
-    mlflow.log_input(MetaDataset(source=source, name="latents", digest=manifest["digest"][:36]), context="training")
-
-
 def main(argv: list[str] | None = None) -> StageBResult:
     setup_logging()
-    parser = add_config_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    try:
-        cfg = config_from_args(parser.parse_args(argv))
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    try:
+    cfg, _ = parse_cli(argv, argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    with exit_on(ConfigError, latents.LatentsError):
         result = run_stage_b(cfg)
-    except (ConfigError, latents.LatentsError) as e:
-        raise SystemExit(f"error: {e}") from None
     print(f"stage_b finished: run {result.run_id}, model {result.model_uri}")
     for key, value in sorted(result.metrics.items()):
         print(f"  {key:24s} {value:.4f}")

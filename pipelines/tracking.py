@@ -143,3 +143,14 @@ def stage_run(
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def log_dataset_input(uri: str, name: str, digest: str, context: str) -> None:
+    """Record a dataset (shards or latents) as an input of the active run: its URI and content digest."""
+    from pathlib import Path
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = resolve_dataset_source(uri if "://" in uri else Path(uri).as_uri())
+    mlflow.log_input(MetaDataset(source=source, name=name, digest=digest[:36]), context=context)

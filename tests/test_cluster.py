@@ -22,7 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import free_port, wait_for_port
-from tests.helpers import REPO, mnist_dataset, tiny_overrides
+from tests.helpers import REPO, tiny_overrides
 
 pytestmark = pytest.mark.slow
 VENV_BIN = Path(sys.executable).parent
@@ -94,13 +94,15 @@ def _wait_for_nodes(env: dict, gcs_port: int, count: int, timeout: float = 120) 
     raise TimeoutError(f"the cluster did not reach {count} live nodes: {out.stdout[-500:]} {out.stderr[-2000:]}")
 
 
-def test_ray_job_submit_runs_stage_a_with_one_worker_per_node(two_node_cluster, tmp_path):
+def test_ray_job_submit_runs_the_dag_with_one_stage_a_worker_per_node(two_node_cluster, tmp_path):
+    """`ray job submit -- python pipelines/run.py ...`: the DAG driver runs as a Ray job, prepares the shards
+    and trains Stage A with its two DDP ranks on two different nodes."""
     env = two_node_cluster["env"]
-    data_uri = mnist_dataset(tmp_path)
-    overrides = tiny_overrides(tmp_path, data_uri) + ["stage_a.scaling.placement_strategy=STRICT_SPREAD"]
+    overrides = tiny_overrides(tmp_path, str(tmp_path / "data" / "mnist")) + [
+        "data.source=mnist", "data.limit=96", "data.shard_size=32", "stage_a.scaling.placement_strategy=STRICT_SPREAD"]
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", two_node_cluster["dashboard"],
            "--runtime-env", "infra/runtime_env.yaml", "--",
-           "python", "pipelines/stage_a.py", "--config", "configs/quickstart.yaml"]
+           "python", "pipelines/run.py", "--config", "configs/quickstart.yaml", "--until", "stage_a"]
     for item in overrides:
         cmd += ["--set", item]
 
@@ -115,7 +117,8 @@ def test_ray_job_submit_runs_stage_a_with_one_worker_per_node(two_node_cluster, 
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-12000:]
-    match = re.search(r"stage_a finished: run (\w+), model (\S+)", out)
+    assert re.search(r"\[prepare\] ran ", out), out[-4000:]
+    match = re.search(r"\[stage_a\] ran +[\d.]+s +run (\w+)", out)
     assert match, out[-4000:]
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
