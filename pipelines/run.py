@@ -90,15 +90,30 @@ def cache_key(stage: str, sections: dict, input_keys: list[str], dataset_digest:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def find_stage_run(experiment_id: str, stage: str, key: str, finished: bool):
+def find_stage_run(experiment_id: str, stage: str, key: str, finished: bool, upstream: tuple[str, ...] | None = None):
+    """The newest run of `stage` with this cache key (finished or not). With `upstream`, only a run that consumed
+    exactly those upstream runs counts: after `--force` re-trained a stage under the same key, the stages
+    below it are not reused from runs that consumed the older output."""
     status = "attributes.status = 'FINISHED'" if finished else "attributes.status != 'FINISHED'"
-    runs = tracking.find_runs(experiment_id, f"tags.stage = '{stage}' and tags.cache_key = '{key}' and {status}")
+    query = f"tags.stage = '{stage}' and tags.cache_key = '{key}' and {status}"
+    if upstream is not None:
+        query += f" and tags.{tracking.TAG_UPSTREAM} = '{','.join(upstream)}'"
+    runs = tracking.find_runs(experiment_id, query)
     return runs[0] if runs else None
 
 
 # ---------------------------------------------------------------------------------------------------
 # The nodes: thin adapters from the DAG to each stage's Python API
 # ---------------------------------------------------------------------------------------------------
+
+
+# Whose outputs each stage consumes (the order of its `upstream_run_ids` tag).
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "prepare": (), "stage_a": ("prepare",), "encode": ("stage_a",), "stage_b": ("encode", "stage_a"), "sample": ("stage_b",),
+}
+# Stages reused only from a run that consumed the very upstream runs chosen now. (Stage A's input, the
+# dataset, is already in every key as its digest; its prepare run may be absent or recreated.)
+LINEAGE_CHECKED = ("encode", "stage_b", "sample")
 
 
 @dataclass
@@ -110,8 +125,9 @@ class Context:
     key: str
     forced: bool = False
 
-    def upstream(self, *stages: str) -> tuple[str, ...]:
-        return tuple(o.run_id for s in stages if (o := self.outcomes.get(s)) and o.run_id)
+    def upstream(self, stage: str) -> tuple[str, ...]:
+        """The run ids `stage` consumes (its `upstream_run_ids` tag), from this invocation's outcomes."""
+        return tuple(o.run_id for s in UPSTREAM[stage] if (o := self.outcomes.get(s)) and o.run_id)
 
     def tags(self) -> dict:
         return {tracking.TAG_CACHE_KEY: self.key}
@@ -156,7 +172,7 @@ def run_stage_a_node(ctx: Context) -> NodeOutcome:
     from pipelines.stage_a import run_stage_a
 
     result = run_stage_a(ctx.keyed_cfg(), parent_run_id=ctx.parent_run_id,
-                         upstream_run_ids=ctx.upstream("prepare"), extra_tags=ctx.tags())
+                         upstream_run_ids=ctx.upstream("stage_a"), extra_tags=ctx.tags())
     return NodeOutcome("stage_a", "resumed" if result.resumed else "ran", result.run_id, ctx.key,
                        outputs={"model_uri": result.model_uri}, metrics=result.metrics)
 
@@ -166,7 +182,7 @@ def run_encode_node(ctx: Context) -> NodeOutcome:
 
     cfg = ctx.keyed_cfg()
     cfg.encode.autoencoder_uri = ctx.outcomes["stage_a"].outputs["model_uri"]
-    result = run_encode(cfg, parent_run_id=ctx.parent_run_id, upstream_run_ids=ctx.upstream("stage_a"), extra_tags=ctx.tags())
+    result = run_encode(cfg, parent_run_id=ctx.parent_run_id, upstream_run_ids=ctx.upstream("encode"), extra_tags=ctx.tags())
     return NodeOutcome("encode", "reused" if result.reused else "ran", result.run_id, ctx.key,
                        outputs={"latents_uri": result.latents_uri}, metrics=result.metrics)
 
@@ -176,7 +192,7 @@ def run_stage_b_node(ctx: Context) -> NodeOutcome:
 
     cfg = ctx.keyed_cfg()
     cfg.stage_b.latents_uri = ctx.outcomes["encode"].outputs["latents_uri"]
-    result = run_stage_b(cfg, parent_run_id=ctx.parent_run_id, upstream_run_ids=ctx.upstream("encode", "stage_a"), extra_tags=ctx.tags())
+    result = run_stage_b(cfg, parent_run_id=ctx.parent_run_id, upstream_run_ids=ctx.upstream("stage_b"), extra_tags=ctx.tags())
     return NodeOutcome("stage_b", "resumed" if result.resumed else "ran", result.run_id, ctx.key,
                        outputs={"model_uri": result.model_uri}, metrics=result.metrics)
 
@@ -186,7 +202,7 @@ def run_sample_node(ctx: Context) -> NodeOutcome:
 
     cfg = ctx.keyed_cfg()
     cfg.sample.unet_uri = ctx.outcomes["stage_b"].outputs["model_uri"]
-    result = run_sample(cfg, parent_run_id=ctx.parent_run_id, upstream_run_ids=ctx.upstream("stage_b"), extra_tags=ctx.tags())
+    result = run_sample(cfg, parent_run_id=ctx.parent_run_id, upstream_run_ids=ctx.upstream("sample"), extra_tags=ctx.tags())
     return NodeOutcome("sample", "ran", result.run_id, ctx.key, outputs={"out_dir": str(result.out_dir)},
                        metrics=result.metrics)
 
@@ -254,8 +270,9 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: s
             key = cache_key(node.stage, node.sections(cfg), [keys[s] for s in node.inputs], dataset_digest)
             keys[node.stage] = key
             t0 = time.monotonic()
-            cached = None if i >= forced_from else find_stage_run(experiment_id, node.stage, key, finished=True)
             ctx = Context(cfg, experiment_id, parent_id, outcomes, key, forced=i >= forced_from)
+            upstream = ctx.upstream(node.stage) if node.stage in LINEAGE_CHECKED else None
+            cached = None if i >= forced_from else find_stage_run(experiment_id, node.stage, key, True, upstream)
             if node.stage == "prepare":
                 outcome = node.run(ctx) if i >= first else _prepared_only(cfg, key)
             elif cached is not None:

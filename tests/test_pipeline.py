@@ -101,10 +101,12 @@ def test_full_dag_with_lineage_then_cache_hits_then_only_changed_stages_rerun(ra
     # --from S takes the stages before S from the cache only: a changed Stage A setting has no cached run.
     with pytest.raises(RuntimeError, match="--from stage_b: stage stage_a has no finished run"):
         pipeline.run_pipeline(_cfg(tmp_path, "stage_a.optim.lr=5e-4"), from_stage="stage_b")
-    # (The cache holds the newest finished run per key: the forced one.)
+    # The newest finished run of a key is the one reused (the forced stage_b), and a stage is reused only from a
+    # run that consumed the very upstream runs chosen now: the old samples came from the older stage_b.
     started = pipeline.run_pipeline(_cfg(tmp_path), from_stage="sample")
     assert started["stage_b"].status == "reused" and started["stage_b"].run_id == forced["stage_b"].run_id
-    assert started["sample"].status == "reused"
+    assert started["sample"].status == "ran"
+    assert client.get_run(started["sample"].run_id).data.tags["upstream_run_ids"] == forced["stage_b"].run_id
 
 
 def test_a_driver_killed_during_stage_b_resumes_it_from_its_checkpoint(ray_local, mlflow_uri, tmp_path):
