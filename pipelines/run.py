@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import json
 import logging
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -370,7 +371,8 @@ def _print_where(cfg: PipelineConfig, outcomes: dict[str, NodeOutcome]) -> None:
         if stage in outcomes:
             shown = {k: round(v, 4) for k, v in outcomes[stage].metrics.items() if k in SUMMARY_METRICS[stage]}
             print(f"  {stage} metrics: {shown}")
-    print(f"  MLflow:   mlflow ui --backend-store-uri {tracking.tracking_uri(cfg.mlflow)}")
+    mlflow_cli = Path(sys.executable).with_name("mlflow")  # the one next to this interpreter (.venv/bin/mlflow)
+    print(f"  MLflow:   {mlflow_cli if mlflow_cli.exists() else 'mlflow'} ui --backend-store-uri {tracking.tracking_uri(cfg.mlflow)}")
 
 
 if __name__ == "__main__":
