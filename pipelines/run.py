@@ -29,6 +29,8 @@ import argparse
 import hashlib
 import json
 import logging
+import os
+import socket
 import sys
 import tempfile
 import time
@@ -244,6 +246,43 @@ def _restore(node: Node, run, key: str) -> NodeOutcome:
     return NodeOutcome(node.stage, "reused", run.info.run_id, key, outputs=outputs, metrics=dict(metrics))
 
 
+TAG_DRIVER_HOST = "driver_host"
+TAG_DRIVER_PID = "driver_pid"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def close_dead_pipelines(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the pipeline runs still RUNNING whose driver process on this host is gone (SIGKILL, OOM,
+    a closed terminal), with their unfinished stage runs; so the UI does not show them running forever.
+    An interrupted stage is still resumed by the next run (it looks for any unfinished run). Drivers on
+    other hosts cannot be checked from here and are left alone. Returns the ids of the parent runs closed."""
+    host = socket.gethostname()
+    closed = []
+    for run in tracking.find_runs(experiment_id, f"tags.{tracking.TAG_STAGE} = 'pipeline' and attributes.status = 'RUNNING' "
+                                                 f"and tags.{TAG_DRIVER_HOST} = '{host}'"):
+        pid = run.data.tags.get(TAG_DRIVER_PID, "")
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        children = tracking.find_runs(experiment_id, f"tags.mlflow.parentRunId = '{run.info.run_id}' "
+                                                     "and attributes.status = 'RUNNING'")
+        for child in children:
+            client.set_terminated(child.info.run_id, status="KILLED")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        log.warning("pipeline run %s: its driver (pid %s) is gone; marked it and %d unfinished stage run(s) KILLED",
+                    run.info.run_id, pid, len(children))
+        closed.append(run.info.run_id)
+    return closed
+
+
 def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: str | None = None,
                  force: str | None = None) -> dict[str, NodeOutcome]:
     for flag, value in (("--from", from_stage), ("--until", until), ("--force", force)):
@@ -257,7 +296,10 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: s
     init_ray(cfg.ray)
     experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
     client = MlflowClient()
-    parent = client.create_run(experiment_id, run_name=f"{cfg.run.name}-pipeline", tags={tracking.TAG_STAGE: "pipeline"})
+    close_dead_pipelines(client, experiment_id)
+    driver_tags = {TAG_DRIVER_HOST: socket.gethostname(), TAG_DRIVER_PID: str(os.getpid())}
+    parent = client.create_run(experiment_id, run_name=f"{cfg.run.name}-pipeline",
+                               tags={tracking.TAG_STAGE: "pipeline", **driver_tags})
     parent_id = parent.info.run_id
     tracking.log_params(client, parent_id, tracking.flatten(cfg.model_dump(mode="json")))
     outcomes: dict[str, NodeOutcome] = {}

@@ -314,14 +314,6 @@ class StageAResult:
     resumed: bool = False
 
 
-def _unfinished_run(experiment_id: str, trainer_name: str) -> str | None:
-    """The MLflow run of an interrupted training with this name, to resume logging into it."""
-    runs = tracking.find_runs(
-        experiment_id, f"tags.ray_train_name = '{trainer_name}' and attributes.status != 'FINISHED'"
-    )
-    return runs[0].info.run_id if runs else None
-
-
 def run_stage_a(
     cfg: PipelineConfig, *, parent_run_id: str | None = None, upstream_run_ids: tuple[str, ...] = (), extra_tags: dict | None = None
 ) -> StageAResult:
@@ -332,7 +324,7 @@ def run_stage_a(
 
     experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
     trainer_name = f"{cfg.run.name}-{STAGE}"
-    resume_id = _unfinished_run(experiment_id, trainer_name)
+    resume_id = tracking.unfinished_training_run(experiment_id, trainer_name)
     tags = {"ray_train_name": trainer_name, "dataset_uri": cfg.data.uri, "dataset_digest": manifest["digest"], **(extra_tags or {})}
 
     with tracking.stage_run(

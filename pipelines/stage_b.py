@@ -359,14 +359,6 @@ def check_compatible(cfg: PipelineConfig, manifest: dict, latents_uri: str) -> N
                           f"{global_batch} exceeds the {train_rows} training rows of {where}")
 
 
-def _unfinished_run(experiment_id: str, trainer_name: str) -> str | None:
-    """The MLflow run of an interrupted training with this name, to resume logging into it."""
-    runs = tracking.find_runs(
-        experiment_id, f"tags.ray_train_name = '{trainer_name}' and attributes.status != 'FINISHED'"
-    )
-    return runs[0].info.run_id if runs else None
-
-
 def run_stage_b(
     cfg: PipelineConfig, *, parent_run_id: str | None = None, upstream_run_ids: tuple[str, ...] = (), extra_tags: dict | None = None
 ) -> StageBResult:
@@ -386,7 +378,7 @@ def run_stage_b(
         if cfg.sample.prompts else None
 
     trainer_name = f"{cfg.run.name}-{STAGE}"
-    resume_id = _unfinished_run(experiment_id, trainer_name)
+    resume_id = tracking.unfinished_training_run(experiment_id, trainer_name)
     upstream = tuple(upstream_run_ids) or tuple(r for r in (manifest.get("encode_run_id"), manifest.get("stage_a_run_id")) if r)
     tags = {
         "ray_train_name": trainer_name, TAG_LATENTS_URI: latents_uri, "latents_digest": manifest["digest"],

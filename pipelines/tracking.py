@@ -114,6 +114,13 @@ def find_runs(experiment_id: str, filter_string: str, order_by: list[str] | None
     )
 
 
+def unfinished_training_run(experiment_id: str, trainer_name: str) -> str | None:
+    """The MLflow run of an interrupted training (failed, killed, or left running by a dead driver) with this
+    Ray Train name (tag `ray_train_name`), to resume logging into it."""
+    runs = find_runs(experiment_id, f"tags.ray_train_name = '{trainer_name}' and attributes.status != 'FINISHED'")
+    return runs[0].info.run_id if runs else None
+
+
 @contextmanager
 def stage_run(
     *,

@@ -145,11 +145,17 @@ def test_a_driver_killed_during_stage_b_resumes_it_from_its_checkpoint(ray_local
                                                  "tags.stage = 'stage_b'")]
     assert len(interrupted) == 1 and interrupted[0].info.status == "RUNNING"  # its driver died without a word
 
+    dead_parent = interrupted[0].data.tags["mlflow.parentRunId"]
+    assert client.get_run(dead_parent).info.status == "RUNNING"
+
     again = pipeline.run_pipeline(load_config(REPO / "configs/quickstart.yaml", overrides))
     assert [again[s].status for s in STAGES] == ["skipped", "reused", "reused", "resumed", "ran"]
     assert again["stage_b"].run_id == interrupted[0].info.run_id
+    # The dead driver's pipeline run is closed as KILLED (its process is gone); its stage_b run lives on, resumed.
+    assert client.get_run(dead_parent).info.status == "KILLED"
     stage_b = client.get_run(again["stage_b"].run_id)
     assert stage_b.info.status == "FINISHED"
+    assert stage_b.data.tags["mlflow.parentRunId"] != dead_parent
     assert [m.value for m in client.get_metric_history(stage_b.info.run_id, "train/resumed_from_step")] == [2]
     assert again["stage_b"].metrics["steps"] == 6
 
