@@ -68,7 +68,7 @@ class NodeOutcome:
 @dataclass(frozen=True)
 class Node:
     stage: str
-    inputs: tuple[str, ...]
+    inputs: tuple[str, ...]  # the stages whose outputs it consumes: its cache key's inputs and its upstream_run_ids
     sections: Callable[[PipelineConfig], dict]  # the config this node's result depends on
     run: Callable[..., NodeOutcome]  # (cfg, ctx) -> outcome
 
@@ -93,12 +93,11 @@ def cache_key(stage: str, sections: dict, input_keys: list[str], dataset_digest:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def find_stage_run(experiment_id: str, stage: str, key: str, finished: bool, upstream: tuple[str, ...] | None = None):
-    """The newest run of `stage` with this cache key (finished or not). With `upstream`, only a run that consumed
-    exactly those upstream runs counts: after `--force` re-trained a stage under the same key, the stages
-    below it are not reused from runs that consumed the older output."""
-    status = "attributes.status = 'FINISHED'" if finished else "attributes.status != 'FINISHED'"
-    query = f"tags.stage = '{stage}' and tags.cache_key = '{key}' and {status}"
+def find_finished_run(experiment_id: str, stage: str, key: str, upstream: tuple[str, ...] | None = None):
+    """The newest finished run of `stage` with this cache key. With `upstream`, only a run that consumed exactly
+    those upstream runs counts: after `--force` re-trained a stage under the same key, the stages below it are
+    not reused from runs that consumed the older output."""
+    query = f"tags.stage = '{stage}' and tags.cache_key = '{key}' and attributes.status = 'FINISHED'"
     if upstream is not None:
         query += f" and tags.{tracking.TAG_UPSTREAM} = '{','.join(upstream)}'"
     runs = tracking.find_runs(experiment_id, query)
@@ -110,10 +109,6 @@ def find_stage_run(experiment_id: str, stage: str, key: str, finished: bool, ups
 # ---------------------------------------------------------------------------------------------------
 
 
-# Whose outputs each stage consumes (the order of its `upstream_run_ids` tag).
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "prepare": (), "stage_a": ("prepare",), "encode": ("stage_a",), "stage_b": ("encode", "stage_a"), "sample": ("stage_b",),
-}
 # Stages reused only from a run that consumed the very upstream runs chosen now. (Stage A's input, the
 # dataset, is already in every key as its digest; its prepare run may be absent or recreated.)
 LINEAGE_CHECKED = ("encode", "stage_b", "sample")
@@ -125,12 +120,13 @@ class Context:
     experiment_id: str
     parent_run_id: str
     outcomes: dict[str, NodeOutcome]
+    node: Node
     key: str
     forced: bool = False
 
-    def upstream(self, stage: str) -> tuple[str, ...]:
-        """The run ids `stage` consumes (its `upstream_run_ids` tag), from this invocation's outcomes."""
-        return tuple(o.run_id for s in UPSTREAM[stage] if (o := self.outcomes.get(s)) and o.run_id)
+    def upstream(self) -> tuple[str, ...]:
+        """The run ids this node consumes (its `upstream_run_ids` tag), from this invocation's outcomes."""
+        return tuple(o.run_id for s in self.node.inputs if (o := self.outcomes.get(s)) and o.run_id)
 
     def tags(self) -> dict:
         return {tracking.TAG_CACHE_KEY: self.key}
@@ -175,7 +171,7 @@ def run_stage_a_node(ctx: Context) -> NodeOutcome:
     from pipelines.stage_a import run_stage_a
 
     result = run_stage_a(ctx.keyed_cfg(), parent_run_id=ctx.parent_run_id,
-                         upstream_run_ids=ctx.upstream("stage_a"), extra_tags=ctx.tags())
+                         upstream_run_ids=ctx.upstream(), extra_tags=ctx.tags())
     return NodeOutcome("stage_a", "resumed" if result.resumed else "ran", result.run_id, ctx.key,
                        outputs={"model_uri": result.model_uri}, metrics=result.metrics)
 
@@ -185,7 +181,7 @@ def run_encode_node(ctx: Context) -> NodeOutcome:
 
     cfg = ctx.keyed_cfg()
     cfg.encode.autoencoder_uri = ctx.outcomes["stage_a"].outputs["model_uri"]
-    result = run_encode(cfg, parent_run_id=ctx.parent_run_id, upstream_run_ids=ctx.upstream("encode"), extra_tags=ctx.tags())
+    result = run_encode(cfg, parent_run_id=ctx.parent_run_id, upstream_run_ids=ctx.upstream(), extra_tags=ctx.tags())
     return NodeOutcome("encode", "reused" if result.reused else "ran", result.run_id, ctx.key,
                        outputs={"latents_uri": result.latents_uri}, metrics=result.metrics)
 
@@ -195,7 +191,7 @@ def run_stage_b_node(ctx: Context) -> NodeOutcome:
 
     cfg = ctx.keyed_cfg()
     cfg.stage_b.latents_uri = ctx.outcomes["encode"].outputs["latents_uri"]
-    result = run_stage_b(cfg, parent_run_id=ctx.parent_run_id, upstream_run_ids=ctx.upstream("stage_b"), extra_tags=ctx.tags())
+    result = run_stage_b(cfg, parent_run_id=ctx.parent_run_id, upstream_run_ids=ctx.upstream(), extra_tags=ctx.tags())
     return NodeOutcome("stage_b", "resumed" if result.resumed else "ran", result.run_id, ctx.key,
                        outputs={"model_uri": result.model_uri}, metrics=result.metrics)
 
@@ -205,7 +201,7 @@ def run_sample_node(ctx: Context) -> NodeOutcome:
 
     cfg = ctx.keyed_cfg()
     cfg.sample.unet_uri = ctx.outcomes["stage_b"].outputs["model_uri"]
-    result = run_sample(cfg, parent_run_id=ctx.parent_run_id, upstream_run_ids=ctx.upstream("sample"), extra_tags=ctx.tags())
+    result = run_sample(cfg, parent_run_id=ctx.parent_run_id, upstream_run_ids=ctx.upstream(), extra_tags=ctx.tags())
     return NodeOutcome("sample", "ran", result.run_id, ctx.key, outputs={"out_dir": str(result.out_dir)},
                        metrics=result.metrics)
 
@@ -230,7 +226,7 @@ DAG: tuple[Node, ...] = (
     Node("prepare", (), _sections("data.source", "data.format", "data.shard_size", "data.prepare_resolution", "data.limit", "run.seed"), run_prepare),
     Node("stage_a", ("prepare",), _sections("stage_a", "data", "run.seed"), run_stage_a_node),
     Node("encode", ("stage_a",), _sections("encode.text_encoder", "encode.output_uri", "data.resolution", "data.holdout_fraction"), run_encode_node),
-    Node("stage_b", ("encode",), _sections("stage_b", "sample.prompts", "run.seed"), run_stage_b_node),
+    Node("stage_b", ("encode", "stage_a"), _sections("stage_b", "sample.prompts", "run.seed"), run_stage_b_node),
     Node("sample", ("stage_b",), _sections("sample"), run_sample_node),
 )
 
@@ -313,9 +309,9 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: s
             key = cache_key(node.stage, node.sections(cfg), [keys[s] for s in node.inputs], dataset_digest)
             keys[node.stage] = key
             t0 = time.monotonic()
-            ctx = Context(cfg, experiment_id, parent_id, outcomes, key, forced=i >= forced_from)
-            upstream = ctx.upstream(node.stage) if node.stage in LINEAGE_CHECKED else None
-            cached = None if i >= forced_from else find_stage_run(experiment_id, node.stage, key, True, upstream)
+            ctx = Context(cfg, experiment_id, parent_id, outcomes, node, key, forced=i >= forced_from)
+            upstream = ctx.upstream() if node.stage in LINEAGE_CHECKED else None
+            cached = None if i >= forced_from else find_finished_run(experiment_id, node.stage, key, upstream)
             if node.stage == "prepare":
                 outcome = node.run(ctx) if i >= first else _prepared_only(cfg, key)
             elif cached is not None:

@@ -83,13 +83,9 @@ def latest_stage_b_model(cfg: PipelineConfig) -> str:
     if exp is None:
         raise NoModelError(f"no U-Net to sample from: {where} does not exist; train Stage B first "
                            f"(python pipelines/run.py) or pass --model-uri")
-    runs = MlflowClient(uri).search_runs(
-        [exp.experiment_id], filter_string=f"tags.{tracking.TAG_STAGE} = '{UPSTREAM_STAGE}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.end_time DESC"],
-    )
-    for run in runs:
-        if run.data.tags.get("model_uri"):
-            return run.data.tags["model_uri"]
+    model_uri = tracking.latest_output(exp.experiment_id, UPSTREAM_STAGE, "model_uri")
+    if model_uri:
+        return model_uri
     raise NoModelError(f"no U-Net to sample from: {where} has no finished {UPSTREAM_STAGE} run with a published model; "
                        f"train Stage B first (python pipelines/run.py) or pass --model-uri")
 

@@ -32,11 +32,11 @@ from mlflow.tracking import MlflowClient
 from torchvision.utils import make_grid
 
 from ldm_core.autoencoder import AutoencoderKL
+from ldm_core.config import ConfigError
 from ldm_core.discriminator import NLayerDiscriminator
 from ldm_core.ema import EMA
 from ldm_core.losses import discriminator_loss, generator_loss
 from ldm_core.metrics import bicubic_baseline, psnr, ssim
-from ldm_core.config import ConfigError
 from ldm_core.perceptual import build_lpips
 from pipelines import storage, tracking
 from pipelines.checkpoints import load_meta, load_module, load_optimizer, load_tensors, save_checkpoint, unwrap

@@ -39,7 +39,6 @@ from torchvision.utils import make_grid
 from ldm_core.config import ConfigError
 from ldm_core.diffusion import NoiseSchedule, drop_condition, training_loss
 from ldm_core.ema import EMA
-from ldm_core.sampling import ddim_sample
 from ldm_core.unet import UNet
 from pipelines import latents, storage, tracking
 from pipelines.checkpoints import load_meta, load_module, load_optimizer, load_tensors, save_checkpoint, unwrap
@@ -49,6 +48,7 @@ from pipelines.encode_latents import STAGE as ENCODE_STAGE
 from pipelines.encode_latents import TAG_LATENTS_URI
 from pipelines.models import load_autoencoder, publish_unet, save_unet_bundle
 from pipelines.runtime import exit_on, init_ray, setup_logging
+from pipelines.sample import generate
 from pipelines.text_encoders import TextEncoderConfig, encode_prompts_remote
 from pipelines.training import (
     NonFiniteGuard,
@@ -218,42 +218,34 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 class GridSampler:
     """Rank 0's periodic sample grids: `sample.prompts` x `stage_b.sample_columns`, DDIM with guidance, EMA weights,
-    decoded by the Stage A autoencoder. The initial noise is fixed for the whole run."""
+    decoded by the Stage A autoencoder (`pipelines.sample.generate`, as `sample.py` renders them). The seed of the
+    initial noise is fixed for the whole run, so the grids are comparable."""
 
     def __init__(self, cfg: PipelineConfig, loop_config: dict, device: torch.device):
         sb = cfg.stage_b
-        cond = loop_config["condition"]
+        cond, bundle = loop_config["condition"], loop_config["bundle"]
         mlflow.set_tracking_uri(loop_config["tracking_uri"])
-        self.autoencoder = load_autoencoder(loop_config["bundle"]["autoencoder_uri"]).to(device)
-        self.device = device
+        self.autoencoder = load_autoencoder(bundle["autoencoder_uri"]).to(device)
         self.schedule = NoiseSchedule(sb.diffusion, device)
-        n = sb.sample_columns
-        prompts = torch.tensor(cond["prompt_context"], device=device)  # (P, L, D)
-        masks = torch.tensor(cond["prompt_mask"], device=device)  # (P, L)
-        self.context = prompts.repeat_interleave(n, dim=0)  # (P * n, L, D), prompt-major
-        self.mask = masks.repeat_interleave(n, dim=0)
-        self.null_context = torch.tensor(cond["null_context"], device=device)
-        self.null_mask = torch.tensor(cond["null_mask"], device=device)
-        latent_shape = tuple(loop_config["bundle"]["latent_shape"])
-        g = torch.Generator().manual_seed(cfg.run.seed + GRID_SEED_OFFSET)
-        self.x_T = torch.randn((n, *latent_shape), generator=g).repeat(prompts.shape[0], 1, 1, 1).to(device)
-        self.columns = n
-        self.steps = min(sb.sample_steps, sb.diffusion.num_timesteps)
-        self.guidance = cfg.sample.guidance
-        self.prediction = sb.diffusion.prediction
-        self.mixed_precision = sb.train.mixed_precision
+        self.condition = {
+            "context": torch.tensor(cond["prompt_context"], device=device),  # (P, L, D)
+            "context_mask": torch.tensor(cond["prompt_mask"], device=device),  # (P, L)
+            "null_context": torch.tensor(cond["null_context"], device=device),
+            "null_mask": torch.tensor(cond["null_mask"], device=device),
+        }
+        self.settings = {
+            "latent_shape": tuple(bundle["latent_shape"]), "scale_factor": bundle["scale_factor"],
+            "num_per_prompt": sb.sample_columns, "steps": min(sb.sample_steps, sb.diffusion.num_timesteps),
+            "guidance": cfg.sample.guidance, "seed": cfg.run.seed + GRID_SEED_OFFSET,
+            "prediction": sb.diffusion.prediction, "mixed_precision": sb.train.mixed_precision,
+        }
 
     @torch.no_grad()
     def log(self, client: MlflowClient, run_id: str, model: torch.nn.Module, ema: EMA | None, step: int) -> None:
         averaged = ema.average_parameters(model) if ema is not None else contextlib.nullcontext()
-        with averaged, autocast(self.device, self.mixed_precision):
-            z = ddim_sample(
-                model, tuple(self.x_T.shape), schedule=self.schedule, context=self.context, context_mask=self.mask,
-                null_context=self.null_context, null_mask=self.null_mask, steps=self.steps,
-                guidance_scale=self.guidance, prediction=self.prediction, x_T=self.x_T,
-            )
-        images = self.autoencoder.decode_scaled(z.float()).float().clamp(-1, 1).cpu()
-        grid = make_grid(images, nrow=self.columns, padding=1)
+        with averaged:
+            images = generate(model, self.autoencoder, self.schedule, **self.condition, **self.settings)
+        grid = make_grid(images, nrow=self.settings["num_per_prompt"], padding=1)
         tracking.log_image(client, run_id, tracking.tensor_grid_to_uint8(grid), f"samples/step_{step:07d}.png")
 
 
@@ -326,13 +318,9 @@ class StageBResult:
 
 def latest_latents_uri(cfg: PipelineConfig, experiment_id: str) -> str:
     """The latents of the latest finished encode run of the experiment."""
-    runs = tracking.find_runs(
-        experiment_id, f"tags.{tracking.TAG_STAGE} = '{ENCODE_STAGE}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.end_time DESC"],
-    )
-    for run in runs:
-        if run.data.tags.get(TAG_LATENTS_URI):
-            return run.data.tags[TAG_LATENTS_URI]
+    uri = tracking.latest_output(experiment_id, ENCODE_STAGE, TAG_LATENTS_URI)
+    if uri:
+        return uri
     raise ConfigError(f"stage_b.latents_uri is not set and experiment {cfg.mlflow.experiment!r} has no finished "
                       f"encode run: run pipelines/encode_latents.py first")
 

@@ -142,22 +142,32 @@ class TextEncoder:
         """Tokens per prompt, special tokens included, before truncation."""
         return [len(ids) for ids in self.tokenizer(list(prompts), truncation=False)["input_ids"]]
 
-    @torch.no_grad()
     def encode(self, prompts: list[str], *, warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (hidden states (B, L, D) float32 on the CPU, attention mask (B, L) bool), L = max_length.
 
         Prompts longer than L tokens are truncated, each with a warning that quotes it. The empty prompt is a
         valid input (its special tokens carry the embedding the U-Net learns as "no condition").
         """
-        prompts = [str(p) for p in prompts]
+        hidden, mask, _ = self._encode([str(p) for p in prompts], warn)
+        return hidden, mask
+
+    def encode_numpy(self, prompts: list[str], *, warn: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`encode` as numpy, plus which prompts were truncated: (hidden (B, L, D) f32, mask (B, L) bool, truncated (B,))."""
+        hidden, mask, truncated = self._encode([str(p) for p in prompts], warn)
+        return hidden.numpy(), mask.numpy(), truncated.numpy()
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str], warn: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not prompts:
-            return torch.zeros(0, self.max_length, self.hidden_size), torch.zeros(0, self.max_length, dtype=torch.bool)
+            return (torch.zeros(0, self.max_length, self.hidden_size), torch.zeros(0, self.max_length, dtype=torch.bool),
+                    torch.zeros(0, dtype=torch.bool))
+        counts = self.token_counts(prompts)  # tokenised once, before truncation
         if warn:
-            for prompt, n in zip(prompts, self.token_counts(prompts)):
+            for prompt, n in zip(prompts, counts):
                 if n > self.max_length:
                     message = (f"prompt truncated to {self.max_length} tokens (it has {n}; text_encoder.max_length): "
                                f"{prompt[:PROMPT_PREVIEW_CHARS]!r}{'...' if len(prompt) > PROMPT_PREVIEW_CHARS else ''}")
-                    warnings.warn(message, stacklevel=2)
+                    warnings.warn(message, stacklevel=3)
                     log.warning(message)
         tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
                                 return_tensors="pt")
@@ -168,13 +178,7 @@ class TextEncoder:
         inputs = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         hidden = self.model(**inputs).last_hidden_state.float().cpu()  # (B, L, D)
         hidden = hidden * mask[..., None]
-        return hidden, mask
-
-    def encode_numpy(self, prompts: list[str], *, warn: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`encode` as numpy, plus which prompts were truncated: (hidden (B, L, D) f32, mask (B, L) bool, truncated (B,))."""
-        counts = np.array(self.token_counts(prompts) if prompts else [], dtype=np.int64)
-        hidden, mask = self.encode(prompts, warn=warn)
-        return hidden.numpy(), mask.numpy(), counts > self.max_length
+        return hidden, mask, torch.tensor(counts) > self.max_length
 
 
 def _model_limit(tokenizer, model) -> int | None:

@@ -114,6 +114,14 @@ def find_runs(experiment_id: str, filter_string: str, order_by: list[str] | None
     )
 
 
+def latest_output(experiment_id: str, stage: str, tag: str) -> str | None:
+    """The value of `tag` (an output such as `model_uri` or `latents_uri`) on the latest finished `stage` run
+    that has it; None when there is none."""
+    runs = find_runs(experiment_id, f"tags.{TAG_STAGE} = '{stage}' and attributes.status = 'FINISHED'",
+                     order_by=["attributes.end_time DESC"])
+    return next((run.data.tags[tag] for run in runs if run.data.tags.get(tag)), None)
+
+
 def unfinished_training_run(experiment_id: str, trainer_name: str) -> str | None:
     """The MLflow run of an interrupted training (failed, killed, or left running by a dead driver) with this
     Ray Train name (tag `ray_train_name`), to resume logging into it."""
