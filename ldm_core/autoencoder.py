@@ -55,6 +55,10 @@ class AutoencoderConfig(StrictConfig):
     """Channels of the input image."""
     out_channels: int = Field(3, ge=1)
     """Channels of the reconstructed image."""
+    grey_output: bool = False
+    """Grey-scale data: the decoder predicts one intensity per pixel and repeats it over the `out_channels`, so its
+    images are grey by construction. (A colour head trained on grey images only learns R = G = B approximately;
+    the channels drift apart, most where the loss looks least, and the grids come out tinted.)"""
     latent_channels: int = Field(4, ge=1)
     """Channels c of the latent z (the diffusion model's in_channels)."""
     base_channels: int = Field(128, ge=1)
@@ -214,11 +218,16 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=1)  # 3 x (B, C, h, w)
-        q, k, v = (t.reshape(b, 1, c, h * w).transpose(-1, -2) for t in (q, k, v))  # (B, 1, hw, C)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, hw, C)
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        # The 1x1 convs applied as linear maps over the hw tokens: the same function, with the rounding of
+        # the diffusers / SD implementation, so imported weights reproduce their outputs to float precision.
+        tokens = self.norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, hw, C)
+        q, k, v = (F.linear(tokens, wt.flatten(1), bias)[:, None]  # 3 x (B, 1, hw, C)
+                   for wt, bias in zip(self.qkv.weight.chunk(3), self.qkv.bias.chunk(3)))
+        out = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, hw, C)
+        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        # out + x, not x + out: the sum keeps out's token-major strides, the layout the next conv also gets in
+        # diffusers / SD (convs round differently on another memory layout).
+        return out.transpose(1, 2).reshape(b, c, h, w) + x
 
 
 class Downsample(nn.Module):
@@ -309,13 +318,16 @@ class Decoder(_Checkpointed):
                 blocks.append(Upsample(width))
         self.up = nn.ModuleList(blocks)
         self.norm_out = _norm(width, g)
-        self.conv_out = nn.Conv2d(width, cfg.out_channels, 3, padding=1)
+        self.out_channels = cfg.out_channels
+        self.grey_output = cfg.grey_output
+        self.conv_out = nn.Conv2d(width, 1 if cfg.grey_output else cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
         for block in (*self.mid, *self.up):
             h = self._run(block, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        x = self.conv_out(F.silu(self.norm_out(h)))
+        return x.repeat(1, self.out_channels, 1, 1) if self.grey_output else x  # (B, 1, H, W) -> (B, C, H, W)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
             path = f"{prefix}.{path}" if path else prefix
         if e["type"] == "extra_forbidden":
             lines.append(f"{path}: unknown key (not a field of this config)")
+        elif not e["loc"] and not prefix:  # a check across sections: its message names the fields, the input is everything
+            lines.append(e["msg"].removeprefix("Value error, "))
         else:
             lines.append(f"{path}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

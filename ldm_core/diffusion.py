@@ -8,6 +8,12 @@ alpha_bar_t = prod_{s<=t} alpha_s, and the forward process has the closed form (
 Timesteps are 0-based: t in [0, T), alpha_bar[0] = 1 - beta[0]. The network predicts either eps
 (DDPM eq. 14, "simple" loss) or the velocity v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0
 (Salimans & Ho 2022, "Progressive Distillation", Sec. 4 / App. D).
+
+Training-recipe options, all off by default and all carried by DiffusionConfig (so the schedule a model was
+trained with is rebuilt exactly wherever its config goes: training, the in-training grids, the sampler):
+  - zero-terminal-SNR rescaling of the schedule (Lin et al. 2024, Alg. 1), which needs v-prediction;
+  - Min-SNR-gamma loss weighting (Hang et al. 2023);
+  - offset noise (Guttenberg 2023) and input perturbation (Ning et al. 2023).
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ __all__ = [
     "drop_condition",
     "gather",
     "linear_betas",
+    "min_snr_weight",
     "predict_eps_from_v",
     "predict_eps_from_x0",
     "predict_x0_from_eps",
     "predict_x0_from_v",
     "q_sample",
+    "rescale_zero_terminal_snr",
     "scaled_linear_betas",
     "training_loss",
     "v_target",
@@ -65,13 +73,40 @@ class DiffusionConfig(StrictConfig):
     """beta_{T-1} of the linear / scaled_linear schedules (ignored by cosine)."""
     prediction: Prediction = "eps"
     """Network target: "eps" (noise, Ho et al. 2020) or "v" (velocity, Salimans & Ho 2022)."""
+    zero_terminal_snr: bool = False
+    """Rescale the schedule so that alpha_bar_{T-1} = 0: the last timestep is pure noise, as at sampling time
+    (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1). Needs
+    prediction="v" (at SNR 0 an eps prediction says nothing about x0) and a sampler spacing that starts at
+    t = T-1 ("trailing", the default, or "linspace"). The rescaled schedule is what the bundle's config
+    rebuilds, so training and sampling always agree."""
+    snr_gamma: float | None = Field(None, gt=0)
+    """Min-SNR-gamma loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy"): each sample's MSE is weighted by min(SNR_t, gamma) / SNR_t for eps and
+    min(SNR_t, gamma) / (SNR_t + 1) for v, so the low-noise steps stop dominating. 5 is the paper's value.
+    None: the unweighted loss (Ho et al. 2020). The held-out loss stays unweighted, so runs compare."""
+    offset_noise: float = Field(0.0, ge=0)
+    """Offset noise (Guttenberg 2023, "Diffusion with Offset Noise"): the training noise gets an extra
+    per-sample, per-channel constant, eps = N(0, I) + offset_noise * N(0, 1) broadcast over the pixels, so
+    the model learns to change an image's overall brightness. About 0.1 in practice; 0: off."""
+    input_perturbation: float = Field(0.0, ge=0)
+    """Input perturbation (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models"):
+    x_t is built from eps + gamma * xi, xi ~ N(0, I), while the target stays eps (or the v of eps), to
+    simulate the sampler's own prediction errors. The paper uses gamma = 0.1; 0: off."""
 
     @model_validator(mode="after")
     def _check_betas(self) -> "DiffusionConfig":
         if self.beta_schedule != "cosine" and self.beta_start >= self.beta_end:
             raise ValueError(f"beta_start ({self.beta_start}) must be < beta_end ({self.beta_end}) "
                              f"for the {self.beta_schedule} schedule")
+        if self.zero_terminal_snr and self.prediction != "v":
+            raise ValueError(f"zero_terminal_snr needs prediction='v' (got {self.prediction!r}): at alpha_bar_T = 0 "
+                             f"x0 cannot be recovered from an eps prediction (Lin et al. 2024, Sec. 3.2)")
         return self
+
+    def loss_options(self) -> dict:
+        """The keyword arguments of `training_loss` this config sets: the target and the training recipe."""
+        return {"prediction": self.prediction, "snr_gamma": self.snr_gamma, "offset_noise": self.offset_noise,
+                "input_perturbation": self.input_perturbation}
 
 
 # ----------------------------------------------------------------------------------------------- schedules
@@ -103,8 +138,20 @@ BETA_SCHEDULES: dict[str, Callable[[int, float, float], np.ndarray]] = {
 }
 
 
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Betas whose alpha_bar ends at exactly 0 (Lin et al. 2024, Alg. 1): sqrt(alpha_bar) is shifted so its
+    last value is 0 and scaled so its first value is unchanged, then betas are read back from the ratios
+    alpha_t = alpha_bar_t / alpha_bar_{t-1}. Float64 in and out; the last beta is exactly 1."""
+    sqrt_ab = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = sqrt_ab[0], sqrt_ab[-1]
+    alpha_bar = ((sqrt_ab - last) * (first / (first - last))) ** 2
+    alphas = np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1.0 - alphas
+
+
 class NoiseSchedule:
-    """betas, alphas and alpha_bar of a DiffusionConfig as float32 tensors (cumprod done in float64).
+    """betas, alphas and alpha_bar of a DiffusionConfig as float32 tensors (cumprod done in float64), rescaled to
+    zero terminal SNR when the config asks for it.
 
     Cheap to rebuild, so it is never pickled as tensors: pickling stores only the config and unpickling
     rebuilds it (on CPU). Use `.to(device)` once per worker.
@@ -113,6 +160,8 @@ class NoiseSchedule:
     def __init__(self, config: DiffusionConfig, device: torch.device | str = "cpu"):
         self.config = config
         betas = BETA_SCHEDULES[config.beta_schedule](config.num_timesteps, config.beta_start, config.beta_end)
+        if config.zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
         alphas = 1.0 - betas
         alpha_bar = np.cumprod(alphas)
         alpha_bar_prev = np.concatenate([[1.0], alpha_bar[:-1]])
@@ -196,6 +245,16 @@ def check_prediction(prediction: str) -> None:
         raise ValueError(f"prediction: must be 'eps' or 'v', got {prediction!r}")
 
 
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: Prediction) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for per-sample SNRs `snr` (B,): min(SNR, gamma) / SNR for
+    an eps target, min(SNR, gamma) / (SNR + 1) for a v target (the same weighting of the x0 error, expressed in
+    each target's units). For eps it is computed as min(1, gamma / SNR), which stays finite at SNR 0."""
+    check_prediction(prediction)
+    if prediction == "eps":
+        return torch.clamp(gamma / snr, max=1.0)
+    return torch.clamp(snr, max=gamma) / (snr + 1)
+
+
 def training_loss(
     model: nn.Module,
     x0: torch.Tensor,
@@ -207,16 +266,30 @@ def training_loss(
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
     eps: torch.Tensor | None = None,
+    snr_gamma: float | None = None,
+    offset_noise: float = 0.0,
+    input_perturbation: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Simplified diffusion loss (Ho et al. 2020, eq. 14): E_{t, eps} || target - f(x_t, t, c) ||^2.
+    """Simplified diffusion loss (Ho et al. 2020, eq. 14): E_{t, eps} w_t || target - f(x_t, t, c) ||^2.
 
     t ~ U{0, ..., T-1} and eps ~ N(0, I) unless given; the target is eps or v (Salimans & Ho 2022). Random
     numbers are drawn on the generator's device (CPU by default) and moved to x0's device, so a seeded CPU
     generator gives the same draws on any accelerator. The MSE is averaged over each sample's elements,
-    then over the batch.
+    weighted per sample, then averaged over the batch. `DiffusionConfig.loss_options()` gives the keywords
+    of a configured run; left out, this is the plain loss (the held-out loss uses that, so runs compare).
+
+    Recipe options (Stable Diffusion fine-tuning practice, each off at its default):
+      - snr_gamma: w_t = `min_snr_weight` (Hang et al. 2023); None: w_t = 1;
+      - offset_noise: a drawn eps gets offset_noise * N(0, 1) per sample and channel added (Guttenberg 2023);
+        a given eps is used as is;
+      - input_perturbation: x_t is built from eps + input_perturbation * xi, xi ~ N(0, I), the target from eps
+        alone (Ning et al. 2023).
+    The draws come in this order from the generator: t, eps, offset, xi; options that are off draw nothing,
+    so the default loss consumes the same random numbers as before the options existed.
 
     Returns (loss, metrics): loss is the batch mean (with grad); metrics are detached 0-d tensors:
-    `loss`, `loss_std` (spread of the per-sample losses), `loss_min`, `loss_max`, `target_std`, `pred_std`.
+    `loss`, `loss_std` (spread of the per-sample losses), `loss_min`, `loss_max`, `target_std`, `pred_std`,
+    and with snr_gamma also `mse` (the unweighted loss) and `snr_weight_mean`.
     """
     check_prediction(prediction)
     b = x0.shape[0]
@@ -226,12 +299,23 @@ def training_loss(
     t = t.to(x0.device)
     if eps is None:
         eps = torch.randn(x0.shape, generator=generator, device=rng_device, dtype=torch.float32)
+        if offset_noise > 0:
+            offset = torch.randn((*x0.shape[:2], *([1] * (x0.ndim - 2))), generator=generator, device=rng_device)
+            eps = eps + offset_noise * offset  # (B, C, 1, 1) broadcast over the pixels
     eps = eps.to(device=x0.device, dtype=x0.dtype)
+    noise = eps
+    if input_perturbation > 0:
+        xi = torch.randn(x0.shape, generator=generator, device=rng_device, dtype=torch.float32)
+        noise = eps + input_perturbation * xi.to(device=x0.device, dtype=x0.dtype)
     alpha_bar = schedule.alpha_bar
-    x_t = q_sample(x0, t, eps, alpha_bar)
+    x_t = q_sample(x0, t, noise, alpha_bar)
     target = eps if prediction == "eps" else v_target(x0, t, eps, alpha_bar)
     pred = model(x_t, t, context, context_mask)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)  # (B,)
+    mse = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)  # (B,)
+    weight = None
+    if snr_gamma is not None:
+        weight = min_snr_weight(schedule.snr().to(x0.device)[t], snr_gamma, prediction)  # (B,)
+    per_sample = mse if weight is None else weight * mse
     loss = per_sample.mean()
     with torch.no_grad():
         metrics = {
@@ -242,6 +326,9 @@ def training_loss(
             "target_std": target.float().std(),
             "pred_std": pred.detach().float().std(),
         }
+        if weight is not None:
+            metrics["mse"] = mse.mean()
+            metrics["snr_weight_mean"] = weight.mean()
     return loss, metrics
 
 

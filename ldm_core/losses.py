@@ -31,6 +31,7 @@ __all__ = [
     "AutoencoderLossConfig",
     "adaptive_weight",
     "disc_factor_at",
+    "gradient_norms",
     "generator_loss",
     "discriminator_loss",
     "PIXEL_LOSSES",
@@ -63,7 +64,13 @@ class AutoencoderLossConfig(StrictConfig):
     """Balance the GAN term by the gradient-norm ratio at the decoder's last layer (taming eq. 7). False:
     lambda = disc_weight."""
     adaptive_weight_max: float = Field(1e4, gt=0.0)
-    """Upper clamp of the gradient-norm ratio."""
+    """Upper clamp of the gradient-norm ratio (taming's 1e4). What to expect: L_rec is summed over the C*H*W
+    pixels while the adversarial loss is a mean over patch logits, so the reconstruction gradient at the last
+    layer is orders of magnitude larger and early in GAN training the ratio is often above the clamp; lambda
+    then sits at disc_weight * adaptive_weight_max. On the quickstart (2026-11-25, 20-step interval means) the
+    logged train/adaptive_ratio was 1.9e4 to 8.3e4 (train/rec_grad_norm 1.3e4 to 1.5e4, train/adv_grad_norm
+    4.9 falling to 0.33), so lambda = 0.5 * 1e4 = 5,000 on most steps: the reference formula and clamp, working
+    as designed on a 60-step GAN phase (the three metrics are logged on every step where lambda is computed)."""
     adaptive_weight_eps: float = Field(1e-4, gt=0.0)
     """Added to the adversarial gradient norm in the ratio's denominator."""
 
@@ -92,15 +99,26 @@ def disc_factor_at(step: int, cfg: AutoencoderLossConfig) -> float:
     return cfg.disc_factor if step >= cfg.disc_start else 0.0
 
 
+def gradient_norms(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||grad_L rec_loss||, ||grad_L g_loss||), detached, at the decoder's last layer L: the two sides of
+    taming's adaptive weight (Esser et al. 2021, eq. 7). Keeps the graph of both losses alive."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return torch.linalg.vector_norm(rec_grad).detach(), torch.linalg.vector_norm(g_grad).detach()
+
+
+def _clamped_ratio(rec_norm: torch.Tensor, g_norm: torch.Tensor, max_weight: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ratio, clamped ratio): rec_norm / (g_norm + eps) and the same clamped to [0, max_weight]."""
+    ratio = rec_norm / (g_norm + eps)
+    return ratio, torch.clamp(ratio, 0.0, max_weight)
+
+
 def adaptive_weight(
     rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float, eps: float = 1e-4
 ) -> torch.Tensor:
     """||grad_L rec_loss|| / (||grad_L g_loss|| + eps), clamped to [0, max_weight] and detached (Esser et
     al. 2021, eq. 7), where L is the decoder's last layer. Keeps the graph of both losses alive."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    weight = torch.linalg.vector_norm(rec_grad) / (torch.linalg.vector_norm(g_grad) + eps)
-    return torch.clamp(weight, 0.0, max_weight).detach()
+    return _clamped_ratio(*gradient_norms(rec_loss, g_loss, last_layer), max_weight, eps)[1]
 
 
 def generator_loss(
@@ -123,7 +141,10 @@ def generator_loss(
 
     Returns (loss, metrics) with detached scalar metrics: rec (L_rec as in the loss), pixel (mean per-pixel
     distance), perceptual (mean LPIPS), kl (mean per-sample KL), g_adv, adaptive_weight (lambda),
-    disc_factor, total.
+    disc_factor, total; and on the steps where the adaptive weight is computed also rec_grad_norm and
+    adv_grad_norm (the two gradient norms at the last layer) and adaptive_ratio (their unclamped ratio,
+    before disc_weight): when adaptive_weight sits at disc_weight * adaptive_weight_max, adaptive_ratio says
+    by how much the reconstruction gradient outweighs the adversarial one.
     """
     if cfg.perceptual_weight > 0 and lpips is None:
         raise ValueError("perceptual_weight > 0 needs an LPIPS module (pass lpips=..., see ldm_core.perceptual)")
@@ -142,6 +163,7 @@ def generator_loss(
     factor = disc_factor_at(step, cfg)
     g_adv = torch.zeros((), device=x.device)
     weight = torch.zeros((), device=x.device)
+    grad_metrics: dict[str, torch.Tensor] = {}
     if factor > 0 and cfg.disc_weight > 0:
         if discriminator is None:
             raise ValueError(f"step {step} >= disc_start {cfg.disc_start}: generator_loss needs the discriminator")
@@ -151,7 +173,10 @@ def generator_loss(
         elif torch.is_grad_enabled() and g_adv.requires_grad:
             if last_layer is None:
                 raise ValueError("use_adaptive_weight needs last_layer (the decoder's final conv weight)")
-            weight = cfg.disc_weight * adaptive_weight(rec, g_adv, last_layer, cfg.adaptive_weight_max, cfg.adaptive_weight_eps)
+            rec_norm, g_norm = gradient_norms(rec, g_adv, last_layer)
+            ratio, clamped = _clamped_ratio(rec_norm, g_norm, cfg.adaptive_weight_max, cfg.adaptive_weight_eps)
+            weight = cfg.disc_weight * clamped
+            grad_metrics = {"rec_grad_norm": rec_norm, "adv_grad_norm": g_norm, "adaptive_ratio": ratio}
 
     loss = rec + cfg.kl_weight * kl + weight * factor * g_adv
     metrics = {
@@ -163,6 +188,7 @@ def generator_loss(
         "adaptive_weight": weight.detach(),
         "disc_factor": torch.tensor(factor),
         "total": loss.detach(),
+        **grad_metrics,
     }
     return loss, metrics
 

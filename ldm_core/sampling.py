@@ -3,7 +3,8 @@
 In the k-diffusion style every sampler is a small pure function with one shared keyword signature
 
     sampler(model, shape, *, schedule, context, context_mask, null_context, null_mask, steps,
-            guidance_scale, generator=None, prediction="eps", x_T=None, spacing="trailing") -> x0
+            guidance_scale, generator=None, prediction="eps", x_T=None, spacing="trailing",
+            steps_offset=0, set_alpha_to_one=True) -> x0
 
 (ddim_sample adds `eta`), registered in SAMPLERS. They run under torch.no_grad with the model in eval mode
 (its previous mode is restored), draw every random number from `generator` on the generator's device (so
@@ -11,9 +12,14 @@ a seeded CPU generator gives the same samples on CPU and GPU up to float error),
 
 Timestep spacing for a sub-sequence of `steps` out of T (names as in Lin et al. 2024, "Common Diffusion
 Noise Schedules and Sample Steps are Flawed", Table 2), always visited in decreasing order:
-  - "trailing" (default): round(T - k * T/steps) - 1, k = 0..steps-1; starts at t = T-1.
+  - "trailing" (default): round(T - k * T/steps) - 1, k = 0..steps-1; starts at t = T-1 (computed from
+    integers, so any steps in [1, T] gives exactly `steps` timesteps).
   - "leading": k * (T // steps), the DDIM paper's uniform spacing (Song et al. 2021, Sec. 4.2).
   - "linspace": round(linspace(0, T-1, steps)).
+`steps_offset` is added to every timestep. After the last visited timestep the sampler steps to
+alpha_bar = 1 (`set_alpha_to_one=True`, the clean sample) or to alpha_bar_0 (False). Stable Diffusion's
+published DDIM setting is spacing="leading", steps_offset=1, set_alpha_to_one=False (diffusers'
+DDIMScheduler names), e.g. 981, 961, ..., 1 for 50 steps at T = 1000.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ __all__ = [
 # ------------------------------------------------------------------------------------------ timestep spacing
 
 def _trailing(num_timesteps: int, steps: int) -> np.ndarray:
-    return np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1
+    # T * (steps - k) / steps from integers: a float `arange(T, 0, -T/steps)` can yield steps + 1 values.
+    k = np.arange(steps, dtype=np.int64)
+    return np.round(num_timesteps * (steps - k) / steps).astype(np.int64) - 1
 
 
 def _leading(num_timesteps: int, steps: int) -> np.ndarray:
@@ -60,16 +68,23 @@ TIMESTEP_SPACINGS: dict[str, Callable[[int, int], np.ndarray]] = {
 }
 
 
-def sample_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> list[int]:
-    """The `steps` timesteps a sampler visits, in decreasing order (see the module docstring)."""
+def sample_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing", steps_offset: int = 0) -> list[int]:
+    """The `steps` timesteps a sampler visits, in decreasing order, each plus `steps_offset` (see the module
+    docstring)."""
     if spacing not in TIMESTEP_SPACINGS:
         raise ValueError(f"spacing: unknown {spacing!r}; choose one of {sorted(TIMESTEP_SPACINGS)}")
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps: must be in [1, {num_timesteps}] (the schedule's T), got {steps}")
-    ts = [int(t) for t in TIMESTEP_SPACINGS[spacing](num_timesteps, steps)]
+    ts = [int(t) + steps_offset for t in TIMESTEP_SPACINGS[spacing](num_timesteps, steps)]
     if len(set(ts)) != len(ts) or any(not 0 <= t < num_timesteps for t in ts):
-        raise ValueError(f"steps: {steps} steps with {spacing!r} spacing give invalid timesteps {ts}")
+        raise ValueError(f"steps: {steps} steps with {spacing!r} spacing and steps_offset={steps_offset} give "
+                         f"timesteps outside [0, {num_timesteps}): {ts}")
     return ts
+
+
+def _final_alpha_bar(alpha_bar: torch.Tensor, set_alpha_to_one: bool) -> torch.Tensor:
+    """alpha_bar after the last visited timestep: 1 (the clean sample) or alpha_bar_0 (Stable Diffusion's)."""
+    return torch.ones((), device=alpha_bar.device) if set_alpha_to_one else alpha_bar[0]
 
 
 # ------------------------------------------------------------------------------------------------ guidance
@@ -205,12 +220,16 @@ def ddim_sample(
     prediction: Prediction = "eps",
     x_T: torch.Tensor | None = None,
     spacing: str = "trailing",
+    steps_offset: int = 0,
+    set_alpha_to_one: bool = True,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12) with classifier-free guidance.
 
     x_{t'} = sqrt(alpha_bar_{t'}) x0_hat + sqrt(1 - alpha_bar_{t'} - sigma^2) eps_hat + sigma z, with
     sigma = eta * sqrt((1 - alpha_bar_{t'}) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_{t'})
-    (eq. 16), t' the next visited timestep and alpha_bar = 1 after the last one. eta = 0 is the
+    (eq. 16), t' the next visited timestep and alpha_bar = 1 after the last one (alpha_bar_0 with
+    set_alpha_to_one=False). With spacing="leading", steps_offset=1, set_alpha_to_one=False it takes Stable
+    Diffusion's exact steps (those of diffusers' DDIMScheduler with SD's settings). eta = 0 is the
     deterministic DDIM ODE; eta = 1 is ancestral DDPM sampling on the sub-sequence. No x0 clipping
     (latents are unbounded). Returns x0 (float32, `shape`) on context's device.
     """
@@ -219,13 +238,13 @@ def ddim_sample(
         raise ValueError(f"eta: must be >= 0, got {eta}")
     device = context.device
     alpha_bar = schedule.alpha_bar.to(device)
-    ts = sample_timesteps(schedule.num_timesteps, steps, spacing)
+    ts = sample_timesteps(schedule.num_timesteps, steps, spacing, steps_offset)
     x = _start(shape, x_T, generator, device)
-    one = torch.ones((), device=device)
+    final = _final_alpha_bar(alpha_bar, set_alpha_to_one)
     with _eval_mode(model):
         for i, t in enumerate(ts):
             ab_t = alpha_bar[t]
-            ab_prev = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else one
+            ab_prev = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else final
             t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
             out = guided_prediction(model, x, t_batch, context, context_mask, null_context, null_mask, guidance_scale)
             eps, x0 = _eps_and_x0(x, out, ab_t, prediction)
@@ -251,6 +270,8 @@ def ddpm_sample(
     prediction: Prediction = "eps",
     x_T: torch.Tensor | None = None,
     spacing: str = "trailing",
+    steps_offset: int = 0,
+    set_alpha_to_one: bool = True,
 ) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020, Alg. 2) with classifier-free guidance.
 
@@ -262,13 +283,13 @@ def ddpm_sample(
     check_prediction(prediction)
     device = context.device
     alpha_bar = schedule.alpha_bar.to(device)
-    ts = sample_timesteps(schedule.num_timesteps, schedule.num_timesteps if steps is None else steps, spacing)
+    ts = sample_timesteps(schedule.num_timesteps, schedule.num_timesteps if steps is None else steps, spacing, steps_offset)
     x = _start(shape, x_T, generator, device)
-    one = torch.ones((), device=device)
+    final = _final_alpha_bar(alpha_bar, set_alpha_to_one)
     with _eval_mode(model):
         for i, t in enumerate(ts):
             ab_t = alpha_bar[t]
-            ab_prev = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else one
+            ab_prev = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else final
             alpha = ab_t / ab_prev
             beta = 1 - alpha
             t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)

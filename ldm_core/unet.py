@@ -53,6 +53,11 @@ class UNetConfig(StrictConfig):
     The mid block always has one."""
     num_heads: int = Field(8, ge=1)
     """Attention heads per transformer; head dim = level channels / num_heads (LDM v1 convention)."""
+    head_dim: int | None = Field(None, ge=1)
+    """If set, every transformer has level channels / head_dim heads instead (the SD 2.x convention: a fixed
+    head width, more heads at wider levels); None: `num_heads` heads everywhere."""
+    transformer_norm_eps: float = Field(1e-5, gt=0)
+    """Epsilon of the GroupNorm in front of each SpatialTransformer (Stable Diffusion and diffusers use 1e-6)."""
     transformer_depth: int = Field(1, ge=1)
     """Transformer blocks (self-attn, cross-attn, feed-forward) per SpatialTransformer."""
     context_dim: int = Field(384, ge=1)
@@ -86,10 +91,15 @@ class UNetConfig(StrictConfig):
                                  f"(model_channels={self.model_channels} x {m})")
         for lvl in sorted({*self.attention_levels, n - 1}):
             ch = self.model_channels * self.channel_mult[lvl]
-            if ch % self.num_heads:
-                raise ValueError(f"num_heads: {self.num_heads} does not divide {ch} channels at level {lvl} "
+            name, value = ("head_dim", self.head_dim) if self.head_dim else ("num_heads", self.num_heads)
+            if ch % value:
+                raise ValueError(f"{name}: {value} does not divide {ch} channels at level {lvl} "
                                  f"(transformers at attention_levels and the mid block need it)")
         return self
+
+    def heads(self, channels: int) -> int:
+        """Attention heads of a transformer over `channels` channels."""
+        return channels // self.head_dim if self.head_dim else self.num_heads
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -206,9 +216,10 @@ class SpatialTransformer(nn.Module):
     """LDM's SpatialTransformer: GroupNorm -> linear proj_in -> transformer blocks over the H*W tokens ->
     proj_out (zero-init) -> + input."""
 
-    def __init__(self, ch: int, heads: int, depth: int, context_dim: int, groups: int, ff_mult: int):
+    def __init__(self, ch: int, heads: int, depth: int, context_dim: int, groups: int, ff_mult: int,
+                 norm_eps: float = 1e-5):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, ch)
+        self.norm = nn.GroupNorm(groups, ch, eps=norm_eps)
         self.proj_in = nn.Linear(ch, ch)
         self.blocks = nn.ModuleList(TransformerBlock(ch, heads, context_dim, ff_mult) for _ in range(depth))
         self.proj_out = _zero(nn.Linear(ch, ch))
@@ -258,7 +269,8 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
 
         def transformer(width: int) -> SpatialTransformer:
-            return SpatialTransformer(width, c.num_heads, c.transformer_depth, c.context_dim, c.norm_groups, c.ff_mult)
+            return SpatialTransformer(width, c.heads(width), c.transformer_depth, c.context_dim, c.norm_groups, c.ff_mult,
+                                      c.transformer_norm_eps)
 
         # Down path: every ResBlock(+transformer) output and every downsample output is a skip.
         self.down_blocks = nn.ModuleList()

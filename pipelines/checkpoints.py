@@ -14,10 +14,12 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldm_core.ema import unwrap_model
+
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP/FSDP wrapper (or the module itself)."""
-    return getattr(model, "module", model)
+    """The module inside DDP and torch.compile wrappers (or the module itself): state-dict keys stay plain."""
+    return unwrap_model(model)
 
 
 def _cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -2,8 +2,9 @@
 
     python pipelines/encode_latents.py --config configs/quickstart.yaml [--set encode.autoencoder_uri=models:/ldm-autoencoder/2]
 
-The Stage A autoencoder (by MLflow URI, default: the latest registered version) and the text encoder run in a
-Ray Data actor pool (`map_batches` over the streamed image dataset; a GPU per actor when configured). Each
+The Stage A autoencoder (by MLflow URI or registered-model alias such as `champion`, default: the latest
+registered version) and the text encoder run in a Ray Data actor pool (`map_batches` over the streamed image
+dataset; a GPU per actor when configured). Each
 row keeps the posterior's mean and std, already multiplied by the recorded scale factor, so Stage B draws a
 fresh latent sample every time it sees an image. A datasink writes the Parquet files; the manifest goes last.
 
@@ -34,17 +35,21 @@ from mlflow.tracking import MlflowClient
 
 from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_core.config import ConfigError
-from pipelines import latents, storage, tracking
+from pipelines import latents, lease, storage, tracking
+from pipelines.cluster import ClusterError, check_cluster_paths
 from pipelines.config import PipelineConfig, parse_cli
 from pipelines.data import DatasetError, build_dataset, read_manifest
 from pipelines.data.reader import in_split
-from pipelines.models import load_autoencoder, run_id_of
+from pipelines.models import load_autoencoder, model_to_load, run_id_of
+from pipelines.progress import print_summary
 from pipelines.runtime import exit_on, init_ray, setup_logging
 from pipelines.text_encoders import TextEncoderConfig, encode_prompts_remote, load_text_encoder
 
 log = logging.getLogger("encode")
 STAGE = "encode"
 TAG_LATENTS_URI = "latents_uri"
+LEASE = ".lease.json"
+"""The encode lease, inside the latents folder it guards."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,6 +120,13 @@ def latest_autoencoder_uri(cfg: PipelineConfig) -> str:
     return f"models:/{name}/{max(int(v.version) for v in versions)}"
 
 
+def autoencoder_to_load(cfg: PipelineConfig) -> str:
+    """`encode.autoencoder_uri`, else the version `encode.autoencoder_alias` points to, else the latest version."""
+    ec = cfg.encode
+    return model_to_load(ec.autoencoder_uri, ec.autoencoder_alias, cfg.mlflow.autoencoder_model_name,
+                         "encode.autoencoder_alias", lambda: latest_autoencoder_uri(cfg))
+
+
 def encode_settings(cfg: PipelineConfig, autoencoder_uri: str, stage_a_run_id: str, dataset_digest: str) -> dict:
     """What determines the latents' content: an existing folder is reused only when all of it matches."""
     return {
@@ -147,9 +159,10 @@ def run_encode(
     cfg: PipelineConfig, *, parent_run_id: str | None = None, upstream_run_ids: tuple[str, ...] = (), extra_tags: dict | None = None
 ) -> EncodeResult:
     init_ray(cfg.ray)
+    check_cluster_paths(cfg)
     ec = cfg.encode
     experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
-    autoencoder_uri = ec.autoencoder_uri or latest_autoencoder_uri(cfg)
+    autoencoder_uri = autoencoder_to_load(cfg)
     stage_a_run_id = run_id_of(autoencoder_uri)
     data_manifest = read_manifest(cfg.data.uri, cfg.storage)  # fails clearly on a missing/empty dataset
     autoencoder = load_autoencoder(autoencoder_uri)
@@ -158,40 +171,47 @@ def run_encode(
     output_uri = ec.output_uri or default_output_uri(cfg, settings)
     root = storage.resolve(output_uri, cfg.storage)
 
-    existing = _complete_manifest(root, cfg)
-    if existing is not None and existing["settings"] != settings:
-        raise latents.LatentsError(
-            f"encode.output_uri={output_uri!r} already holds complete latents made from other inputs "
-            f"({_diff(existing['settings'], settings)}): choose another encode.output_uri or delete it"
-        )
+    # One live encode per folder: a second driver waits for the first, then finds its manifest and reuses it.
+    with lease.hold(root.join(LEASE).uri, what=f"encode into {root.uri}", settings=cfg.run.lease,
+                    storage_cfg=cfg.storage) as held:
+        existing = _complete_manifest(root, cfg)
+        if existing is not None and existing["settings"] != settings:
+            raise latents.LatentsError(
+                f"encode.output_uri={output_uri!r} already holds complete latents made from other inputs "
+                f"({_diff(existing['settings'], settings)}): choose another encode.output_uri or delete it"
+            )
 
-    tags = {"autoencoder_uri": autoencoder_uri, "dataset_uri": cfg.data.uri, "dataset_digest": data_manifest["digest"],
-            "text_encoder": ec.text_encoder.name_or_path, **(extra_tags or {})}
-    with tracking.stage_run(
-        experiment_id=experiment_id, stage=STAGE, run_name=f"{cfg.run.name}-{STAGE}",
-        upstream_run_ids=tuple(upstream_run_ids) or (stage_a_run_id,), parent_run_id=parent_run_id, tags=tags,
-    ) as run:
-        run_id = run.info.run_id
-        client = MlflowClient()
-        tracking.log_params(client, run_id, tracking.flatten({"encode": ec.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json")}))
-        if existing is not None:
-            log.info("latents at %s are already complete for these inputs: reusing them", root.uri)
-            mlflow.set_tags({TAG_LATENTS_URI: root.uri, "reused": "true", "latents_digest": existing["digest"],
-                             "encode_run_id_of_latents": existing.get("encode_run_id", "")})
-            metrics = {"encode/rows": existing["num_rows"]}
-            mlflow.log_metrics(metrics)
-            return EncodeResult(run_id, root.uri, existing["num_rows"], existing, metrics, reused=True)
+        tags = {"autoencoder_uri": autoencoder_uri, "dataset_uri": cfg.data.uri, "dataset_digest": data_manifest["digest"],
+                "text_encoder": ec.text_encoder.name_or_path, **(extra_tags or {})}
+        if ec.autoencoder_alias and not ec.autoencoder_uri:
+            tags["autoencoder_alias"] = ec.autoencoder_alias
+        with tracking.stage_run(
+            experiment_id=experiment_id, stage=STAGE, run_name=f"{cfg.run.name}-{STAGE}",
+            upstream_run_ids=tuple(upstream_run_ids) or (stage_a_run_id,), parent_run_id=parent_run_id, tags=tags,
+        ) as run:
+            run_id = run.info.run_id
+            client = MlflowClient()
+            tracking.log_params(client, run_id, tracking.flatten({"encode": ec.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json")}))
+            if existing is not None:
+                log.info("latents at %s are already complete for these inputs: reusing them", root.uri)
+                mlflow.set_tags({TAG_LATENTS_URI: root.uri, "reused": "true", "latents_digest": existing["digest"],
+                                 "encode_run_id_of_latents": existing.get("encode_run_id", "")})
+                metrics = {"encode/rows": existing["num_rows"]}
+                mlflow.log_metrics(metrics)
+                print_summary(STAGE, f"reused {existing['num_rows']} rows already at {root.uri}")
+                return EncodeResult(run_id, root.uri, existing["num_rows"], existing, metrics, reused=True)
 
-        manifest, metrics = _encode(cfg, root, autoencoder, autoencoder_uri, latent_shape, settings, run_id)
-        tracking.log_metrics(client, run_id, metrics, 0)
-        mlflow.set_tags({TAG_LATENTS_URI: root.uri, "latents_digest": manifest["digest"]})
-        tracking.log_dataset_input(cfg.data.uri, data_manifest.get("name", "images"), data_manifest["digest"], "encode")
-        log.info("encode done: %d rows -> %s (%.1f images/s)", manifest["num_rows"], root.uri, metrics["perf/images_per_s"])
-        return EncodeResult(run_id, root.uri, manifest["num_rows"], manifest, metrics)
+            manifest, metrics = _encode(cfg, root, autoencoder, autoencoder_uri, latent_shape, settings, run_id, held)
+            tracking.log_metrics(client, run_id, metrics, 0)
+            mlflow.set_tags({TAG_LATENTS_URI: root.uri, "latents_digest": manifest["digest"]})
+            tracking.log_dataset_input(cfg.data.uri, data_manifest.get("name", "images"), data_manifest["digest"], "encode")
+            print_summary(STAGE, f"{manifest['num_rows']} rows", seconds=metrics["perf/seconds"],
+                          images_per_s=metrics["perf/images_per_s"], to=root.uri)
+            return EncodeResult(run_id, root.uri, manifest["num_rows"], manifest, metrics)
 
 
 def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: AutoencoderKL, autoencoder_uri: str,
-            latent_shape: tuple[int, int, int], settings: dict, run_id: str) -> tuple[dict, dict]:
+            latent_shape: tuple[int, int, int], settings: dict, run_id: str, held: lease.Lease) -> tuple[dict, dict]:
     ec = cfg.encode
     sc = ec.scaling
     num_gpus = sc.gpus_per_actor if sc.use_gpu else 0
@@ -213,6 +233,11 @@ def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: Autoencode
                                "holdout_fraction": cfg.data.holdout_fraction},
     )
     folder = f"{latents.PARTS_PREFIX}{run_id}"
+    # Part folders of earlier executions that ended without a manifest, handed over through the lease (a failed
+    # one released it, a dead one was taken over): no live encode writes them. Recorded before writing, with
+    # ours, so that if this execution dies too the next owner cleans up both.
+    leftovers = [f for f in ((held.previous or {}).get("notes", {}).get("parts") or []) if f != folder]
+    held.note(parts=[*leftovers, folder])
     sink = latents.LatentParquetSink(root.uri, cfg.storage, folder, ec.rows_per_shard, fail_after_rows=ec.fail_after_rows)
     storage.makedirs(root)
     encoded.write_datasink(sink)
@@ -225,6 +250,10 @@ def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: Autoencode
     null_payload = latents.null_condition_bytes(torch.tensor(null["hidden"][0]), torch.tensor(null["mask"][0]))
     storage.write_bytes(root.join(latents.NULL_CONDITION), null_payload)
     files = [vars(f) for f in sink.files]
+    missing = storage.missing_files(root, [f["path"] for f in files] + [latents.NULL_CONDITION])
+    if missing:
+        raise latents.LatentsError(f"encode into {root.uri}: {len(missing)} file(s) it wrote are gone before its manifest "
+                                   f"was written (e.g. {missing[0]}): something else deletes in this folder; no manifest written")
     totals = latents.summarize(sink.files)
     null_sha = hashlib.sha256(null_payload).hexdigest()
     manifest = {
@@ -252,10 +281,12 @@ def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: Autoencode
         "created": latents.timestamp(),
     }
     manifest["digest"] = latents.manifest_digest(files, null_sha, settings)
+    held.check()  # still the owner (not taken over as dead): only then may this manifest be published
     latents.write_manifest(root, manifest)  # last: its presence marks the folder complete
-    stale = latents.remove_stale_parts(root, folder)
+    stale = latents.remove_parts(root, leftovers)
+    held.note(parts=[])
     if stale:
-        log.info("removed %d Parquet file(s) left by interrupted encode attempts", stale)
+        log.info("removed %d Parquet file(s) left by interrupted encode attempts (%s)", stale, ", ".join(leftovers))
 
     skipped = skip_counter.snapshot()
     metrics = {
@@ -273,10 +304,18 @@ def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: Autoencode
 
 
 def _complete_manifest(root: storage.Location, cfg: PipelineConfig) -> dict | None:
+    """The folder's manifest when it is complete and every file it lists is still there; None otherwise (then the
+    folder is encoded again under a fresh manifest)."""
     try:
-        return latents.read_latents_manifest(root.uri, cfg.storage)
+        manifest = latents.read_latents_manifest(root.uri, cfg.storage)
     except latents.LatentsError:
         return None
+    gone = storage.missing_files(root, [f["path"] for f in manifest["files"]] + [manifest["null_condition"]["path"]])
+    if gone:
+        log.warning("latents at %s: %d file(s) its manifest lists are gone (e.g. %s): encoding again", root.uri,
+                    len(gone), gone[0])
+        return None
+    return manifest
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -286,7 +325,7 @@ def _diff(old: dict, new: dict) -> str:
 def main(argv: list[str] | None = None) -> EncodeResult:
     setup_logging()
     cfg, _ = parse_cli(argv, argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    with exit_on(ConfigError, DatasetError, latents.LatentsError):
+    with exit_on(ConfigError, DatasetError, latents.LatentsError, ClusterError):
         result = run_encode(cfg)
     verb = "reused" if result.reused else "wrote"
     print(f"encode finished: run {result.run_id}, {verb} {result.num_rows} rows at {result.latents_uri}")

@@ -19,8 +19,11 @@ autoencoder's scale factor, so Stage B samples z = latent_mean + latent_std * ep
     holdout            bool      in the held-out split (same hash split as the image reader)
     text_encoder       str       which text encoder produced text_hidden
 
-An interrupted encode leaves part files but no manifest; readers refuse such a folder, and the next encode
-writes a fresh `parts-<attempt>/` and removes the stale ones once its manifest is in place.
+An interrupted encode leaves part files but no manifest; readers refuse such a folder. Every encode holds the
+folder's lease (`.lease.json`, pipelines/lease.py) and records there the `parts-<attempt>/` folder it writes; the
+next encode writes a fresh one and, once its manifest is in place, removes only the folders it inherited that
+way (never one it finds unaccounted for, never a live owner's). The manifest lists only files that exist when it
+is written.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import io
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +47,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from pipelines import storage
+from pipelines.data.reader import read_whole_files, record_skips, verified
 from pipelines.storage import Location, StorageConfig
 
 log = logging.getLogger(__name__)
@@ -191,7 +195,12 @@ def read_latents_manifest(uri: str, storage_cfg: StorageConfig | None = None) ->
         what = (f"has {len(partial)} Parquet file(s) but no {MANIFEST}: an interrupted encode; re-run "
                 "pipelines/encode_latents.py to complete it") if partial else "does not exist (run pipelines/encode_latents.py)"
         raise LatentsError(f"latents {root.uri} {what}")
-    manifest = storage.read_json(loc)
+    try:
+        manifest = storage.read_json(loc)
+    except ValueError as e:
+        raise LatentsError(f"latents {root.uri}: {MANIFEST} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise LatentsError(f"latents {root.uri}: {MANIFEST} is not a JSON object")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise LatentsError(f"latents {root.uri}: {MANIFEST} has format {manifest.get('format')!r} "
                            f"v{manifest.get('format_version')!r}, expected {FORMAT!r} v{FORMAT_VERSION}")
@@ -211,12 +220,14 @@ def read_null_condition(uri: str, manifest: dict, storage_cfg: StorageConfig | N
     return tensors["context"], tensors["mask"].to(torch.bool)
 
 
-def remove_stale_parts(root: Location, keep_folder: str) -> int:
-    """Delete the part folders of interrupted attempts (everything `parts-*` but `keep_folder`). Returns files removed."""
+def remove_parts(root: Location, folders: list[str]) -> int:
+    """Delete the Parquet files of the given part folders (those of interrupted attempts that the caller inherited
+    through the folder's lease), nothing else. Returns files removed."""
     removed = 0
-    for path in storage.list_files(root, ".parquet"):
-        rel = path[len(root.path.rstrip("/")) + 1:]
-        if rel.startswith(PARTS_PREFIX) and not rel.startswith(keep_folder + "/"):
+    for folder in folders:
+        if not folder.startswith(PARTS_PREFIX) or "/" in folder:
+            raise ValueError(f"{folder!r} is not a part folder name")
+        for path in storage.list_files(root.join(folder), ".parquet"):
             root.filesystem.delete_file(path)
             removed += 1
     return removed
@@ -227,25 +238,36 @@ def remove_stale_parts(root: Location, keep_folder: str) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-def read_part_files(batch: dict, *, columns: list[str], split: str) -> pa.Table:
-    """Ray Data map_batches fn: whole Parquet files (bytes) -> their rows of `split`, projected to `columns`."""
+def read_part_files(batch: dict, *, columns: list[str], split: str, root_path: str, files: dict[str, dict],
+                    counter_name: str | None = None) -> Iterator[pa.Table]:
+    """Ray Data map_batches fn: whole Parquet files (bytes) -> their rows of `split`, projected to `columns`.
+
+    A file whose bytes do not match the manifest's sha256 (changed, or gone mid-epoch) is skipped: its rows are
+    counted as `corrupt_shard` in the SkipCounter `counter_name` (when given) and logged, never used."""
     read = columns + (["holdout"] if split != "all" and "holdout" not in columns else [])
-    tables = []
-    for payload in batch["bytes"]:
+    for payload, path in zip(batch["bytes"], batch["path"]):
+        rel = str(path)[len(root_path):].lstrip("/")
+        entry = files.get(rel, {})
+        if not payload or not verified(payload, entry.get("sha256")):
+            log.warning("latents part %s %s: its %d rows are skipped (corrupt_shard)", rel,
+                        "is gone" if not payload else "does not match the sha256 in the manifest", entry.get("num_rows", 0))
+            if counter_name:
+                record_skips(counter_name, rel, {"shard": {"corrupt_shard": int(entry.get("num_rows", 0))}})
+            continue
         table = pq.read_table(pa.BufferReader(payload), columns=read)
         if split != "all":
             table = table.filter(pc.equal(table.column("holdout"), split == "holdout"))
-        tables.append(table.select(columns))
-    return pa.concat_tables(tables)
+        yield table.select(columns)
 
 
 def build_latent_dataset(uri: str, storage_cfg: StorageConfig | None = None, *, split: str = "train",
                          shuffle: bool = True, columns: list[str] | None = None,
-                         num_cpus: float = 0.5) -> tuple[ray.data.Dataset, dict]:
+                         num_cpus: float = 0.5, skip_counter=None) -> tuple[ray.data.Dataset, dict]:
     """(Ray Dataset of latent rows, manifest). `split`: "train" (not held out), "holdout" or "all".
 
     Only the files the manifest lists are read (in shuffled order when `shuffle`), so leftovers of an
-    interrupted attempt never leak in. `columns` defaults to TRAIN_COLUMNS. Like the image reader, whole files
+    interrupted attempt never leak in; each is checked against its sha256 (`read_part_files`), and the rows of
+    a bad or vanished one are counted in `skip_counter` (a pipelines.data SkipCounterHandle) when given. `columns` defaults to TRAIN_COLUMNS. Like the image reader, whole files
     are read and then parsed by tasks reserving `num_cpus` each (fractions keep them schedulable next to
     Train workers on small machines).
     """
@@ -254,10 +276,11 @@ def build_latent_dataset(uri: str, storage_cfg: StorageConfig | None = None, *, 
     manifest = read_latents_manifest(uri, storage_cfg)
     root = storage.resolve(uri, storage_cfg)
     paths = [root.join(f["path"]).path for f in manifest["files"]]
-    ds = ray.data.read_binary_files(paths, filesystem=root.filesystem, shuffle="files" if shuffle else None,
-                                    num_cpus=num_cpus)
+    ds = read_whole_files(paths, root.filesystem, shuffle="files" if shuffle else None, num_cpus=num_cpus)
     ds = ds.map_batches(read_part_files, batch_size=1, num_cpus=num_cpus,
-                        fn_kwargs={"columns": list(columns or TRAIN_COLUMNS), "split": split})
+                        fn_kwargs={"columns": list(columns or TRAIN_COLUMNS), "split": split, "root_path": root.path,
+                                   "files": {f["path"]: f for f in manifest["files"]},
+                                   "counter_name": skip_counter.name if skip_counter is not None else None})
     return ds, manifest
 
 

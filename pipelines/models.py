@@ -17,12 +17,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import mlflow
 import numpy as np
 import torch
 from pydantic import ValidationError
+from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from ldm_core.autoencoder import AutoencoderKL
@@ -60,12 +61,37 @@ def publish_pretrained(
     return info.model_uri, None
 
 
+class ModelURIError(ConfigError):
+    """A model URI that is malformed, names no model, or names a model of another kind."""
+
+
+def check_model_uri(model_uri: str) -> str:
+    """`model_uri` unchanged when it is models:/<name>/<version or alias>, models:/<model id> or runs:/<run id>/<path>;
+    ModelURIError otherwise."""
+    scheme, _, ref = model_uri.partition(":/")
+    parts = ref.split("/")
+    ok = (scheme == "runs" and len(parts) >= 2 and all(parts)) or (scheme == "models" and len(parts) in (1, 2) and all(parts))
+    if not ok:
+        raise ModelURIError(f"model URI {model_uri!r} is malformed: expected models:/<name>/<version>, "
+                            "models:/<name>/<alias> or runs:/<run id>/<artifact path>")
+    return model_uri
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
 def download_pretrained(model_uri: str, artifact_key: str) -> Path:
     """Local folder holding the `save_pretrained` files of a published model."""
-    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    try:
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=check_model_uri(model_uri)))
+    except (mlflow.exceptions.MlflowException, OSError) as e:
+        raise ModelURIError(f"model {model_uri} cannot be loaded: {_first_line(e)}") from None
     folder = root / "artifacts" / artifact_key
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{model_uri} holds no '{artifact_key}' weights folder (looked in {folder})")
+        kinds = sorted(p.name for p in (root / "artifacts").iterdir()) if (root / "artifacts").is_dir() else []
+        raise ModelURIError(f"model {model_uri} holds no '{artifact_key}' weights"
+                            + (f" (it holds {', '.join(kinds)}: a model of another kind)" if kinds else ""))
     return folder
 
 
@@ -85,18 +111,44 @@ def load_autoencoder(model_uri: str) -> AutoencoderKL:
     return model
 
 
+def version_of_alias(registered_model_name: str, alias: str, field: str) -> str:
+    """models:/<name>/<version> that the alias models:/<name>@<alias> points to now. Loading that URI (not the alias)
+    means a later move of the alias cannot change what this run loads. ModelURIError, naming `field`, when the
+    alias does not exist."""
+    try:
+        version = MlflowClient().get_model_version_by_alias(registered_model_name, alias).version
+    except mlflow.exceptions.MlflowException as e:
+        raise ModelURIError(f"{field}={alias}: registered model {registered_model_name!r} has no alias {alias!r} "
+                            f"({_first_line(e)}); promote a version first: MlflowClient().set_registered_model_alias("
+                            f"{registered_model_name!r}, {alias!r}, <version>)") from None
+    return f"models:/{registered_model_name}/{version}"
+
+
+def model_to_load(uri: str | None, alias: str | None, registered_model_name: str, alias_field: str,
+                  latest: Callable[[], str]) -> str:
+    """`uri` when given, else the version `alias` of `registered_model_name` points to now, else `latest()`."""
+    if uri:
+        return uri
+    if alias:
+        return version_of_alias(registered_model_name, alias, alias_field)
+    return latest()
+
+
 def run_id_of(model_uri: str) -> str:
     """The MLflow run that produced a model URI (models:/name/version, models:/m-<id>, runs:/<id>/...)."""
-    if model_uri.startswith("runs:/"):
+    if check_model_uri(model_uri).startswith("runs:/"):
         return model_uri[len("runs:/"):].split("/", 1)[0]
     client = mlflow.MlflowClient()
     ref = model_uri[len("models:/"):]
-    if "/" in ref:
-        name, version = ref.split("/", 1)
-        if version.isdigit():
-            return client.get_model_version(name, version).run_id
-        return client.get_model_version_by_alias(name, version).run_id
-    return client.get_logged_model(ref).source_run_id
+    try:
+        if "/" in ref:
+            name, version = ref.split("/", 1)
+            if version.isdigit():
+                return client.get_model_version(name, version).run_id
+            return client.get_model_version_by_alias(name, version).run_id
+        return client.get_logged_model(ref).source_run_id
+    except mlflow.exceptions.MlflowException as e:
+        raise ModelURIError(f"model {model_uri} cannot be loaded: {_first_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,3 +314,22 @@ def load_unet_bundle(model_uri: str, use_ema: bool = True) -> UNetBundle:
     if bundle.stage_b_run_id is None:
         bundle.stage_b_run_id = run_id_of(model_uri)
     return bundle
+
+
+TAG_CHECKPOINT = "checkpoint"
+"""Model-version tag: the training checkpoint a version was published from (so it is published only once)."""
+
+
+def published_from(registered_model_name: str, checkpoint_uri: str) -> tuple[str, int] | None:
+    """The registered version already published from this checkpoint (a re-run of a finished training run
+    reports the same final checkpoint again): (model_uri, version), or None."""
+    versions = MlflowClient().search_model_versions(f"name='{registered_model_name}'")
+    for mv in sorted(versions, key=lambda v: int(v.version)):
+        if mv.tags.get(TAG_CHECKPOINT) == checkpoint_uri:
+            return f"models:/{registered_model_name}/{mv.version}", int(mv.version)
+    return None
+
+
+def mark_published(registered_model_name: str, version: int | None, checkpoint_uri: str) -> None:
+    if version is not None:
+        MlflowClient().set_model_version_tag(registered_model_name, str(version), TAG_CHECKPOINT, checkpoint_uri)

@@ -28,6 +28,41 @@ from pipelines.runtime import setup_logging
 from pipelines.storage import StorageConfig
 
 
+def prepare_tracked(cfg, experiment_id: str, *, parent_run_id: str | None = None,
+                    tags: dict | None = None) -> tuple[str, dict]:
+    """Build the dataset that `cfg` (a PipelineConfig) names, from `data.source` to `data.uri`, inside an MLflow
+    run tagged `stage=prepare` (the DAG's prepare node, and Stage A run alone on a dataset not yet built).
+    Returns the run's id and the new manifest."""
+    import mlflow
+
+    from pipelines import tracking
+
+    with tracking.stage_run(experiment_id=experiment_id, stage="prepare", run_name=f"{cfg.run.name}-prepare",
+                            parent_run_id=parent_run_id, tags=tags or {}) as run:
+        manifest = prepare_dataset(
+            cfg.data.source, cfg.data.uri, fmt=cfg.data.format, shard_size=cfg.data.shard_size,
+            resolution=cfg.data.prepare_resolution, limit=cfg.data.limit, seed=cfg.run.seed, storage=cfg.storage,
+            max_undecodable_fraction=cfg.data.max_undecodable_fraction,
+        )
+        mlflow.set_tags({"dataset_uri": cfg.data.uri, "dataset_digest": manifest["digest"]})
+        mlflow.log_metrics({"samples": manifest["num_samples"], "shards": len(manifest["shards"])})
+        return run.info.run_id, manifest
+
+
+def prepare_if_missing(cfg) -> tuple[str, ...]:
+    """For a stage run on its own: when `data.uri` has no manifest and `data.source` names one, prepare it as the
+    DAG's prepare node would. Returns the prepare run's id as the stage's upstream (empty when nothing ran;
+    a dataset that is missing and has no source is left for the stage to report)."""
+    from pipelines import tracking
+    from pipelines.storage import exists, resolve
+
+    if not cfg.data.source or exists(resolve(cfg.data.uri, cfg.storage).join("manifest.json")):
+        return ()
+    print(f"[prepare] {cfg.data.uri} has no manifest.json: preparing it from data.source={cfg.data.source}", flush=True)
+    run_id, _ = prepare_tracked(cfg, tracking.setup(cfg.mlflow, cfg.run.output_uri))
+    return (run_id,)
+
+
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     parser = argparse.ArgumentParser(description="Build a sharded image dataset with a manifest.")
@@ -41,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--captions", default=None, help="CSV or JSONL mapping file/key -> caption (folder sources)")
     parser.add_argument("--limit", type=int, default=None, help="keep only the first N samples")
     parser.add_argument("--seed", type=int, default=0, help="seed of the skimage crops")
+    parser.add_argument("--max-undecodable-fraction", type=float, default=0.5,
+                        help="fail (no dataset) when more of the images than this cannot be decoded (default: %(default)s)")
     parser.add_argument("--image-column", default="image", help="--index of Parquet: column of image bytes")
     parser.add_argument("--caption-column", default="caption", help="--index of Parquet: column of captions")
     parser.add_argument("--key-column", default="key", help='--index of Parquet: column of keys ("" for SHARD-ROW)')
@@ -50,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--shard-size must be >= 1")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    if not 0 <= args.max_undecodable_fraction <= 1:
+        parser.error("--max-undecodable-fraction must be between 0 and 1")
     storage_cfg = StorageConfig(s3_endpoint_url=args.s3_endpoint_url)
     try:
         if args.index:
@@ -59,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
             manifest = prepare_dataset(
                 args.source, args.output, fmt=args.format, shard_size=args.shard_size, resolution=args.resolution,
                 limit=args.limit, seed=args.seed, captions=args.captions, storage=storage_cfg,
+                max_undecodable_fraction=args.max_undecodable_fraction,
             )
     except (DatasetError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None

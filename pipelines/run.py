@@ -30,26 +30,40 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shlex
 import socket
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Callable
 
 import mlflow
+import ray
 from mlflow.tracking import MlflowClient
 
 from ldm_core.config import ConfigError
-from pipelines import tracking
+from pipelines import lease, storage, tracking
+from pipelines.cluster import ClusterError, autoscaler_running, check_cluster_paths
 from pipelines.config import PipelineConfig, parse_cli
-from pipelines.runtime import init_ray, setup_logging
+from pipelines.data import DatasetError, check_cpu_budget
+from pipelines.memory_budget import check_memory_budget
+from pipelines.latents import LatentsError, read_latents_manifest
+from pipelines import lineage
+from pipelines.lineage import KEY_METRICS
+from pipelines.runtime import ANSI, exit_on, init_ray, setup_logging
 
 log = logging.getLogger("pipeline")
 
 STAGES = ("prepare", "stage_a", "encode", "stage_b", "sample")
+
+
+class CacheMiss(RuntimeError):
+    """`--from S`: a stage before S has no usable finished run for this config."""
 
 
 @dataclass
@@ -140,31 +154,32 @@ class Context:
 
 
 def run_prepare(ctx: Context) -> NodeOutcome:
-    from pipelines.data import prepare_dataset, read_manifest
+    from pipelines.data import read_manifest
+    from pipelines.prepare_data import prepare_tracked
     from pipelines.storage import exists, resolve
 
     cfg = ctx.cfg
     manifest_loc = resolve(cfg.data.uri, cfg.storage).join("manifest.json")
     if exists(manifest_loc):
         manifest = read_manifest(cfg.data.uri, cfg.storage)
-        # Shards already there: nothing to do. Link to the prepare run that built them, if MLflow knows it.
-        prior = tracking.find_runs(
-            ctx.experiment_id, f"tags.stage = 'prepare' and tags.dataset_digest = '{manifest['digest']}'"
-        )
-        return NodeOutcome("prepare", "skipped", prior[0].info.run_id if prior else None, ctx.key,
-                           outputs={"dataset_uri": cfg.data.uri, "digest": manifest["digest"]})
+        gone = missing_dataset_shards(cfg.data.uri, manifest, cfg.storage)
+        if not gone:
+            # Shards already there: nothing to do. Link to the prepare run that built them, if MLflow knows it.
+            prior = tracking.find_runs(
+                ctx.experiment_id, f"tags.stage = 'prepare' and tags.dataset_digest = '{manifest['digest']}'"
+            )
+            return NodeOutcome("prepare", "skipped", prior[0].info.run_id if prior else None, ctx.key,
+                               outputs={"dataset_uri": cfg.data.uri, "digest": manifest["digest"]})
+        if not cfg.data.source:
+            raise DatasetError(f"dataset {cfg.data.uri}: {len(gone)} of the {len(manifest['shards'])} shards its manifest "
+                               f"lists are gone (e.g. {gone[0]}) and data.source is not set to rebuild them")
+        print(f"[prepare] {len(gone)} shard(s) of {cfg.data.uri} are gone: rebuilding the dataset from {cfg.data.source}",
+              flush=True)
+        manifest_loc.filesystem.delete_file(manifest_loc.path)  # it lists what is not there; the shards are rewritten
     if not cfg.data.source:
         raise ConfigError(f"data.uri={cfg.data.uri} has no manifest.json and data.source is not set, so there is nothing to prepare")
-    with tracking.stage_run(experiment_id=ctx.experiment_id, stage="prepare", run_name=f"{cfg.run.name}-prepare",
-                            parent_run_id=ctx.parent_run_id, tags=ctx.tags()) as run:
-        manifest = prepare_dataset(
-            cfg.data.source, cfg.data.uri, fmt=cfg.data.format, shard_size=cfg.data.shard_size,
-            resolution=cfg.data.prepare_resolution, limit=cfg.data.limit, seed=cfg.run.seed, storage=cfg.storage,
-        )
-        mlflow.set_tags({"dataset_uri": cfg.data.uri, "dataset_digest": manifest["digest"]})
-        mlflow.log_metrics({"samples": manifest["num_samples"], "shards": len(manifest["shards"])})
-        return NodeOutcome("prepare", "ran", run.info.run_id, ctx.key,
-                           outputs={"dataset_uri": cfg.data.uri, "digest": manifest["digest"]})
+    run_id, manifest = prepare_tracked(cfg, ctx.experiment_id, parent_run_id=ctx.parent_run_id, tags=ctx.tags())
+    return NodeOutcome("prepare", "ran", run_id, ctx.key, outputs={"dataset_uri": cfg.data.uri, "digest": manifest["digest"]})
 
 
 def run_stage_a_node(ctx: Context) -> NodeOutcome:
@@ -226,7 +241,7 @@ DAG: tuple[Node, ...] = (
     Node("prepare", (), _sections("data.source", "data.format", "data.shard_size", "data.prepare_resolution", "data.limit", "run.seed"), run_prepare),
     Node("stage_a", ("prepare",), _sections("stage_a", "data", "run.seed"), run_stage_a_node),
     Node("encode", ("stage_a",), _sections("encode.text_encoder", "encode.output_uri", "data.resolution", "data.holdout_fraction"), run_encode_node),
-    Node("stage_b", ("encode", "stage_a"), _sections("stage_b", "sample.prompts", "run.seed"), run_stage_b_node),
+    Node("stage_b", ("encode", "stage_a"), _sections("stage_b", "sample.prompts", "sample.digit_classifier", "run.seed"), run_stage_b_node),
     Node("sample", ("stage_b",), _sections("sample"), run_sample_node),
 )
 
@@ -289,7 +304,16 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: s
     last = order.index(until) if until else len(order) - 1
     forced_from = order.index(force) if force else len(order)
 
+    if first == 0 and not cfg.data.source and not storage.exists(storage.resolve(cfg.data.uri, cfg.storage).join("manifest.json")):
+        raise ConfigError(f"data.uri={cfg.data.uri} has no manifest.json and data.source is not set, so there is nothing to prepare")
+    for section in (s for s in ("stage_a", "stage_b") if first <= order.index(s) <= last):
+        check_memory_budget(cfg, section)  # a GPU stage that cannot fit its GPU fails here, before any stage runs
     init_ray(cfg.ray)
+    check_cluster_paths(cfg)
+    if not autoscaler_running():  # an autoscaling cluster is asked for the CPUs by each stage (pipelines/cluster.py)
+        cluster_cpus = ray.cluster_resources().get("CPU", 0)
+        for section in (s for s in ("stage_a", "stage_b") if order.index(s) <= last):  # fail before any stage, not in one
+            check_cpu_budget(cluster_cpus, getattr(cfg, section).scaling, cfg.data, section=section)
     experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
     client = MlflowClient()
     close_dead_pipelines(client, experiment_id)
@@ -302,6 +326,7 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: s
     keys: dict[str, str] = {}
     dataset_digest = ""
     started = time.monotonic()
+    running = None  # the stage executing now, named by the failure line if it fails
     try:
         for i, node in enumerate(DAG):
             if i > last:
@@ -312,18 +337,24 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: s
             ctx = Context(cfg, experiment_id, parent_id, outcomes, node, key, forced=i >= forced_from)
             upstream = ctx.upstream() if node.stage in LINEAGE_CHECKED else None
             cached = None if i >= forced_from else find_finished_run(experiment_id, node.stage, key, upstream)
+            if cached is not None and (gone := missing_outputs(node.stage, cached, cfg)):
+                print(f"[{node.stage}] cached run {cached.info.run_id} lost its output ({gone}): running the stage again",
+                      flush=True)
+                cached = None
+            running = node.stage
             if node.stage == "prepare":
-                outcome = node.run(ctx) if i >= first else _prepared_only(cfg, key)
+                outcome = _run_owned(node, ctx, upstream) if i >= first else _prepared_only(cfg, key)
             elif cached is not None:
                 outcome = _restore(node, cached, key)
             elif i < first:
-                raise RuntimeError(
+                raise CacheMiss(
                     f"--from {from_stage}: stage {node.stage} has no finished run for this config (cache key {key[:12]}); "
                     f"run without --from first"
                 )
             else:
                 print(f"[{node.stage}] running ...", flush=True)
-                outcome = node.run(ctx)
+                outcome = _run_owned(node, ctx, upstream)
+            running = None
             outcome.seconds = time.monotonic() - t0
             outcomes[node.stage] = outcome
             if node.stage == "prepare":
@@ -331,11 +362,67 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: s
                 keys["prepare"] = cache_key("prepare", node.sections(cfg), [], dataset_digest)
             _print_outcome(outcome)
         _summarise(client, parent_id, outcomes, time.monotonic() - started)
-    except BaseException:
+    except BaseException as e:
         client.set_terminated(parent_id, status="FAILED")
+        if running is not None:
+            e.stage_failure = StageFailure(running, _stage_run_id(experiment_id, running, keys[running]), parent_id,
+                                           failure_cause(e))
         raise
     client.set_terminated(parent_id, status="FINISHED")
     return outcomes
+
+
+def node_lease_uri(ctx: Context) -> str:
+    """Each node execution's lease, under `<run.output_uri>/leases/`: keyed by the node's cache key (by the dataset
+    URI for prepare, whose key does not know it), so two drivers with the same config contend for the same one."""
+    name = (f"prepare-{hashlib.sha256(ctx.cfg.data.uri.encode()).hexdigest()[:16]}" if ctx.node.stage == "prepare"
+            else f"{ctx.node.stage}-{ctx.key[:16]}")
+    return f"{ctx.cfg.run.output_uri.rstrip('/')}/leases/{name}.json"
+
+
+def _run_owned(node: Node, ctx: Context, upstream: tuple[str, ...] | None) -> NodeOutcome:
+    """Run a node as the only live owner of its execution. A second driver with the same config waits here for
+    the first (run.lease.wait_s), then reuses what it produced; a dead driver's execution is taken over and
+    resumed (training continues from its last checkpoint, in its MLflow run)."""
+    with lease.hold(node_lease_uri(ctx), what=f"{node.stage} of pipeline run {ctx.parent_run_id}",
+                    settings=ctx.cfg.run.lease, storage_cfg=ctx.cfg.storage) as held:
+        if held.waited and not ctx.forced and node.stage != "prepare":
+            cached = find_finished_run(ctx.experiment_id, node.stage, ctx.key, upstream)
+            if cached is not None and not missing_outputs(node.stage, cached, ctx.cfg):
+                return _restore(node, cached, ctx.key)
+        return node.run(ctx)
+
+
+def missing_dataset_shards(uri: str, manifest: dict, storage_cfg) -> list[str]:
+    """The shards a dataset manifest lists that are not there (one listing, not one request per shard)."""
+    return storage.missing_files(storage.resolve(uri, storage_cfg), [s["path"] for s in manifest["shards"]])
+
+
+def missing_outputs(stage: str, run, cfg: PipelineConfig) -> str:
+    """What a finished run's outputs lack ("" when all there): its registered model version, its latents manifest
+    and parts, or its samples. A cache hit whose output is gone re-runs its stage instead of failing later."""
+    tags = run.data.tags
+    try:
+        if stage in ("stage_a", "stage_b"):
+            uri = tags.get("model_uri", "")
+            if not uri:
+                return "no model_uri tag"
+            if uri.startswith("models:/") and uri.count("/") == 2 and uri.rsplit("/", 1)[1].isdigit():
+                name, version = uri[len("models:/"):].split("/")
+                MlflowClient().get_model_version(name, version)
+            return ""
+        if stage == "encode":
+            uri = tags.get("latents_uri", "")
+            manifest = read_latents_manifest(uri, cfg.storage)
+            gone = storage.missing_files(storage.resolve(uri, cfg.storage),
+                                  [f["path"] for f in manifest["files"]] + [manifest["null_condition"]["path"]])
+            return f"{len(gone)} of the files of {uri}" if gone else ""
+        if stage == "sample":
+            out = tags.get("out_dir", "")
+            return "" if out and storage.exists(storage.resolve(out, cfg.storage).join("samples.json")) else f"{out}/samples.json"
+    except (mlflow.exceptions.MlflowException, LatentsError, OSError, ValueError) as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return ""
 
 
 def _prepared_only(cfg: PipelineConfig, key: str) -> NodeOutcome:
@@ -350,12 +437,7 @@ def _print_outcome(o: NodeOutcome) -> None:
     print(f"[{o.stage}] {o.status:8s} {o.seconds:7.1f}s  {run}", flush=True)
 
 
-SUMMARY_METRICS = {
-    "stage_a": ("eval/psnr", "eval/ssim", "eval/lpips", "eval/bicubic_psnr", "eval/bicubic_ssim", "perf/images_per_s"),
-    "encode": ("perf/images_per_s",),
-    "stage_b": ("perf/images_per_s", "train/loss", "eval/holdout_loss", "eval/holdout_loss_ema"),
-    "sample": ("eval/prompt_accuracy", "eval/classifier_holdout_accuracy"),
-}
+SUMMARY_METRICS = KEY_METRICS
 SUMMARY_GRIDS = {"stage_a": "reconstructions/holdout_final.png", "sample": "samples/grid.png"}
 
 
@@ -368,13 +450,21 @@ def _summarise(client: MlflowClient, parent_id: str, outcomes: dict[str, NodeOut
             if m in o.metrics:
                 row[m] = o.metrics[m]
                 tracking.log_metrics(client, parent_id, {f"{stage}/{m}": o.metrics[m]}, 0)
+        if "eval/lpips" in row and o.run_id:  # an LPIPS number is only readable next to its backbone
+            row["lpips_backbone"] = client.get_run(o.run_id).data.tags.get("lpips_backbone", "unknown")
         rows.append(row)
     tracking.log_metrics(client, parent_id, {"pipeline/seconds": seconds}, 0)
     client.log_dict(parent_id, {"stages": rows}, "summary.json")
     lines = ["| stage | status | seconds | run | metrics |", "|---|---|---|---|---|"]
     for r in rows:
-        extra = ", ".join(f"{k}={v:.4g}" for k, v in r.items() if k not in {"stage", "status", "run_id", "seconds"})
+        extra = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in r.items() if k not in {"stage", "status", "run_id", "seconds"})
         lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']} | {r['run_id']} | {extra} |")
+    last = next((o for o in reversed(list(outcomes.values())) if o.run_id), None)
+    if last is not None:  # the chain from the last stage's run back to the dataset, as lineage.py prints it
+        lines += ["", f"## Lineage of `{last.run_id}` ({last.stage})", "",
+                  f"`python pipelines/lineage.py {last.run_id}` prints the same chain.", "",
+                  lineage.to_markdown(lineage.lineage_chain(client, last.run_id))]
     client.log_text(parent_id, "\n".join(lines) + "\n", "summary.md")
     for stage, artifact in SUMMARY_GRIDS.items():
         o = outcomes.get(stage)
@@ -394,10 +484,101 @@ def main(argv: list[str] | None = None) -> dict[str, NodeOutcome]:
     parser.add_argument("--from", dest="from_stage", choices=STAGES, help="take earlier stages from the cache only")
     parser.add_argument("--until", choices=STAGES, help="stop after this stage")
     parser.add_argument("--force", choices=STAGES, help="ignore the cache for this stage and everything after it")
+    parser.add_argument("--plan", action="store_true", help="print what each stage would do and why; run nothing")
     cfg, args = parse_cli(argv, parser)
-    outcomes = run_pipeline(cfg, from_stage=args.from_stage, until=args.until, force=args.force)
+    if args.plan:
+        from pipelines.plan import plan_pipeline, print_plan
+
+        with exit_on(ConfigError, DatasetError):
+            print_plan(plan_pipeline(cfg, from_stage=args.from_stage, until=args.until, force=args.force))
+        return {}
+    try:
+        with exit_on(ConfigError, DatasetError, LatentsError, CacheMiss, ClusterError, lease.LeaseHeld, lease.LeaseLost):
+            outcomes = run_pipeline(cfg, from_stage=args.from_stage, until=args.until, force=args.force)
+    except BaseException as e:
+        failure = getattr(e, "stage_failure", None) or getattr(e.__context__, "stage_failure", None)
+        if failure is None:
+            raise
+        _exit_on_failure(e, failure, resume_command(sys.argv[1:] if argv is None else argv, failure.stage, args.force))
     _print_where(cfg, outcomes)
     return outcomes
+
+
+@dataclass
+class StageFailure:
+    """A stage that failed: the last line of a failed pipeline names it, its MLflow run and the cause."""
+
+    stage: str
+    run_id: str | None  # the stage's MLflow run; None when it failed before making one
+    pipeline_run_id: str
+    cause: str
+
+    def line(self, resume: str) -> str:
+        run = f"MLflow run {self.run_id}" if self.run_id else f"MLflow pipeline run {self.pipeline_run_id}"
+        return f"[{self.stage}] FAILED  {run}  cause: {self.cause}  resume: {resume}"
+
+
+def failure_cause(e: BaseException) -> str:
+    """One line saying why: the innermost cause, or the error behind a failed Ray Train run, as `Type: message`."""
+    for attr in ("worker_failures", "controller_failure"):  # Ray Train: a failed rank's or the controller's error
+        inner = getattr(e, attr, None)
+        if isinstance(inner, dict) and inner:
+            inner = next(iter(inner.values()))
+        if isinstance(inner, BaseException):
+            e = inner
+            break
+    while e.__cause__ is not None and str(e.__cause__).strip():  # (Ray Data chains a bare marker exception)
+        e = e.__cause__
+    lines = [line.strip() for line in ANSI.sub("", str(e)).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    # A remote error's text is a traceback: its last "SomeError: ..." line is the one that says what happened.
+    named = [i for i, line in enumerate(lines) if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", line)]
+    i = named[-1] if named else 0
+    text = lines[i] if named else f"{type(e).__name__}: {lines[0]}"
+    if lines[i].endswith(":") and i + 1 < len(lines):  # "...failed:" says little; the next line says what
+        text += " " + lines[i + 1]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _stage_run_id(experiment_id: str, stage: str, key: str) -> str | None:
+    """The MLflow run of the stage that just failed: the newest run of that stage with this cache key."""
+    try:
+        runs = tracking.find_runs(experiment_id, f"tags.{tracking.TAG_STAGE} = '{stage}' and tags.{tracking.TAG_CACHE_KEY} = '{key}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    return runs[0].info.run_id if runs else None
+
+
+def resume_command(argv: list[str], stage: str, force: str | None) -> str:
+    """The command that picks up where a failed invocation stopped: the same arguments, `--from` the failed stage
+    (finished stages come from the cache, a training stage resumes from its last checkpoint). `--force` is dropped
+    unless the forced stage is the one that failed (its earlier forced stages are finished now)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in ("--from", "--plan") or (name == "--force" and force != stage):
+            skip = "=" not in arg and name != "--plan"
+            continue
+        kept.append(arg)
+    if stage != STAGES[0] and force != stage:
+        kept += ["--from", stage]
+    python = os.path.relpath(sys.executable)
+    return shlex.join([python if not python.startswith("..") else sys.executable, "pipelines/run.py", *kept])
+
+
+def _exit_on_failure(e: BaseException, failure: StageFailure, resume: str) -> None:
+    """Details first (the traceback, or the one-line error), then the failure line last."""
+    sys.stdout.flush()
+    if isinstance(e, SystemExit):
+        print(e.code, file=sys.stderr)
+    elif not isinstance(e, KeyboardInterrupt):
+        traceback.print_exception(e)
+    print(failure.line(resume), file=sys.stderr, flush=True)
+    raise SystemExit(130 if isinstance(e, KeyboardInterrupt) else 1) from None
 
 
 def _print_where(cfg: PipelineConfig, outcomes: dict[str, NodeOutcome]) -> None:

@@ -2,19 +2,101 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import logging
 import os
+import re
 import sys
+import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import ray
 
+from pipelines.progress import is_terminal
 from pipelines.settings import RaySection
+from pipelines.storage import outage_message
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------------------------------
+# Console noise. By default the console shows this project's lines (progress, summaries, warnings, errors);
+# Ray's own INFO chatter (Ray Train's per-report dumps, worker-group set-up, Ray Data's progress bars and
+# operator stats) goes only to the Ray session logs (/tmp/ray/session_latest/logs: ray-data.log, train/).
+# `--verbose` (or LDM_VERBOSE=1, or LDM_LOG_LEVEL=DEBUG) brings all of it back. The settings are environment
+# variables, so they reach `ray job submit` drivers and, through init_ray's runtime_env, every Ray worker.
+# ---------------------------------------------------------------------------------------------------
+
+VERBOSE_ENV = "LDM_VERBOSE"
+RAY_DATA_LOGGING_YAML = Path(__file__).with_name("ray_data_logging.yaml")
+"""Ray Data's logging config for quiet runs: everything to ray-data.log, only warnings to the console."""
+TRAIN_REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
+"""Where Ray Train logs "Reporting training result N: TrainingReport(metrics={...})" at INFO on every rank, under
+a logger named by the module's file path (so Train's own log-level setting does not reach it)."""
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0") or os.environ.get("LDM_LOG_LEVEL", "").upper() == "DEBUG"
+
+
+def add_verbose_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Ray's own logs (Train reports, Data progress bars and stats) to the console")
+    return parser
+
+
+def set_verbose(on: bool) -> None:
+    """Apply `--verbose` (called once the command line is parsed; setup_logging has already made things quiet)."""
+    if on:
+        os.environ[VERBOSE_ENV] = "1"
+        for name in _QUIET_ENV_SET:
+            os.environ.pop(name, None)
+        logging.getLogger("py.warnings").removeFilter(_drop_mlflow_advice)
+        logging.captureWarnings(False)
+        logging.getLogger().setLevel(logging.DEBUG if os.environ.get("LDM_LOG_LEVEL", "").upper() == "DEBUG" else logging.INFO)
+
+
+def worker_setup() -> None:
+    """Ray's `worker_process_setup_hook` (init_ray installs it): runs first in every Ray worker process of the job.
+
+    It pins RAY_ADDRESS to this cluster, so Ray's own helpers in workers that look the cluster up (Ray Train's
+    placement-group cleaner uses the state API) do not fail when other Ray instances run on the same machine.
+    Unless verbose: Ray Data's console handler keeps only warnings, and Ray Train's per-report INFO line is
+    dropped (the metrics are in MLflow). Like the driver, a worker leaves Ray's unpacked working dir first
+    (leave_unpacked_working_dir): a node joining later may unpack it again under the worker's feet."""
+    leave_unpacked_working_dir()
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    if verbose():
+        return
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING_YAML))
+    spec = importlib.util.find_spec(TRAIN_REPORT_LOGGER_MODULE)
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
+
+
+def _quiet_ray_data_in_this_process() -> None:
+    """The driver's side of worker_setup for Ray Data (ray.data may already be imported and configured
+    here): its console handler keeps warnings only, and no tqdm bars travel from Ray Data actors."""
+    import ray.data
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.use_ray_tqdm = False  # off a terminal, Ray Data then logs its progress (to ray-data.log) instead
+    ctx.print_on_execution_start = False
+
+
+def _drop_mlflow_advice(record: logging.LogRecord) -> bool:
+    """A `py.warnings` log filter: False for a warning raised in MLflow's own code (its file is in the message)."""
+    where = record.getMessage().split(": ", 1)[0]
+    return f"{os.sep}mlflow{os.sep}" not in where
+_QUIET_ENV_SET: list[str] = []
 
 
 def init_ray(cfg: RaySection) -> None:
@@ -24,29 +106,113 @@ def init_ray(cfg: RaySection) -> None:
     """
     if ray.is_initialized():
         return
+    quiet = not verbose()
+    # Every worker of this job runs worker_setup first (merged into the job's runtime_env under `ray job submit`);
+    # quiet, the "ray" logger shows warnings only.
+    runtime_env = {"worker_process_setup_hook": worker_setup, **({} if quiet else {"env_vars": {VERBOSE_ENV: "1"}})}
+    options = {"runtime_env": runtime_env, **({"logging_level": logging.WARNING} if quiet else {})}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("attaching to Ray at %s", address)
-        ray.init(address=address)
+        ray.init(address=address, **options)
+        leave_unpacked_working_dir()
     else:
         # "local" always starts a fresh Ray for this process, never a stale or foreign `ray start` cluster
         # (attach to one of those explicitly with ray.address=auto).
         log.info("starting a local Ray (num_cpus=%s)", cfg.num_cpus or "all")
-        ray.init(address="local", num_cpus=cfg.num_cpus)
+        ray.init(address="local", num_cpus=cfg.num_cpus, **options)
+    if quiet:
+        _quiet_ray_data_in_this_process()
+
+
+def leave_unpacked_working_dir() -> None:
+    """Under `ray job submit --runtime-env` the driver starts in Ray's unpacked copy of the job's working_dir,
+    which Ray owns: a node that sets the same package up in a temp dir it shares with this one (several raylets
+    on one machine, as in Ray's fake multi-node clusters) deletes and unpacks it again, and this process's
+    working directory is gone (`Path.cwd()`, which MLflow's model logging calls, raises). The config's paths are
+    absolute by now and the code is imported from the same path, so the process moves to the system temp dir."""
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:  # already unpacked again
+        cwd = None
+    if cwd is None or Path(cwd).parent.name == "working_dir_files":  # <session>/runtime_resources/working_dir_files/_ray_pkg_<hash>
+        log.debug("leaving Ray's unpacked working dir %s for %s", cwd, tempfile.gettempdir())
+        os.chdir(tempfile.gettempdir())
+
+
+def train_logging_config():
+    """Ray Train's RunConfig(logging_config=...): its own INFO lines (worker-group start, checkpoints) stay in
+    the Ray Train log files unless verbose."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+"""A terminal control sequence (colour, cursor movement, line erase)."""
+
+
+class PlainText:
+    """A text stream that drops terminal control sequences: what Ray (its "[repeated 2x across cluster]" notes,
+    actor names in remote errors) and MLflow (its warnings) colour whatever the output reaches a file plain."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(ANSI.sub("", text))
+
+    def writelines(self, lines) -> None:
+        self.stream.writelines(ANSI.sub("", line) for line in lines)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 def setup_logging() -> None:
+    """This process's logging; quiet (see above) unless LDM_VERBOSE / LDM_LOG_LEVEL=DEBUG; `--verbose` later
+    calls set_verbose. Off a terminal, nothing printed carries a control sequence, verbose or not."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not is_terminal(stream) and not isinstance(stream, PlainText):
+            setattr(sys, name, PlainText(stream))
     logging.basicConfig(
         level=os.environ.get("LDM_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
+    if verbose():
+        return
+    quiet_env = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    if not is_terminal(sys.stdout):
+        quiet_env["RAY_COLOR_PREFIX"] = "0"  # the "(RayTrainWorker pid=...)" prefixes Ray adds to worker lines
+    for name, value in quiet_env.items():
+        if name not in os.environ:
+            os.environ[name] = value
+            _QUIET_ENV_SET.append(name)
+    # Python warnings go through logging, where MLflow's advice to library authors (type hints on predict, input
+    # examples, ambiguous dataset sources; ANSI-coloured whatever the output) is dropped. A warnings filter
+    # cannot do it: MLflow re-enables its warnings inside the calls that give them.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").addFilter(_drop_mlflow_advice)
+
+
+def one_line(message: str) -> str:
+    """A possibly multi-line message on one line: "head:" + its lines joined by "; "."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return "".join(line + (" " if line.endswith(":") else "; ") for line in lines).rstrip("; ")
 
 
 @contextmanager
 def exit_on(*errors: type[BaseException]) -> Iterator[None]:
-    """In an entry point's main(): turn the given (user-facing) errors into a one-line "error: ..." exit."""
+    """In an entry point's main(): turn the given (user-facing) errors, and object storage unreachable past its
+    retries (`storage.outage_message`), into a one-line "error: ..." exit."""
     try:
         yield
     except errors as e:
-        raise SystemExit("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip())) from None
+        raise SystemExit("error: " + one_line(str(e))) from None
+    except Exception as e:  # object storage down past its retries is the user's outage, not a bug: one line too
+        message = outage_message(e)
+        if message is None:
+            raise
+        raise SystemExit("error: " + message) from None

@@ -3,7 +3,8 @@
     python pipelines/sample.py --prompt "a handwritten digit seven" [--num 8] [--steps 50] [--guidance 4] [--seed 0] [--out DIR]
     python pipelines/sample.py --config configs/photos.yaml --model-uri models:/ldm-unet/3 --prompt "a red bus"
 
-The U-Net is `sample.unet_uri` (or `--model-uri`), else the model of the latest finished `stage_b` run of
+The U-Net is `sample.unet_uri` (or `--model-uri`), else the version the registered-model alias
+`sample.unet_alias` (`--model-alias champion`) points to, else the model of the latest finished `stage_b` run of
 the configured experiment. Its bundle names the autoencoder it was trained on and the text encoder that
 produced its conditioning, so nothing else has to be given. Sampling is DDIM (Song et al. 2021) or
 ancestral DDPM with classifier-free guidance (Ho & Salimans 2022); the initial noise of column j is drawn
@@ -39,11 +40,12 @@ from pydantic import ValidationError
 from torchvision.utils import make_grid
 
 from ldm_core.config import ConfigError, format_validation_error
-from ldm_core.sampling import SAMPLERS
+from ldm_core.sampling import SAMPLERS, sample_timesteps
 from pipelines import storage, tracking
-from pipelines.config import PipelineConfig, add_config_args, config_from_args
+from pipelines.config import PipelineConfig, SampleConfig, add_config_args, config_from_args
 from pipelines.digits import load_or_train_classifier, prompt_adherence, prompt_digit
-from pipelines.models import load_autoencoder, load_unet_bundle
+from pipelines.models import UNetBundle, load_autoencoder, load_unet_bundle, model_to_load
+from pipelines.progress import Progress
 from pipelines.runtime import exit_on, setup_logging
 from pipelines.text_encoders import load_text_encoder
 from pipelines.training import autocast
@@ -90,6 +92,13 @@ def latest_stage_b_model(cfg: PipelineConfig) -> str:
                        f"train Stage B first (python pipelines/run.py) or pass --model-uri")
 
 
+def unet_to_load(cfg: PipelineConfig) -> str:
+    """`sample.unet_uri`, else the version `sample.unet_alias` points to, else the latest finished stage_b run's."""
+    sc = cfg.sample
+    return model_to_load(sc.unet_uri, sc.unet_alias, cfg.mlflow.unet_model_name, "sample.unet_alias",
+                         lambda: latest_stage_b_model(cfg))
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,13 +139,18 @@ def generate(
     prediction: str = "eps",
     batch_size: int = 64,
     mixed_precision: str = "no",
+    timestep_spacing: str = "trailing",
+    steps_offset: int = 0,
+    set_alpha_to_one: bool = True,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
     """Images (P * N, C, H, W) in [-1, 1] for P prompt conditions context (P, L, D) / mask (P, L).
 
     Sample j of every prompt starts from the same x_T[j] (see `initial_noise`); the latents are divided
     by `scale_factor` (the one the U-Net was trained with, LDM Sec. 4.3.2) and decoded. Batches of `batch_size` samples (2x that through the
     U-Net with guidance); samplers that add noise (eta > 0, ddpm) draw it from a generator seeded with
-    `seed + 1 + batch index`, so results do not depend on anything but the arguments.
+    `seed + 1 + batch index`, so results do not depend on anything but the arguments. `schedule` is the one the
+    U-Net was trained with (rebuilt from its diffusion config, zero-terminal-SNR rescaling included).
     """
     if sampler not in SAMPLERS:
         raise ConfigError(f"sample.sampler: unknown {sampler!r}; choose one of {sorted(SAMPLERS)}")
@@ -154,9 +168,12 @@ def generate(
             z = SAMPLERS[sampler](
                 unet, tuple(x_T[sl].shape), schedule=schedule, context=cond[sl],
                 context_mask=None if cond_mask is None else cond_mask[sl], null_context=null_context, null_mask=null_mask,
-                steps=steps, guidance_scale=guidance, generator=g, prediction=prediction, x_T=x_T[sl].to(device), **kwargs,
+                steps=steps, guidance_scale=guidance, generator=g, prediction=prediction, x_T=x_T[sl].to(device),
+                spacing=timestep_spacing, steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one, **kwargs,
             )
         out.append(autoencoder.decode(z.float() / scale_factor).float().clamp(-1, 1).cpu())
+        if progress is not None:
+            progress.update(min(i + batch_size, p * n))
     return torch.cat(out)
 
 
@@ -202,31 +219,33 @@ def write_samples(images: torch.Tensor, prompts: list[str], num_per_prompt: int,
 # ---------------------------------------------------------------------------------------------------
 
 
-def run_sample(
-    cfg: PipelineConfig,
-    *,
-    prompts: list[str] | None = None,
-    parent_run_id: str | None = None,
-    upstream_run_ids: tuple[str, ...] = (),
-    log_to_mlflow: bool = True,
-    extra_tags: dict | None = None,
-) -> SampleResult:
-    """Render `prompts` (default `cfg.sample.prompts`) with the configured (or latest) Stage B U-Net."""
-    sc = cfg.sample
-    prompts = list(prompts if prompts is not None else sc.prompts)
-    if not prompts:
-        raise ConfigError("sample.prompts: give at least one prompt")
-    if sc.evaluate_digits and not any(prompt_digit(p) is not None for p in prompts):
-        raise ConfigError(f"sample.evaluate_digits: none of the prompts names a digit "
-                          f"(expected e.g. 'a handwritten digit seven'): {prompts}")
-    mlflow.set_tracking_uri(tracking.tracking_uri(cfg.mlflow))
-    model_uri = sc.unet_uri or latest_stage_b_model(cfg)
-    device = pick_device(sc.device)
+def output_dir(cfg: PipelineConfig, bundle: UNetBundle) -> str:
+    """`sample.out_dir`, else `<run.output_uri>/samples/<stage B run id>`."""
+    return cfg.sample.out_dir or f"{cfg.run.output_uri.rstrip('/')}/samples/{bundle.stage_b_run_id}"
 
+
+def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
+           progress: Progress | None = None) -> tuple[torch.Tensor, UNetBundle]:
+    """Images (P * N, C, H, W) in [-1, 1] for `prompts` with the U-Net at `model_uri` and `cfg.sample`'s settings,
+    decoded by the autoencoder of its lineage; and the loaded bundle. `progress` counts the images done."""
+    sc = cfg.sample
+    device = pick_device(sc.device)
     bundle = load_unet_bundle(model_uri, use_ema=sc.use_ema)
+    try:  # fail before sampling, not after
+        storage.check_writable(storage.resolve(output_dir(cfg, bundle), cfg.storage))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"sample.out_dir: {e}") from None
     T = bundle.diffusion.num_timesteps
     if sc.steps > T:
         raise ConfigError(f"sample.steps={sc.steps}: more than the model's {T} diffusion timesteps")
+    try:
+        first = sample_timesteps(T, sc.steps, sc.timestep_spacing, sc.steps_offset)[0]
+    except ValueError as e:
+        raise ConfigError(f"sample.timestep_spacing/steps_offset: {e}") from None
+    if bundle.diffusion.zero_terminal_snr and first != T - 1:
+        raise ConfigError(f"sample.timestep_spacing={sc.timestep_spacing!r} (steps_offset={sc.steps_offset}) starts at t={first}, "
+                          f"but {model_uri} was trained with zero terminal SNR: sampling must start from pure noise at "
+                          f"t={T - 1} (Lin et al. 2024, Sec. 3.3); use sample.timestep_spacing=trailing")
     unet = bundle.unet.to(device).eval()
     autoencoder = load_autoencoder(bundle.autoencoder_uri).to(device)
     if not math.isclose(float(autoencoder.scale_factor), bundle.scale_factor, rel_tol=1e-5):
@@ -246,17 +265,62 @@ def run_sample(
         latent_shape=tuple(bundle.latent_shape), scale_factor=bundle.scale_factor, num_per_prompt=sc.num_per_prompt,
         steps=sc.steps, guidance=sc.guidance, seed=sc.seed, sampler=sc.sampler, eta=sc.eta,
         prediction=bundle.diffusion.prediction, batch_size=sc.batch_size, mixed_precision=sc.mixed_precision,
+        timestep_spacing=sc.timestep_spacing, steps_offset=sc.steps_offset, set_alpha_to_one=sc.set_alpha_to_one,
+        progress=progress,
     )
+    return images, bundle
 
-    metrics: dict[str, float] = {}
-    if sc.evaluate_digits:
-        clf = load_or_train_classifier(sc.digit_classifier, cache_uri=f"{cfg.run.output_uri.rstrip('/')}/cache/digit_classifier",
-                                       storage_cfg=cfg.storage)
-        metrics = prompt_adherence(images, [p for p in prompts for _ in range(sc.num_per_prompt)], clf)
-        log.info("prompt adherence %.4f (classifier held-out accuracy %.4f)",
-                 metrics["eval/prompt_accuracy"], metrics["eval/classifier_holdout_accuracy"])
 
-    out_dir = sc.out_dir or f"{cfg.run.output_uri.rstrip('/')}/samples/{bundle.stage_b_run_id}"
+def score_digits(cfg: PipelineConfig, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    """The MNIST judge's prompt adherence for `render`'s images (`cfg.sample.num_per_prompt` per prompt)."""
+    sc = cfg.sample
+    clf = load_or_train_classifier(sc.digit_classifier, cache_uri=f"{cfg.run.output_uri.rstrip('/')}/cache/digit_classifier",
+                                   storage_cfg=cfg.storage)
+    metrics = prompt_adherence(images, [p for p in prompts for _ in range(sc.num_per_prompt)], clf)
+    log.info("prompt adherence %.4f (classifier held-out accuracy %.4f)",
+             metrics["eval/prompt_accuracy"], metrics["eval/classifier_holdout_accuracy"])
+    return metrics
+
+
+def digit_prompt_accuracy(cfg: PipelineConfig, model_uri: str) -> dict[str, float]:
+    """Stage B's own quality number: the MNIST judge's prompt accuracy for `sample.prompts` rendered by the U-Net
+    at `model_uri` with the fixed budget of `stage_b.prompt_eval` (DDIM, eta 0, trailing steps, EMA weights; no
+    other `sample.*` setting takes part), so Stage B runs with different training options compare in MLflow."""
+    budget = cfg.stage_b.prompt_eval
+    settings = SampleConfig(
+        prompts=cfg.sample.prompts, num_per_prompt=budget.num_per_prompt, steps=budget.steps, guidance=budget.guidance,
+        seed=budget.seed, evaluate_digits=True, digit_classifier=cfg.sample.digit_classifier, batch_size=cfg.sample.batch_size,
+        device=cfg.sample.device, mixed_precision=cfg.sample.mixed_precision,
+    )
+    eval_cfg = cfg.model_copy(update={"sample": settings})
+    images, _ = render(eval_cfg, settings.prompts, model_uri)
+    return score_digits(eval_cfg, images, settings.prompts)
+
+
+def run_sample(
+    cfg: PipelineConfig,
+    *,
+    prompts: list[str] | None = None,
+    parent_run_id: str | None = None,
+    upstream_run_ids: tuple[str, ...] = (),
+    log_to_mlflow: bool = True,
+    extra_tags: dict | None = None,
+) -> SampleResult:
+    """Render `prompts` (default `cfg.sample.prompts`) with the configured (or latest) Stage B U-Net."""
+    sc = cfg.sample
+    prompts = list(prompts if prompts is not None else sc.prompts)
+    if not prompts:
+        raise ConfigError("sample.prompts: give at least one prompt")
+    if sc.evaluate_digits and not any(prompt_digit(p) is not None for p in prompts):
+        raise ConfigError(f"sample.evaluate_digits: none of the prompts names a digit "
+                          f"(expected e.g. 'a handwritten digit seven'): {prompts}")
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg.mlflow))
+    model_uri = unet_to_load(cfg)
+    progress = Progress(STAGE, total=len(prompts) * sc.num_per_prompt, every=sc.batch_size, unit="images")
+    images, bundle = render(cfg, prompts, model_uri, progress)
+    metrics = score_digits(cfg, images, prompts) if sc.evaluate_digits else {}
+    out_dir = output_dir(cfg, bundle)
+
     manifest = {"model_uri": model_uri, "autoencoder_uri": bundle.autoencoder_uri, "use_ema": bundle.use_ema,
                 "prompts": prompts, "settings": sc.model_dump(mode="json", exclude={"prompts", "out_dir"}), "metrics": metrics}
     upstream = tuple(upstream_run_ids) or tuple(r for r in (bundle.stage_b_run_id,) if r)
@@ -271,10 +335,12 @@ def run_sample(
             client = MlflowClient()
             tracking.log_params(client, run_id, tracking.flatten({"sample": manifest["settings"]}))
             client.log_dict(run_id, {"prompts": prompts}, "samples/prompts.json")
-            mlflow.set_tags({"unet_uri": model_uri, "autoencoder_uri": bundle.autoencoder_uri, "out_dir": out_dir})
+            mlflow.set_tags({"unet_uri": model_uri, "autoencoder_uri": bundle.autoencoder_uri, "out_dir": out_dir,
+                             **({"unet_alias": sc.unet_alias} if sc.unet_alias and not sc.unet_uri else {})})
             tracking.log_image(client, run_id, grid, GRID_ARTIFACT)
             tracking.log_metrics(client, run_id, metrics, 0)
     log.info("wrote %d images and %s", len(paths), grid_uri)
+    progress.done(f"{len(paths)} images", prompt_accuracy=metrics.get("eval/prompt_accuracy"))
     return SampleResult(run_id=run_id, out_dir=out_dir, image_paths=paths, grid_path=grid_uri, metrics=metrics,
                         model_uri=model_uri, images=images)
 
@@ -285,7 +351,8 @@ def run_sample(
 
 # flag -> SampleConfig field
 _FLAGS = {"prompt": "prompts", "num": "num_per_prompt", "steps": "steps", "guidance": "guidance", "eta": "eta",
-          "sampler": "sampler", "seed": "seed", "out": "out_dir", "model_uri": "unet_uri", "device": "device"}
+          "sampler": "sampler", "seed": "seed", "out": "out_dir", "model_uri": "unet_uri", "model_alias": "unet_alias",
+          "device": "device"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="seed of the initial noise (sample.seed)")
     parser.add_argument("--out", help="output folder, local or s3:// (sample.out_dir)")
     parser.add_argument("--model-uri", help="MLflow URI of the U-Net (default: latest finished stage_b run)")
+    parser.add_argument("--model-alias", help="registered-model alias of the U-Net, e.g. champion (sample.unet_alias)")
     parser.add_argument("--device", help="auto, cpu or cuda (sample.device)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     parser.add_argument("--evaluate-digits", action="store_true", help="score MNIST prompt adherence (sample.evaluate_digits)")
@@ -320,6 +388,11 @@ def apply_flags(cfg: PipelineConfig, args: argparse.Namespace) -> PipelineConfig
         cfg.sample.use_ema = False
     if args.evaluate_digits:
         cfg.sample.evaluate_digits = True
+    if args.out is not None:
+        try:
+            storage.check_uri(args.out, "--out")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if args.out is not None and not storage.is_remote(args.out):  # relative to here, as in the YAML
         cfg.sample.out_dir = str(Path(args.out.removeprefix("file://")).expanduser().resolve())
     return cfg

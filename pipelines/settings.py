@@ -8,9 +8,34 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ldm_core.config import StrictConfig
+
+
+class LeaseSection(StrictConfig):
+    """Owner leases (pipelines/lease.py): one live execution per stage output, on any host."""
+
+    ttl_s: float = Field(default=120.0, gt=0)
+    """A lease whose heartbeat is older than this many seconds belongs to a dead driver and is taken over
+    (its work resumed). Compared with this host's clock: hosts are assumed NTP-synchronised to well within it."""
+    heartbeat_s: float = Field(default=10.0, gt=0)
+    """How often the owning driver's background thread refreshes its lease's heartbeat."""
+    wait_s: float | None = Field(default=None, ge=0)
+    """How long a second driver waits for a live owner to finish before giving up with a one-line error naming
+    it. None: as long as the owner lives; 0: give up at once."""
+    poll_s: float = Field(default=5.0, gt=0)
+    """While waiting, how often the lease is read again."""
+    settle_s: float = Field(default=1.0, ge=0)
+    """After writing its claim, a driver waits this long and reads the lease back: of two drivers claiming at
+    the same moment, only the one whose write landed last goes on."""
+
+    @model_validator(mode="after")
+    def _heartbeat_within_ttl(self):
+        if self.heartbeat_s * 2 > self.ttl_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be at most half of ttl_s ({self.ttl_s}), "
+                             "or a live owner's lease looks dead between two heartbeats")
+        return self
 
 
 class RunSection(StrictConfig):
@@ -24,6 +49,13 @@ class RunSection(StrictConfig):
     """Ray Train checkpoint root (local or s3://). None: `<output_uri>/checkpoints`."""
     seed: int = 0
     """Global seed: model init, data shuffling, noise."""
+    resume_changed_config: bool = False
+    """A stage re-run under the same name resumes its last checkpoint only if the checkpoint was trained with the
+    same settings (its config fingerprint; how long to train and how often to log or save may change). A
+    mismatch stops with an error naming the fields; true resumes anyway, with the new settings."""
+    lease: LeaseSection = LeaseSection()
+    """Who owns each stage execution: a second driver on the same outputs waits for the live owner, then
+    reuses its result; a dead owner's work is taken over."""
 
     @property
     def checkpoint_root(self) -> str:
@@ -37,6 +69,10 @@ class RaySection(StrictConfig):
     local Ray for this process."""
     num_cpus: int | None = None
     """CPUs of a new local Ray (None: all of this machine's). Ignored when attaching to a cluster."""
+    autoscaler_timeout_s: float = Field(default=900.0, gt=0)
+    """On a cluster with an autoscaler, how long a training stage waits for the CPUs (and GPUs) it asked the
+    autoscaler for before it stops with an error naming what never arrived. Cloud GPU nodes take minutes to
+    boot, spot capacity longer; a fixed-size cluster is judged at once instead (pipelines/cluster.py)."""
 
 
 class MlflowSection(StrictConfig):
@@ -54,6 +90,17 @@ class MlflowSection(StrictConfig):
     """Registered-model name under which Stage B publishes the U-Net."""
 
 
+GPU_MEMORY_GIB: dict[str, float] = {
+    "T4": 14.5, "A10G": 22.0, "L4": 22.0, "L40S": 44.0,
+    "A100-40G": 39.0, "A100-80G": 79.0, "H100": 79.0, "H200": 139.0,
+}
+"""Device memory of the GPU types a config may name (`scaling.gpu_type`), in GiB as CUDA reports it after ECC and
+driver reservations, rounded down (from the vendors' figures, e.g. an A10G's 23,028 MiB; not measured here)."""
+RAY_ACCELERATOR_TYPE = {"A100-40G": "A100", "A100-80G": "A100"}
+"""Ray's node label (`accelerator_type:<name>`) where it differs from the key above: Ray labels both A100 sizes
+"A100", so placement asks for that label while the budget uses the sized figure."""
+
+
 class ScalingSection(StrictConfig):
     num_workers: int = Field(default=2, ge=1)
     """Ray Train workers (DDP ranks)."""
@@ -63,15 +110,58 @@ class ScalingSection(StrictConfig):
     """CPUs each train worker reserves. Keep it fractional on small machines so Ray Data's read and decode
     tasks can still be scheduled next to the workers."""
     gpus_per_worker: float = Field(default=1.0, ge=0)
-    """GPUs each worker reserves when use_gpu is true."""
+    """GPUs each worker reserves when use_gpu is true: must be 1 then (a fraction would put two NCCL ranks on
+    one GPU, which NCCL refuses)."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement-group strategy for the workers. STRICT_SPREAD puts one worker per node."""
+    gpu_type: str | None = None
+    """GPU model the workers run on (a key of `GPU_MEMORY_GIB`: A10G, L4, L40S, A100-40G, A100-80G, H100, H200,
+    T4). With use_gpu, the memory-budget check (pipelines/memory_budget.py) compares the estimated peak per GPU
+    with its memory before any cluster work, and the workers are placed only on nodes of that type (Ray's
+    `accelerator_type`; infra/aws/cluster.yaml declares it per node type). None: any GPU, then gpu_memory_gib
+    must say how much memory it has."""
+    gpu_memory_gib: float | None = Field(default=None, gt=0)
+    """Memory of each worker's GPU in GiB, for GPUs outside the table or to override the table's figure.
+    None: from gpu_type."""
+    gradient_as_bucket_view: bool = True
+    """DDP: gradients are views into DDP's all-reduce buckets instead of separate tensors, which saves one
+    fp32 copy of the trained parameters per GPU (`torch.nn.parallel.DistributedDataParallel`'s argument)."""
+    grad_compression: Literal["none", "bf16"] = "none"
+    """DDP: "bf16" all-reduces gradients in bfloat16 (PyTorch's bf16_compress_hook: half the traffic, each
+    bucket divided by the world size and written back to the fp32 gradients; pipelines/ddp.py); for multi-node
+    runs whose network, not compute, bounds the step."""
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _one_gpu_per_worker(cls, v, info):
+        if info.data.get("use_gpu") and v != 1:
+            raise ValueError("must be 1 when use_gpu is true: each DDP rank needs a GPU of its own")
+        return v
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _known_gpu(cls, v):
+        if v is not None and v not in GPU_MEMORY_GIB:
+            raise ValueError(f"not one of {', '.join(GPU_MEMORY_GIB)} (or leave it unset and give gpu_memory_gib)")
+        return v
 
     def resources_per_worker(self) -> dict[str, float]:
         res = {"CPU": self.cpus_per_worker}
         if self.use_gpu:
             res["GPU"] = self.gpus_per_worker
         return res
+
+    def gpu_capacity_gib(self) -> float | None:
+        """Memory of each worker's GPU: gpu_memory_gib, else the table's figure for gpu_type, else None."""
+        if self.gpu_memory_gib is not None:
+            return self.gpu_memory_gib
+        return GPU_MEMORY_GIB.get(self.gpu_type) if self.gpu_type else None
+
+    def accelerator_type(self) -> str | None:
+        """Ray's `accelerator_type` for ScalingConfig: the node label of gpu_type (None: any GPU)."""
+        if not self.use_gpu or self.gpu_type is None:
+            return None
+        return RAY_ACCELERATOR_TYPE.get(self.gpu_type, self.gpu_type)
 
 
 class OptimSection(StrictConfig):
@@ -87,6 +177,9 @@ class OptimSection(StrictConfig):
     """Clip the global gradient norm to this value; None disables clipping."""
     grad_accum_steps: int = Field(default=1, ge=1)
     """Micro-batches accumulated per optimiser step (DDP all-reduce only on the last one)."""
+    fused: bool = False
+    """CUDA only: the fused AdamW kernel (one launch for all parameters, no full-size temporaries; the
+    default foreach kernel allocates about one extra copy of the parameters each step). Ignored on CPU."""
 
 
 class TrainLoopSection(StrictConfig):
@@ -102,6 +195,19 @@ class TrainLoopSection(StrictConfig):
     """Checkpoints Ray Train keeps."""
     mixed_precision: Literal["no", "bf16"] = "bf16"
     """bf16 autocast for the forward pass on GPU (losses and norms stay fp32). Ignored on CPU."""
+    compile: bool = False
+    """`torch.compile` the trained networks (after loading a checkpoint, before DDP). Costs a compilation of
+    minutes at the start of every worker (and again after a restart); buys roughly 1.1-1.5x step time on
+    GPUs for these convolutional networks. Checkpoints keep plain state-dict keys either way."""
+    channels_last: bool = False
+    """Keep the networks' weights in channels-last memory format: faster convolutions on tensor-core GPUs
+    under bf16, usually neutral or slower on CPU."""
+    tf32: bool = True
+    """CUDA only: allow TF32 for fp32 matmuls and convolutions (Ampere and newer: ~2-8x their fp32 speed at a
+    10-bit mantissa, harmless for training here). Ignored on CPU."""
+    mlflow_flush_timeout_s: float = Field(default=300.0, ge=0)
+    """At the end of training, how long rank 0 waits for MLflow to take the metrics buffered during an outage
+    before it gives up on them (training itself never waits for MLflow)."""
     ema_decay: float | None = Field(default=None, gt=0, lt=1)
     """Keep an exponential moving average of the weights with this decay; None: no EMA."""
     max_consecutive_nonfinite: int = Field(default=20, ge=1)

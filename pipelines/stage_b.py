@@ -23,8 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable,
 import argparse
 import contextlib
 import logging
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -40,30 +39,22 @@ from ldm_core.config import ConfigError
 from ldm_core.diffusion import NoiseSchedule, drop_condition, training_loss
 from ldm_core.ema import EMA
 from ldm_core.unet import UNet
-from pipelines import latents, storage, tracking
-from pipelines.checkpoints import load_meta, load_module, load_optimizer, load_tensors, save_checkpoint, unwrap
+from pipelines import latents, tracking
 from pipelines.config import PipelineConfig, parse_cli
-from pipelines.data import check_cpu_budget
+from pipelines.cluster import ClusterError, check_cluster_paths, ensure_resources
+from pipelines.data import new_skip_counter
 from pipelines.encode_latents import STAGE as ENCODE_STAGE
 from pipelines.encode_latents import TAG_LATENTS_URI
+from pipelines.lease import LeaseHeld, LeaseLost, stage_lease
+from pipelines.memory_budget import check_memory_budget
+from pipelines.interop import adopt_init_architectures, load_init_unet
 from pipelines.models import load_autoencoder, publish_unet, save_unet_bundle
 from pipelines.runtime import exit_on, init_ray, setup_logging
-from pipelines.sample import generate
+from pipelines.sample import digit_prompt_accuracy, generate
 from pipelines.text_encoders import TextEncoderConfig, encode_prompts_remote
-from pipelines.training import (
-    NonFiniteGuard,
-    StepTimer,
-    all_reduce_sum,
-    autocast,
-    batches_forever,
-    fault_marker,
-    maybe_inject_fault,
-    node_ids,
-    report,
-    seed_everything,
-    warmup_schedule,
-    world,
-)
+from pipelines.run_logger import RunLogger
+from pipelines.train_loop import TrainLoop, TrainResult, Update, build_trainer, check_resumable, fingerprint_fields, fit_and_publish
+from pipelines.training import all_reduce_sum, world
 
 log = logging.getLogger("stage_b")
 STAGE = "stage_b"
@@ -82,138 +73,48 @@ EVAL_SEED_OFFSET = 104729
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = PipelineConfig.model_validate(loop_config["config"])
     sb = cfg.stage_b
-    rank, world_size = world()
-    device = ray.train.torch.get_device()
-    seed_everything(cfg.run.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    client = MlflowClient(loop_config["tracking_uri"]) if rank == 0 else None
-    run_id = loop_config["mlflow_run_id"]
+    loop = TrainLoop(loop_config, sb.train, sb.optim, stage=STAGE, seed=cfg.run.seed, scaling=sb.scaling)
+    device = loop.device
     cond = loop_config["condition"]
     null_context = torch.tensor(cond["null_context"], device=device)  # (L, D)
     null_mask = torch.tensor(cond["null_mask"], device=device)  # (L,)
 
     # --- model, optimiser, EMA, schedule
-    model = UNet(sb.unet).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=sb.optim.lr, betas=sb.optim.betas, weight_decay=sb.optim.weight_decay)
+    model = (load_init_unet(sb, cfg.storage) if sb.init_from else UNet(sb.unet)).to(device)
+    opt = loop.adamw(model.parameters(), sb.optim.lr)
     ema = EMA(model, decay=sb.train.ema_decay) if sb.train.ema_decay else None
     schedule = NoiseSchedule(sb.diffusion, device)
-    lr_factor = warmup_schedule(sb.optim)
+    if loop.resume(modules={"unet": model}, optimizers={"opt": opt}, ema=ema):
+        return  # this run name had finished: its result was reported again
+    ddp_model = loop.prepare(model)
+    loop.record_nodes()
+    grids = GridSampler(cfg, loop_config, device) if loop.logger and len(cond["prompt_context"]) else None
 
-    # --- resume from the latest checkpoint of this run name, if any
-    step, nonfinite_total = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            meta = load_meta(d)
-            load_module(d, "unet", model)
-            load_optimizer(d, "opt", opt)
-            if ema is not None:
-                ema.load_state_dict(load_tensors(d, "ema"))
-        step, nonfinite_total = meta["step"], meta.get("nonfinite_total", 0)
-        if meta.get("final"):
-            # Finished already (a re-run of a completed run): report the same result again, train nothing.
-            ray.train.report({"step": step, "resumed_finished": 1, **meta["final"]}, checkpoint=None)
-            return
-        log.info("rank %d resumed from step %d", rank, step)
-        if client:
-            tracking.log_metrics(client, run_id, {"train/resumed_from_step": step}, step)
+    # --- one step: a fresh posterior sample, t and eps, condition dropout, the denoising loss
+    # A different random stream per rank and per resume point.
+    generator = torch.Generator(device=device).manual_seed(cfg.run.seed + 1000 * loop.rank + loop.step)
 
-    model = ray.train.torch.prepare_model(model)
-    nodes = node_ids()  # a collective: every rank takes part
-    if client:
-        client.set_tag(run_id, "train_nodes", ",".join(sorted(set(nodes))))
-    grids = GridSampler(cfg, loop_config, device) if client and len(cond["prompt_context"]) else None
+    def denoising_loss(batch: dict, step: int):
+        x0 = latents.sample_latents(batch["latent_mean"], batch["latent_std"], generator)  # (B, C, h, w)
+        context, context_mask = drop_condition(
+            batch["text_hidden"], batch["text_mask"], null_context, null_mask, sb.cond_drop_prob, generator
+        )
+        with loop.autocast():
+            return training_loss(ddp_model, x0, context, context_mask, schedule, generator=generator,
+                                 **sb.diffusion.loss_options())
 
-    guard = NonFiniteGuard(sb.train.max_consecutive_nonfinite, device)
-    guard.total = nonfinite_total
-    timer = StepTimer()
-    batches = batches_forever(
-        ray.train.get_dataset_shard("train"),
-        batch_size=sb.batch_size,
-        shuffle_buffer=sb.shuffle_buffer,
-        seed=cfg.run.seed + 1000 * rank + step,
-        device=device,
-    )
-    # Latent samples, timesteps, noise and condition dropout: a different stream per rank and per resume point.
-    generator = torch.Generator(device=device).manual_seed(cfg.run.seed + 1000 * rank + step)
-    accum = sb.optim.grad_accum_steps
-    marker = fault_marker(cfg.run.checkpoint_root, loop_config["trainer_name"])
-
-    def write_checkpoint(directory: Path, final: dict | None = None) -> None:
-        modules = {"unet": model}
-        if ema is not None:
-            modules["ema"] = ema.state_dict()
-        meta = {"step": step, "nonfinite_total": guard.total, "config": cfg.model_dump(mode="json")}
-        if final is not None:
-            meta["final"] = final
-            export_bundle(directory / BUNDLE_DIR, cfg, loop_config, unwrap(model), ema, step)
-        save_checkpoint(directory, modules=modules, optimizers={"opt": opt}, meta=meta)
-
-    # --- the loop
-    metrics: dict[str, float] = {}
-    first_step, loop_started = step, time.perf_counter()
-    while step < sb.train.max_steps:
-        maybe_inject_fault(sb.train, step, rank, world_size, marker)
-        for group in opt.param_groups:
-            group["lr"] = sb.optim.lr * lr_factor(step)
-
-        opt.zero_grad(set_to_none=True)
-        sums, skipped = {}, False
-        for micro in range(accum):
-            batch = next(batches)
-            timer.data_ready()
-            x0 = latents.sample_latents(batch["latent_mean"], batch["latent_std"], generator)  # (B, C, h, w)
-            context, context_mask = drop_condition(
-                batch["text_hidden"], batch["text_mask"], null_context, null_mask, sb.cond_drop_prob, generator
-            )
-            # DDP all-reduces gradients on the last micro-batch only.
-            sync = model.no_sync() if (micro < accum - 1 and hasattr(model, "no_sync")) else contextlib.nullcontext()
-            with sync:
-                with autocast(device, sb.train.mixed_precision):
-                    loss, loss_metrics = training_loss(
-                        model, x0, context, context_mask, schedule, prediction=sb.diffusion.prediction, generator=generator
-                    )
-                skipped = guard.should_skip(loss)
-                # A skipped step still runs a zero-weighted backward on every rank so DDP's reduction completes.
-                (loss * (0.0 if skipped else 1.0 / accum)).backward()
-            if skipped:
-                break
-            for k, v in loss_metrics.items():
-                sums[f"train/{k}"] = sums.get(f"train/{k}", 0.0) + float(v) / accum
-        if skipped:
-            opt.zero_grad(set_to_none=True)
-            log.warning("rank %d: non-finite loss at step %d, step skipped", rank, step)
-            continue
-        if sb.optim.grad_clip:
-            sums["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), sb.optim.grad_clip))
-        opt.step()
-        step += 1
-        timer.step_done(sb.batch_size * accum)
-        if ema is not None:
-            ema.update(model)
-        metrics.update(sums)
-
-        if step % sb.train.log_every == 0 or step == sb.train.max_steps:
-            perf = timer.pop()
-            metrics.update(perf)
-            metrics["perf/images_per_s"] = perf["perf/samples_per_s_per_worker"] * world_size
-            metrics["train/lr"] = opt.param_groups[0]["lr"]
-            metrics["train/nonfinite_skipped"] = guard.total
-            if client:
-                tracking.log_metrics(client, run_id, metrics, step)
+    batches = loop.batches(ray.train.get_dataset_shard("train"), batch_size=sb.batch_size,
+                           shuffle_buffer=sb.shuffle_buffer, seed=cfg.run.seed)
+    for step in loop.run([Update(ddp_model, opt, sb.optim.lr, denoising_loss)], batches,
+                         samples_per_batch=sb.batch_size, ema_model=model):
         if grids is not None and (step % sb.train.image_every == 0 or step == sb.train.max_steps):
-            grids.log(client, run_id, unwrap(model), ema, step)
-        if step % sb.train.checkpoint_every == 0 and step < sb.train.max_steps:
-            report({"step": step, **metrics}, write_checkpoint, rank)
+            grids.log(loop.logger, model, ema, step)
 
-    loop_seconds = time.perf_counter() - loop_started
-    final = {**heldout_loss(cfg, unwrap(model), ema, schedule, device, loop_config["has_holdout"]), "steps": step}
-    if step > first_step and loop_seconds > 0:  # this session's steps only (a resumed run counts from its resume)
-        final["perf/images_per_s"] = (step - first_step) * sb.batch_size * accum * world_size / loop_seconds
-    if "train/loss" in metrics:
-        final["train/loss"] = metrics["train/loss"]
-    if client:
-        tracking.log_metrics(client, run_id, final, step)
-    report({"step": step, **metrics, **final}, lambda d: write_checkpoint(d, final), rank)
+    # --- after training: the held-out denoising loss (raw and EMA weights), then the publishable bundle
+    final = {**heldout_loss(cfg, model, ema, schedule, device, loop_config["has_holdout"]), **loop.session_metrics()}
+    if "train/loss" in loop.metrics:
+        final["train/loss"] = loop.metrics["train/loss"]
+    loop.finish(final, export=lambda d: export_bundle(d / BUNDLE_DIR, cfg, loop_config, model, ema, loop.step))
 
 
 class GridSampler:
@@ -241,12 +142,12 @@ class GridSampler:
         }
 
     @torch.no_grad()
-    def log(self, client: MlflowClient, run_id: str, model: torch.nn.Module, ema: EMA | None, step: int) -> None:
+    def log(self, logger: RunLogger, model: torch.nn.Module, ema: EMA | None, step: int) -> None:
         averaged = ema.average_parameters(model) if ema is not None else contextlib.nullcontext()
         with averaged:
             images = generate(model, self.autoencoder, self.schedule, **self.condition, **self.settings)
         grid = make_grid(images, nrow=self.settings["num_per_prompt"], padding=1)
-        tracking.log_image(client, run_id, tracking.tensor_grid_to_uint8(grid), f"samples/step_{step:07d}.png")
+        logger.log_image(tracking.tensor_grid_to_uint8(grid), f"samples/step_{step:07d}.png")
 
 
 @torch.no_grad()
@@ -307,12 +208,7 @@ def export_bundle(directory: Path, cfg: PipelineConfig, loop_config: dict, model
 
 
 @dataclass
-class StageBResult:
-    run_id: str
-    model_uri: str
-    model_version: int | None
-    metrics: dict = field(default_factory=dict)
-    resumed: bool = False
+class StageBResult(TrainResult):
     latents_uri: str = ""
 
 
@@ -347,16 +243,20 @@ def check_compatible(cfg: PipelineConfig, manifest: dict, latents_uri: str) -> N
                           f"{global_batch} exceeds the {train_rows} training rows of {where}")
 
 
+@stage_lease(STAGE)  # one live driver per checkpoint folder (pipelines/lease.py)
 def run_stage_b(
     cfg: PipelineConfig, *, parent_run_id: str | None = None, upstream_run_ids: tuple[str, ...] = (), extra_tags: dict | None = None
 ) -> StageBResult:
+    cfg = adopt_init_architectures(cfg)  # stage_b.init_from: the imported U-Net's architecture replaces stage_b.unet
+    check_memory_budget(cfg, STAGE)  # GPU runs: the estimated peak per GPU must fit scaling.gpu_type, before any cluster work
     init_ray(cfg.ray)
+    check_cluster_paths(cfg)
     sb = cfg.stage_b
     experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
     latents_uri = sb.latents_uri or latest_latents_uri(cfg, experiment_id)
     manifest = latents.read_latents_manifest(latents_uri, cfg.storage)  # fails clearly on missing/incomplete latents
     check_compatible(cfg, manifest, latents_uri)
-    check_cpu_budget(ray.cluster_resources().get("CPU", 0), sb.scaling, cfg.data, section=STAGE)
+    ensure_resources(sb.scaling, cfg.data, cfg.ray, section=STAGE)  # waits for an autoscaler to add them
     null_context, null_mask = latents.read_null_condition(latents_uri, manifest, cfg.storage)
 
     text = manifest["text_encoder"]
@@ -366,6 +266,10 @@ def run_stage_b(
         if cfg.sample.prompts else None
 
     trainer_name = f"{cfg.run.name}-{STAGE}"
+    fields = fingerprint_fields({STAGE: sb.model_dump(mode="json", exclude={"latents_uri"}),
+                                 "latents": {"uri": latents_uri, "digest": manifest["digest"]}, "run": {"seed": cfg.run.seed}}, STAGE)
+    check_resumable(cfg.run.checkpoint_root, trainer_name, fields, storage_cfg=cfg.storage,
+                    allow_changed=cfg.run.resume_changed_config)
     resume_id = tracking.unfinished_training_run(experiment_id, trainer_name)
     upstream = tuple(upstream_run_ids) or tuple(r for r in (manifest.get("encode_run_id"), manifest.get("stage_a_run_id")) if r)
     tags = {
@@ -399,45 +303,24 @@ def run_stage_b(
             "autoencoder_uri": manifest["autoencoder_uri"], "encode_run_id": manifest.get("encode_run_id"),
             "stage_a_run_id": manifest.get("stage_a_run_id"), "latents_uri": latents_uri, "latents_digest": manifest["digest"],
         }
+        skips = new_skip_counter()  # Parquet parts that fail their sha256 or vanish: counted, never used
         datasets = {"train": latents.build_latent_dataset(latents_uri, cfg.storage, split="train", shuffle=True,
-                                                          num_cpus=cfg.data.cpus_per_task)[0]}
+                                                          num_cpus=cfg.data.cpus_per_task, skip_counter=skips)[0]}
         if manifest.get("num_holdout", 0) > 0 and sb.eval_batches > 0:
             datasets["holdout"] = latents.build_latent_dataset(latents_uri, cfg.storage, split="holdout", shuffle=False,
-                                                               num_cpus=cfg.data.cpus_per_task)[0]
-        ckpt_loc = storage.resolve(cfg.run.checkpoint_root, cfg.storage)
-        trainer = ray.train.torch.TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "config": cfg.model_dump(mode="json"),
-                "tracking_uri": tracking.tracking_uri(cfg.mlflow),
-                "mlflow_run_id": run_id,
-                "trainer_name": trainer_name,
-                "condition": condition,
-                "bundle": bundle_info,
-                "has_holdout": "holdout" in datasets,
-            },
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=sb.scaling.num_workers,
-                use_gpu=sb.scaling.use_gpu,
-                resources_per_worker=sb.scaling.resources_per_worker(),
-                placement_strategy=sb.scaling.placement_strategy,
-            ),
-            run_config=ray.train.RunConfig(
-                name=trainer_name,
-                storage_path=ckpt_loc.path,
-                storage_filesystem=ckpt_loc.filesystem if ckpt_loc.scheme == "s3" else None,
-                failure_config=ray.train.FailureConfig(max_failures=sb.train.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=sb.train.keep_checkpoints),
-            ),
-            datasets=datasets,
+                                                               num_cpus=cfg.data.cpus_per_task, skip_counter=skips)[0]
+        trainer = build_trainer(
+            train_loop_per_worker, cfg, sb, trainer_name=trainer_name, run_id=run_id, fingerprint=fields,
+            datasets=datasets, condition=condition, bundle=bundle_info, has_holdout="holdout" in datasets,
         )
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
-        with result.checkpoint.as_directory() as d:
-            final = load_meta(d)["final"]
-            model_uri, version = publish_unet(Path(d) / BUNDLE_DIR, cfg.mlflow.unet_model_name)
-        mlflow.set_tags({"model_uri": model_uri, "checkpoint": result.checkpoint.path})
+        name = cfg.mlflow.unet_model_name
+        final, model_uri, version, checkpoint = fit_and_publish(trainer, name, lambda d: publish_unet(d / BUNDLE_DIR, name))
+        mlflow.log_metrics({f"data/skipped_{k}": v for k, v in skips.snapshot().items()})
+        mlflow.set_tags({"model_uri": model_uri, "checkpoint": checkpoint})
+        if sb.prompt_eval.active(cfg.sample.prompts):  # the MNIST judge on the published model, at a fixed budget
+            accuracy = digit_prompt_accuracy(cfg, model_uri)
+            mlflow.log_metrics(accuracy, step=sb.train.max_steps)
+            final = {**final, **accuracy}
         log.info("stage_b done: %s (held-out loss %s)", model_uri, final.get("eval/holdout_loss_ema", "n/a"))
         return StageBResult(run_id=run_id, model_uri=model_uri, model_version=version, metrics=final,
                             resumed=resume_id is not None, latents_uri=latents_uri)
@@ -446,7 +329,7 @@ def run_stage_b(
 def main(argv: list[str] | None = None) -> StageBResult:
     setup_logging()
     cfg, _ = parse_cli(argv, argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    with exit_on(ConfigError, latents.LatentsError):
+    with exit_on(ConfigError, latents.LatentsError, ClusterError, LeaseHeld, LeaseLost):
         result = run_stage_b(cfg)
     print(f"stage_b finished: run {result.run_id}, model {result.model_uri}")
     for key, value in sorted(result.metrics.items()):

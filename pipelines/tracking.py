@@ -7,6 +7,7 @@ process-global "active run" (which would not exist in a worker process).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -44,8 +45,15 @@ def setup(cfg: MlflowSection, output_uri: str) -> str:
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(uri)
+        db = Path(uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        # Two drivers starting on a new store at once would both run its schema migrations and one would fail:
+        # the client (whose store creates the tables) is made under a lock file next to the database.
+        with open(db.with_name(db.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            client = MlflowClient(uri)
+    else:
+        client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         mlflow.set_experiment(cfg.experiment)
@@ -90,8 +98,10 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    now = int(time.time() * 1000)
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int,
+                timestamp_ms: int | None = None) -> None:
+    """Log finite metrics at `step`, stamped `timestamp_ms` (when they were measured; default now)."""
+    now = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and np.isfinite(float(v))]
     for i in range(0, len(items), 1000):
         client.log_batch(run_id, metrics=items[i : i + 1000])

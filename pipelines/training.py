@@ -79,8 +79,8 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 class NonFiniteGuard:
-    """Skips steps whose loss is NaN/inf on any rank (all ranks agree, so DDP never desynchronises) and
-    stops the run after `limit` such steps in a row."""
+    """Skips steps whose loss (or gradient norm) is NaN/inf on any rank (all ranks agree, so DDP never
+    desynchronises) and stops the run after `limit` such steps in a row."""
 
     def __init__(self, limit: int, device: torch.device):
         self.limit = limit
@@ -88,9 +88,14 @@ class NonFiniteGuard:
         self.consecutive = 0
         self.total = 0
 
-    def should_skip(self, *losses: torch.Tensor) -> bool:
-        bad = torch.tensor([0.0 if all(torch.isfinite(l).all() for l in losses) else 1.0], device=self.device)
-        if all_reduce_sum(bad).item() > 0:
+    def should_skip(self, *losses: torch.Tensor, agreed: bool = False) -> bool:
+        """One host sync. `agreed=True`: the values are already identical on every rank (a gradient norm after
+        DDP's all-reduce), so no collective is needed to agree."""
+        finite = torch.stack([torch.isfinite(l).all() for l in losses]).all()
+        bad = (~finite).float().reshape(1)
+        if not agreed:
+            bad = all_reduce_sum(bad)
+        if bad.item() > 0:
             self.consecutive += 1
             self.total += 1
             if self.consecutive >= self.limit:

@@ -77,3 +77,38 @@ def tiny_later_stages() -> list[str]:
         "sample.steps=3",
         "sample.evaluate_digits=false",
     ]
+
+
+def start_mlflow_server(port: int, root: Path, timeout: float = 120.0):
+    """A real `mlflow server` on 127.0.0.1:port over a SQLite store and an artifact folder under `root` (the same
+    `root` and port again bring the same server back after it was stopped). Returns the process."""
+    import subprocess
+    import sys
+
+    from tests.conftest import wait_for_port
+
+    root.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        wait_for_port(port, timeout=timeout, proc=proc)
+    except Exception:
+        stop_process_group(proc)
+        raise
+    return proc
+
+
+def stop_process_group(proc) -> None:
+    """SIGKILL a process started with start_new_session=True and everything it started (an outage, not a shutdown)."""
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)

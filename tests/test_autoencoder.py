@@ -129,6 +129,30 @@ def test_forward_trains_every_part_and_last_layer_is_decoder_output_conv():
     assert no_grad == []
 
 
+def test_a_colour_head_trained_on_grey_images_tints_them_and_the_grey_head_cannot():
+    """Issue 18's green MNIST grids: R = G = B in every training image does not make a 3-channel decoder output
+    R = G = B; its channels drift apart (a tint). With grey_output the decoder predicts one intensity, repeated."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(8, 1, 16, 16, generator=g) * 2 - 1).repeat(1, 3, 1, 1)  # grey images, (B, 3, H, W)
+    spread = {}
+    for grey in (False, True):
+        torch.manual_seed(0)
+        model = AutoencoderKL(tiny_config(channel_mult=[1, 2], grey_output=grey))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(20):
+            recon, _ = model(x, sample_posterior=False)
+            opt.zero_grad()
+            (recon - x).abs().mean().backward()
+            opt.step()
+        with torch.no_grad():
+            recon, _ = model(x, sample_posterior=False)
+        assert recon.shape == x.shape
+        spread[grey] = (recon[:, 1:] - recon[:, :1]).abs().max().item()
+    assert spread[False] > 0.01  # the colour head's channels differ on grey input
+    assert spread[True] == 0.0  # identical channels by construction
+    assert AutoencoderKL(tiny_config(grey_output=True)).decoder.conv_out.out_channels == 1
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     torch.manual_seed(0)
     plain = AutoencoderKL(tiny_config(channel_mult=[1, 2]))

@@ -1,4 +1,5 @@
 import torch
+from safetensors.torch import load_file
 
 from pipelines.checkpoints import load_meta, load_module, load_optimizer, save_checkpoint
 
@@ -40,3 +41,14 @@ def test_checkpoint_round_trip_restores_model_and_adam_state(tmp_path):
         o.step()
     for a, b in zip(model.parameters(), fresh.parameters()):
         assert torch.allclose(a, b)
+
+
+def test_checkpoints_of_compiled_modules_keep_plain_keys(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    compiled = torch.compile(model)  # wrapping only: nothing is compiled until it is called
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    save_checkpoint(tmp_path, modules={"model": compiled}, meta={"step": 1})
+    assert set(load_file(str(tmp_path / "model.safetensors"))) == set(model.state_dict())
+    fresh = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    load_module(tmp_path, "model", torch.compile(fresh))  # and loads back into a compiled module
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))

@@ -52,3 +52,22 @@ def test_override_syntax_errors():
         load_config(REPO / "configs/quickstart.yaml", ["run.name.x=1"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(REPO / "configs/nope.yaml")
+
+
+def test_stage_b_prompt_eval_follows_the_prompts_and_checks_them():
+    quickstart = REPO / "configs/quickstart.yaml"
+    cfg = load_config(quickstart)  # ten MNIST digit prompts: on by default
+    assert cfg.stage_b.prompt_eval.active(cfg.sample.prompts)
+    cats = load_config(quickstart, ["sample.prompts=[a cat, a handwritten digit one]"])
+    assert not cats.stage_b.prompt_eval.active(cats.sample.prompts)
+    assert not load_config(quickstart, ["stage_b.prompt_eval.enabled=false"]).stage_b.prompt_eval.active(cfg.sample.prompts)
+    # Cross-section checks are one line each, naming the fields (not a dump of the whole config).
+    for overrides, message in (
+        (["sample.prompts=[a cat]", "stage_b.prompt_eval.enabled=true"], "stage_b.prompt_eval.enabled=true needs sample.prompts"),
+        (["stage_b.diffusion.num_timesteps=10"], "stage_b.prompt_eval.steps=25: more than stage_b.diffusion.num_timesteps=10"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            load_config(quickstart, overrides)
+        assert str(e.value).splitlines()[1:] == [str(e.value).splitlines()[1]] and message in str(e.value)
+    with pytest.raises(ConfigError, match="stage_b.diffusion: .*zero_terminal_snr needs prediction='v'"):
+        load_config(quickstart, ["stage_b.diffusion.zero_terminal_snr=true"])

@@ -15,11 +15,13 @@ from ldm_core.diffusion import (
     DiffusionConfig,
     NoiseSchedule,
     drop_condition,
+    min_snr_weight,
     predict_eps_from_v,
     predict_eps_from_x0,
     predict_x0_from_eps,
     predict_x0_from_v,
     q_sample,
+    rescale_zero_terminal_snr,
     training_loss,
     v_target,
 )
@@ -73,10 +75,12 @@ class GaussianOracle(nn.Module):
 
     def forward(self, x, t, context, context_mask=None):
         ab = self.alpha_bar[t].reshape(-1, *([1] * (x.ndim - 1)))
-        eps = (1 - ab).sqrt() * (x - ab.sqrt() * self.mu) / (ab * self.sigma**2 + 1 - ab)
+        var = ab * self.sigma**2 + 1 - ab  # Var[x_t]
+        eps = (1 - ab).sqrt() * (x - ab.sqrt() * self.mu) / var
         if self.prediction == "eps":
             return eps
-        return (eps - (1 - ab).sqrt() * x) / ab.sqrt()  # v = sqrt(ab) eps - sqrt(1 - ab) x0, x0 from x_t and eps
+        x0 = self.mu + ab.sqrt() * self.sigma**2 * (x - ab.sqrt() * self.mu) / var  # E[x0 | x_t], finite at alpha_bar 0
+        return ab.sqrt() * eps - (1 - ab).sqrt() * x0
 
 
 # ---------------------------------------------------------------------------------------------- schedules
@@ -125,6 +129,41 @@ def test_diffusion_config_rejects_bad_values():
         DiffusionConfig(beta_schedule="quadratic")
     with pytest.raises(ValidationError, match="prediction"):
         DiffusionConfig(prediction="x0")
+
+
+def test_zero_terminal_snr_rescaling_golden_values():
+    """Lin et al. 2024, Alg. 1 on betas (0.1, 0.2, 0.3): sqrt(alpha_bar) = (0.94868, 0.84853, 0.70993) is shifted
+    by its last value and scaled back to its first, giving alpha_bar = (0.9, 0.3032911, 0) (computed by hand)."""
+    betas = rescale_zero_terminal_snr(np.array([0.1, 0.2, 0.3]))
+    assert betas == pytest.approx([0.1, 1 - 0.3032910945 / 0.9, 1.0], abs=1e-9)
+    assert np.cumprod(1 - betas)[-1] == 0.0
+
+
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine"])
+def test_zero_terminal_snr_schedule_ends_at_pure_noise(name):
+    plain = NoiseSchedule(DiffusionConfig(beta_schedule=name, prediction="v"))
+    zero = NoiseSchedule(DiffusionConfig(beta_schedule=name, prediction="v", zero_terminal_snr=True))
+    assert zero.alpha_bar[-1].item() == 0.0 and zero.snr()[-1].item() == 0.0 and zero.betas[-1].item() == 1.0
+    assert zero.alpha_bar[0].item() == pytest.approx(plain.alpha_bar[0].item(), rel=1e-6)
+    assert torch.all(zero.alpha_bar[1:] < zero.alpha_bar[:-1])
+    # sqrt(alpha_bar) is an affine function of the original one (the whole point of the rescaling).
+    a, b = plain.alpha_bar.double().sqrt(), zero.alpha_bar.double().sqrt()
+    slope = (b[0] - b[-1]) / (a[0] - a[-1])
+    assert torch.allclose(b, slope * (a - a[-1]), atol=1e-6)
+    # The bundle's config rebuilds it: pickling (as Ray does) keeps the rescaling.
+    assert pickle.loads(pickle.dumps(zero)).alpha_bar[-1].item() == 0.0
+
+
+def test_recipe_options_are_validated():
+    with pytest.raises(ValidationError, match="zero_terminal_snr needs prediction='v'"):
+        DiffusionConfig(zero_terminal_snr=True)
+    for bad in ({"snr_gamma": 0}, {"offset_noise": -0.1}, {"input_perturbation": -1}):
+        with pytest.raises(ValidationError):
+            DiffusionConfig(**bad)
+    cfg = DiffusionConfig(prediction="v", snr_gamma=5, offset_noise=0.1, input_perturbation=0.1, zero_terminal_snr=True)
+    assert cfg.loss_options() == {"prediction": "v", "snr_gamma": 5, "offset_noise": 0.1, "input_perturbation": 0.1}
+    assert DiffusionConfig().loss_options() == {"prediction": "eps", "snr_gamma": None, "offset_noise": 0.0,
+                                                "input_perturbation": 0.0}
 
 
 def test_schedule_pickles_as_its_config():
@@ -176,15 +215,18 @@ def test_v_and_eps_parametrisations_invert_each_other():
 
 # ---------------------------------------------------------------------------------------------- training
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_training_loss_is_mse_to_the_right_target(prediction):
-    schedule = NoiseSchedule(DiffusionConfig())
-    model = tiny_unet()
+def fixed_loss_inputs():
+    """SD's schedule, the tiny U-Net, a condition, and fixed x0, eps and t = (5, 700) for two samples."""
     context, mask, _, _ = condition()
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, 4, 8, 8, generator=g)
     eps = torch.randn(x0.shape, generator=g)
-    t = torch.tensor([5, 700])
+    return NoiseSchedule(DiffusionConfig()), tiny_unet(), context, mask, x0, eps, torch.tensor([5, 700])
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_training_loss_is_mse_to_the_right_target(prediction):
+    schedule, model, context, mask, x0, eps, t = fixed_loss_inputs()
     loss, metrics = training_loss(model, x0, context, mask, schedule, prediction=prediction, t=t, eps=eps)
 
     betas = np.linspace(np.sqrt(0.00085), np.sqrt(0.012), T) ** 2
@@ -210,6 +252,88 @@ def test_training_loss_draws_are_reproducible_from_the_generator():
     assert run(7).item() != run(8).item()
     with pytest.raises(ValueError, match="prediction"):
         training_loss(model, x0, context, mask, schedule, prediction="x0")
+
+
+def test_min_snr_weight_golden_values():
+    """Hang et al. 2023: min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v. SD's schedule has
+    SNR_0 = 0.99915 / 0.00085 = 1175.47 and SNR_999 = 0.004682 (alpha_bar_999 = 0.0046600)."""
+    schedule = NoiseSchedule(DiffusionConfig())
+    snr = schedule.snr()[[0, 999]]
+    assert snr[0].item() == pytest.approx(0.99915 / 0.00085, rel=1e-4)
+    eps_w, v_w = min_snr_weight(snr, 5.0, "eps"), min_snr_weight(snr, 5.0, "v")
+    assert eps_w.tolist() == pytest.approx([5.0 / 1175.47, 1.0], rel=1e-4)
+    assert v_w.tolist() == pytest.approx([5.0 / 1176.47, 0.0046600 / 1.0], rel=1e-3)
+    # Below gamma the v weight is SNR / (SNR + 1) = alpha_bar; at SNR 0 (zero terminal SNR) both stay finite.
+    assert v_w[1].item() == pytest.approx(schedule.alpha_bar[999].item(), rel=1e-5)
+    assert min_snr_weight(torch.tensor([0.0]), 5.0, "eps").item() == 1.0
+    assert min_snr_weight(torch.tensor([0.0]), 5.0, "v").item() == 0.0
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_training_loss_min_snr_weights_each_sample(prediction):
+    schedule, model, context, mask, x0, eps, t = fixed_loss_inputs()
+    plain, _ = training_loss(model, x0, context, mask, schedule, prediction=prediction, t=t, eps=eps)
+    weighted, metrics = training_loss(model, x0, context, mask, schedule, prediction=prediction, t=t, eps=eps, snr_gamma=5.0)
+
+    x_t = q_sample(x0, t, eps, schedule.alpha_bar)
+    target = eps if prediction == "eps" else v_target(x0, t, eps, schedule.alpha_bar)
+    with torch.no_grad():
+        mse = (model(x_t, t, context, mask) - target).square().flatten(1).mean(1)
+    snr = schedule.snr()[t]
+    weight = torch.minimum(snr, torch.tensor(5.0)) / (snr if prediction == "eps" else snr + 1)
+    assert weighted.item() == pytest.approx((weight * mse).mean().item(), rel=1e-5)
+    assert metrics["mse"].item() == pytest.approx(plain.item(), rel=1e-6)
+    assert metrics["snr_weight_mean"].item() == pytest.approx(weight.mean().item(), rel=1e-6)
+    assert weight[0] < 0.05  # t = 5 (SNR ~ 600) is down-weighted: the point of Min-SNR
+    assert weighted.requires_grad
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_offset_noise_and_input_perturbation_build_the_documented_noise(prediction):
+    """Re-draw the generator's numbers in the documented order (t, eps, offset, xi) and rebuild the loss by hand:
+    offset noise changes the noise and the target, input perturbation only the network's input."""
+    schedule = NoiseSchedule(DiffusionConfig())
+    model = tiny_unet()
+    context, mask, _, _ = condition()
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    loss, _ = training_loss(model, x0, context, mask, schedule, prediction=prediction, generator=torch.Generator().manual_seed(4),
+                            offset_noise=0.1, input_perturbation=0.2)
+
+    g = torch.Generator().manual_seed(4)
+    t = torch.randint(0, T, (2,), generator=g)
+    eps = torch.randn(x0.shape, generator=g) + 0.1 * torch.randn(2, 4, 1, 1, generator=g)
+    xi = torch.randn(x0.shape, generator=g)
+    ab = schedule.alpha_bar[t][:, None, None, None]
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * (eps + 0.2 * xi)
+    target = eps if prediction == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
+    with torch.no_grad():
+        expected = (model(x_t, t, context, mask) - target).square().mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    # Off, they draw nothing: the same seed gives the plain loss of the first two draws.
+    plain = lambda **kw: training_loss(model, x0, context, mask, schedule, prediction=prediction,  # noqa: E731
+                                       generator=torch.Generator().manual_seed(4), **kw)[0].item()
+    assert plain() == plain(offset_noise=0.0, input_perturbation=0.0) != loss.item()
+    # An explicit eps is used as is (no offset added); the perturbation still applies.
+    g = torch.Generator().manual_seed(4)
+    t, eps = torch.randint(0, T, (2,), generator=g), torch.randn(x0.shape, generator=g)
+    given = training_loss(model, x0, context, mask, schedule, prediction=prediction, t=t, eps=eps, offset_noise=5.0)[0]
+    assert given.item() == pytest.approx(plain(), rel=1e-6)
+
+
+def test_offset_noise_shifts_whole_channels():
+    """The offset part is constant over a sample's pixels: with a strong offset the per-channel means of the
+    noise spread far beyond the 1/sqrt(h*w) of white noise."""
+    schedule = NoiseSchedule(DiffusionConfig())
+    x0 = torch.zeros(256, 4, 8, 8)
+    seen = {}
+    identity = lambda x, t, c, m: torch.zeros_like(x)  # noqa: E731  loss = mean(eps^2): reads the noise back
+    for strength in (0.0, 1.0):
+        _, m = training_loss(identity, x0, torch.zeros(256, 1, CTX_DIM), None, schedule, prediction="eps",
+                             generator=torch.Generator().manual_seed(0), offset_noise=strength)
+        seen[strength] = m["target_std"].item() ** 2
+    assert seen[0.0] == pytest.approx(1.0, abs=0.02)
+    assert seen[1.0] == pytest.approx(2.0, abs=0.2)  # Var = 1 + strength^2
 
 
 def test_drop_condition_replaces_whole_samples_with_probability_p():
@@ -283,6 +407,65 @@ def test_timestep_spacings():
         sample_timesteps(T, T + 1)
     with pytest.raises(ValueError, match="spacing"):
         sample_timesteps(T, 10, "karras")
+
+
+@pytest.mark.parametrize("steps", [61, 497, 3, 7, 333, 999])
+def test_trailing_spacing_gives_exactly_steps_timesteps(steps):
+    """A float arange(T, 0, -T/steps) yields steps + 1 values for 61 or 497 steps at T = 1000 (the old crash).
+    Expected: round(T (steps - k) / steps) - 1 in exact rational arithmetic (round half to even, as numpy)."""
+    from fractions import Fraction
+
+    ts = sample_timesteps(T, steps, "trailing")
+    assert ts == [round(Fraction(T * (steps - k), steps)) - 1 for k in range(steps)]
+    assert len(ts) == steps and ts[0] == T - 1 and all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] >= 0
+
+
+def test_stable_diffusion_leading_spacing_with_offset():
+    sd = sample_timesteps(T, 50, "leading", steps_offset=1)
+    assert sd == list(range(981, 0, -20))  # 981, 961, ..., 1: Stable Diffusion's 50 DDIM steps
+    assert sample_timesteps(T, 30, "leading", steps_offset=1)[:2] == [958, 925]
+    with pytest.raises(ValueError, match="steps_offset=1"):
+        sample_timesteps(T, 50, "trailing", steps_offset=1)  # 999 + 1 is past the schedule
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+def test_ddim_last_step_goes_to_alpha_bar_one_or_alpha_bar_zero(set_alpha_to_one):
+    """One DDIM step from t = 1 (leading spacing, offset 1) lands at alpha_bar = 1 (x0_hat) or, as in Stable
+    Diffusion, at alpha_bar_0: sqrt(alpha_bar_0) x0_hat + sqrt(1 - alpha_bar_0) eps_hat."""
+    schedule = NoiseSchedule(DiffusionConfig())
+    model = tiny_unet()
+    context, mask, null_context, null_mask = condition()
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    out = ddim_sample(model, x_T.shape, schedule=schedule, context=context, context_mask=mask, null_context=null_context,
+                      null_mask=null_mask, steps=1, guidance_scale=2.0, x_T=x_T, spacing="leading", steps_offset=1,
+                      set_alpha_to_one=set_alpha_to_one)
+    t = torch.tensor([1, 1])
+    with torch.no_grad():
+        eps = guided_prediction(model, x_T, t, context, mask, null_context, null_mask, 2.0)
+    x0 = predict_x0_from_eps(x_T, t, eps, schedule.alpha_bar)
+    ab0 = schedule.alpha_bar[0]
+    expected = x0 if set_alpha_to_one else ab0.sqrt() * x0 + (1 - ab0).sqrt() * eps
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(("sampler", "eta"), [("ddim", 0.0), ("ddim", 1.0), ("ddpm", None)])
+def test_zero_terminal_snr_sampling_starts_from_pure_noise(sampler, eta):
+    """With alpha_bar_{T-1} = 0 the true q(x_T) is N(0, I) whatever the data: sampling from plain noise with the
+    optimal v-predictor (finite at SNR 0) must recover N(mu, sigma^2), and a short trailing run stays finite."""
+    schedule = NoiseSchedule(DiffusionConfig(prediction="v", zero_terminal_snr=True))
+    mu, sigma, n = 1.5, 0.5, 4096
+    oracle = GaussianOracle(mu, sigma, schedule.alpha_bar, "v")
+    context, mask, null_context, null_mask = condition(batch=n)
+    x_T = torch.randn(n, 1, 1, 1, generator=torch.Generator().manual_seed(1))
+    kwargs = {} if eta is None else dict(eta=eta)
+    common = dict(schedule=schedule, context=context, context_mask=mask, null_context=null_context, null_mask=null_mask,
+                  guidance_scale=1.0, prediction="v", x_T=x_T, **kwargs)
+    out = SAMPLERS[sampler](oracle, (n, 1, 1, 1), steps=T, generator=torch.Generator().manual_seed(0), **common)
+    print(f"zero terminal SNR, {sampler} eta={eta}: mean {out.mean().item():.4f} std {out.std().item():.4f}")
+    assert out.mean().item() == pytest.approx(mu, abs=0.02)
+    assert out.std().item() == pytest.approx(sigma, abs=0.02)
+    short = SAMPLERS[sampler](oracle, (n, 1, 1, 1), steps=25, generator=torch.Generator().manual_seed(0), **common)
+    assert torch.isfinite(short).all() and short.mean().item() == pytest.approx(mu, abs=0.05)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])

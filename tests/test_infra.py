@@ -7,13 +7,17 @@ serving the MLflow REST API and UI with its artifacts in a local S3 (moto) bucke
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import copy
+import http.client as http_client
 import json
 import os
 import re
 import shlex
 import shutil
 import signal
+import ssl
 import stat
 import subprocess
 import sys
@@ -62,16 +66,18 @@ def objects_of_kind(kind: str) -> list[tuple[Path, dict]]:
 
 
 def pod_specs(obj: dict) -> list[dict]:
-    """The pod specs inside a Deployment, RayCluster or RayJob (none for other kinds)."""
+    """The pod specs inside a Deployment, RayCluster or RayJob (none for other kinds): head first, then the worker
+    groups, then a RayJob's submitter pod."""
     if obj["kind"] not in ("Deployment", "RayCluster", "RayJob"):
         return []
     spec = obj["spec"]
     if obj["kind"] == "Deployment":
         return [spec["template"]["spec"]]
+    submitter = [spec["submitterPodTemplate"]["spec"]] if "submitterPodTemplate" in spec else []
     if obj["kind"] == "RayJob":
         spec = spec["rayClusterSpec"]
     groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
-    return [g["template"]["spec"] for g in groups]
+    return [g["template"]["spec"] for g in groups] + submitter
 
 
 def text_files(root: Path) -> list[Path]:
@@ -142,9 +148,13 @@ def test_cluster_setup_installs_this_project_with_the_pinned_torch():
 
 
 def test_cluster_scripts_and_files_it_names_exist_in_the_repo():
-    text = CLUSTER_YAML.read_text() + UNIT.read_text()
+    text = CLUSTER_YAML.read_text()
     remote = set(re.findall(rf"{REMOTE_REPO}/([\w./-]+\.(?:py|sh|service))", text))
-    assert {"infra/aws/fetch_secret.py", "infra/aws/head_setup.sh", "infra/mlflow/serve.sh"} <= remote
+    assert {"infra/aws/fetch_secret.py", "infra/aws/mlflow_client_setup.sh"} <= remote
+    # The MLflow host runs these (from /opt/ldm-mlflow, where infra/aws/mlflow_host_setup.sh installs them).
+    host_setup = (INFRA / "aws" / "mlflow_host_setup.sh").read_text()
+    remote |= set(re.findall(r'"\$repo/(infra/[\w./-]+\.(?:py|sh|service))"', host_setup)) | {"infra/aws/mlflow_host_setup.sh"}
+    assert {"infra/mlflow/serve.sh", "infra/mlflow/ldm-mlflow.service", "infra/aws/fetch_secret.py"} <= remote
     for rel in remote:
         path = REPO / rel
         assert path.is_file(), f"{rel} is run on the cluster but missing from the repo"
@@ -154,7 +164,7 @@ def test_cluster_scripts_and_files_it_names_exist_in_the_repo():
 
 
 def test_cluster_secure_defaults():
-    from ray.autoscaler._private.aws.config import _configure_security_group
+    from ray.autoscaler._private.aws.config import _configure_from_network_interfaces, _configure_security_group
     from ray.autoscaler._private.util import prepare_config
 
     cfg = prepare_config(load_cluster())
@@ -164,10 +174,13 @@ def test_cluster_secure_defaults():
     # 0.0.0.0/0). Ray's own code returns without calling AWS; with a missing group it would try to.
     for node_type in cfg["available_node_types"].values():
         node_config = node_type["node_config"]
-        assert node_config["SecurityGroupIds"]
+        # A node type with an EFA interface names its group on the interface (EC2 takes one or the other).
+        interfaces = node_config.get("NetworkInterfaces", [])
+        assert node_config.get("SecurityGroupIds") or (interfaces and all(i["Groups"] for i in interfaces))
         assert node_config["MetadataOptions"]["HttpTokens"] == "required"
         assert all(b["Ebs"]["Encrypted"] for b in node_config["BlockDeviceMappings"])
         assert "IamInstanceProfile" in node_config, "AWS access through instance profiles, not keys"
+    cfg = _configure_from_network_interfaces(cfg)  # Ray's bootstrap reads EFA interfaces' groups first
     before = copy.deepcopy(cfg["available_node_types"])
     _configure_security_group(cfg)
     assert cfg["available_node_types"] == before
@@ -179,8 +192,13 @@ def test_cluster_secure_defaults():
     assert "export RAY_AUTH_MODE=token" in setup
     assert re.search(r"fetch_secret\.py \S+ ~/\.ray/auth_token", setup), "token from Secrets Manager"
     # Job drivers and workers find the tracking server through the environment of `ray start`.
-    assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:" in " ".join(cfg["worker_start_ray_commands"])
-    assert "/etc/ldm/head.env" in head_start
+    # Job drivers and workers get the MLflow settings and credentials from the file the setup wrote (the
+    # server is on its own host, reached over https only).
+    assert ". ~/.ldm/mlflow.env;" in " ".join(cfg["worker_start_ray_commands"])
+    assert ". ~/.ldm/mlflow.env;" in head_start
+    assert re.search(r"LDM_MLFLOW_URI=https://\S+ bash \S+/mlflow_client_setup\.sh", setup)
+    assert not load_cluster()["head_setup_commands"], "nothing of the MLflow server on the Ray head"
+    assert "mlflow-db-uri" not in CLUSTER_YAML.read_text()
 
 
 def test_runtime_env_ships_the_code_not_the_environment(tmp_path):
@@ -322,12 +340,13 @@ def test_kustomize_builds_and_puts_the_project_image_in_every_container():
     image = yaml.safe_load((K8S / "image" / "kustomization.yaml").read_text())["images"][0]
     want = f"{image['newName']}:{image['newTag']}"
     kinds = set()
-    for target in [K8S, *sorted(p.parent for p in (K8S / "jobs").rglob("kustomization.yaml"))]:
+    for target in [K8S, K8S / "mlflow", *sorted(p.parent for p in (K8S / "jobs").rglob("kustomization.yaml"))]:
         out = subprocess.run(["kubectl", "kustomize", str(target)], capture_output=True, text=True, check=True)
+        namespace = "ldm-mlflow" if target.name == "mlflow" else "ldm"
         for obj in yaml.safe_load_all(out.stdout):
             kinds.add(obj["kind"])
             if obj["kind"] != "Namespace":
-                assert obj["metadata"]["namespace"] == "ldm", obj["metadata"]["name"]
+                assert obj["metadata"]["namespace"] == namespace, obj["metadata"]["name"]
             for spec in pod_specs(obj):
                 for c in spec["containers"]:
                     assert c["image"] == want, (target, obj["metadata"]["name"], c["name"])
@@ -355,7 +374,11 @@ def test_k8s_secure_defaults():
                 assert not c["securityContext"].get("privileged"), (path, c["name"])
                 assert all("hostPort" not in p for p in c.get("ports", [])), (path, c["name"])
                 for e in c.get("env", []):
-                    assert "value" in e and not re.search(r"(?i)password|secret|token", e["name"]), e
+                    # A secret comes from a Secret (secretKeyRef) or a file in a mounted Secret, never as a value.
+                    if re.search(r"(?i)password|secret|token", e["name"]) and not e["name"].endswith("_FILE"):
+                        assert set(e) == {"name", "valueFrom"} and "secretKeyRef" in e["valueFrom"], e
+                    else:
+                        assert "value" in e or "secretKeyRef" in e["valueFrom"], e
 
     # Kubernetes API tokens: only the Ray head gets one (its autoscaler sidecar scales the worker groups).
     for _, sa in objects_of_kind("ServiceAccount"):
@@ -368,18 +391,190 @@ def test_k8s_secure_defaults():
             others = [head]
         assert not any(pod.get("automountServiceAccountToken") for pod in others), path
 
-    ((_, policy),) = objects_of_kind("NetworkPolicy")
-    assert policy["spec"]["podSelector"] == {} and policy["spec"]["policyTypes"] == ["Ingress"]
-    assert {"podSelector": {}} in policy["spec"]["ingress"][0]["from"]
-
+    # The MLflow server gets every secret serve.sh needs as a file of a mounted Secret, and serves TLS.
     ((_, mlflow),) = objects_of_kind("Deployment")
-    (container,) = mlflow["spec"]["template"]["spec"]["containers"]
+    pod = mlflow["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
     assert container["command"] == [f"{IMAGE_WORKDIR}/infra/mlflow/serve.sh"]
     env = {e["name"]: e["value"] for e in container["env"]}
-    uri_file = env["MLFLOW_BACKEND_STORE_URI_FILE"]
-    mount = next(m for m in container["volumeMounts"] if uri_file.startswith(m["mountPath"]))
-    volume = next(v for v in mlflow["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
-    assert volume["secret"]["secretName"] == "ldm-mlflow-db", "the database URI comes from a Secret"
+    secret_of = {}
+    for var in ("MLFLOW_BACKEND_STORE_URI_FILE", "MLFLOW_AUTH_DATABASE_URI_FILE", "MLFLOW_AUTH_ADMIN_PASSWORD_FILE",
+                "MLFLOW_FLASK_SERVER_SECRET_KEY_FILE", "MLFLOW_TLS_CERT_FILE", "MLFLOW_TLS_KEY_FILE"):
+        mount = next(m for m in container["volumeMounts"] if env[var].startswith(m["mountPath"] + "/"))
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        key = env[var][len(mount["mountPath"]) + 1:]
+        assert key in {i["path"] for i in volume["secret"]["items"]}, var
+        secret_of[var] = volume["secret"]["secretName"]
+    assert secret_of["MLFLOW_BACKEND_STORE_URI_FILE"] == "ldm-mlflow-db"
+    assert secret_of["MLFLOW_TLS_KEY_FILE"] == "ldm-mlflow-tls"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS"
+    # Every Ray container reaches it over TLS as the pipeline's user, with the password from the Secret.
+    settings = {d["metadata"]["name"]: d["data"] for _, d in objects_of_kind("ConfigMap")}["ldm-settings"]
+    assert settings["MLFLOW_TRACKING_URI"].startswith("https://")
+    for path, obj in objects_of_kind("RayCluster") + objects_of_kind("RayJob"):
+        spec = obj["spec"]["rayClusterSpec"] if obj["kind"] == "RayJob" else obj["spec"]
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            for c in group["template"]["spec"]["containers"]:
+                env = {e["name"]: e for e in c["env"]}
+                assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "ldm-mlflow-client"
+                ca = env["MLFLOW_TRACKING_SERVER_CERT_PATH"]["value"]
+                assert any(ca.startswith(m["mountPath"] + "/") for m in c["volumeMounts"]), (path, c["name"])
+
+
+# The Pod Security Standards' "restricted" profile (kubernetes.io/docs/concepts/security/pod-security-standards),
+# written out: what the API server of the namespace checks on admission.
+RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                           "projected", "secret"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+                "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+                "net.ipv4.tcp_keepalive_probes"}
+
+
+def restricted_violations(pod: dict, extra_containers: list[dict] = ()) -> list[str]:
+    """What in a pod spec the restricted Pod Security profile (baseline included) forbids. `extra_containers`:
+    containers an operator adds to the pod (KubeRay's autoscaler sidecar), given as their securityContext."""
+    bad = []
+    psc = pod.get("securityContext") or {}
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(field):
+            bad.append(f"{field}: true")
+    for v in pod.get("volumes", []):
+        kind = (set(v) - {"name"}).pop()
+        if kind not in RESTRICTED_VOLUME_TYPES:
+            bad.append(f"volume {v['name']}: type {kind}")
+    for s in psc.get("sysctls", []):
+        if s["name"] not in SAFE_SYSCTLS:
+            bad.append(f"sysctl {s['name']}")
+    if psc.get("runAsUser") == 0:
+        bad.append("pod runAsUser 0")
+    if (psc.get("seLinuxOptions") or {}).get("type") not in (None, "", "container_t", "container_init_t",
+                                                              "container_kvm_t", "container_engine_t"):
+        bad.append("pod seLinuxOptions.type")
+    if (psc.get("appArmorProfile") or {}).get("type") == "Unconfined":
+        bad.append("pod appArmorProfile Unconfined")
+    containers = [*pod.get("initContainers", []), *pod["containers"], *pod.get("ephemeralContainers", []),
+                  *({"name": "(sidecar)", "securityContext": sc} for sc in extra_containers)]
+    for c in containers:
+        sc = c.get("securityContext") or {}
+        where = f"container {c['name']}"
+        if sc.get("privileged"):
+            bad.append(f"{where}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{where}: allowPrivilegeEscalation not false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in caps.get("drop", []):
+            bad.append(f"{where}: capabilities do not drop ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            bad.append(f"{where}: adds capabilities {sorted(set(caps['add']) - {'NET_BIND_SERVICE'})}")
+        if not (sc.get("runAsNonRoot") if "runAsNonRoot" in sc else psc.get("runAsNonRoot")):
+            bad.append(f"{where}: runAsNonRoot not true")
+        if sc.get("runAsUser") == 0:
+            bad.append(f"{where}: runAsUser 0")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            bad.append(f"{where}: seccompProfile {seccomp}")
+        if sc.get("procMount", "Default") != "Default":
+            bad.append(f"{where}: procMount")
+        if (sc.get("windowsOptions") or {}).get("hostProcess"):
+            bad.append(f"{where}: hostProcess")
+        for port in c.get("ports", []):
+            if port.get("hostPort"):
+                bad.append(f"{where}: hostPort {port['hostPort']}")
+    return bad
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard_which_the_namespace_enforces():
+    namespaces = {d["metadata"]["name"]: d["metadata"]["labels"] for _, d in objects_of_kind("Namespace")}
+    assert set(namespaces) == {"ldm", "ldm-mlflow"}
+    for labels in namespaces.values():
+        assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+
+    checked = 0
+    for path, obj in objects_of_kind("Deployment") + objects_of_kind("RayCluster") + objects_of_kind("RayJob"):
+        sidecars = []
+        if obj["kind"] != "Deployment":
+            spec = obj["spec"]["rayClusterSpec"] if obj["kind"] == "RayJob" else obj["spec"]
+            # KubeRay's autoscaler sidecar joins the head pod with autoscalerOptions.securityContext.
+            sidecars = [spec["autoscalerOptions"].get("securityContext") or {}]
+        for i, pod in enumerate(pod_specs(obj)):
+            assert restricted_violations(pod, sidecars if i == 0 else []) == [], (path, i)
+            checked += 1
+        if obj["kind"] == "RayJob":
+            assert "submitterPodTemplate" in obj["spec"], f"{path}: KubeRay's default submitter pod is not restricted"
+    assert checked >= 12
+
+    # The checks catch what they are meant to catch.
+    ok = {"securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+          "containers": [{"name": "c", "securityContext": {"allowPrivilegeEscalation": False,
+                                                           "capabilities": {"drop": ["ALL"]}}}]}
+    assert restricted_violations(ok) == []
+    breaks = [
+        ("hostNetwork: true", {"hostNetwork": True}),
+        ("type hostPath", {"volumes": [{"name": "v", "hostPath": {"path": "/"}}]}),
+        ("seccompProfile Unconfined", {"securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "Unconfined"}}}),
+        ("runAsNonRoot not true", {"securityContext": {"seccompProfile": {"type": "RuntimeDefault"}}}),
+        ("adds capabilities ['SYS_ADMIN']", {"containers": [{"name": "c", "securityContext": {
+            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"], "add": ["SYS_ADMIN"]}}}]}),
+        ("allowPrivilegeEscalation not false", {"containers": [{"name": "c", "securityContext": {
+            "capabilities": {"drop": ["ALL"]}}}]}),
+    ]
+    for what, change in breaks:
+        assert any(what in v for v in restricted_violations({**copy.deepcopy(ok), **change})), what
+    assert any("sidecar" in v for v in restricted_violations(ok, [{"allowPrivilegeEscalation": False}]))
+
+
+def test_network_policies_admit_the_operator_by_namespace_and_label_and_block_instance_metadata():
+    policies = {d["metadata"]["name"]: d["spec"] for _, d in objects_of_kind("NetworkPolicy")}
+    ingress = policies["ldm-ingress"]
+    assert ingress["podSelector"] == {} and ingress["policyTypes"] == ["Ingress"]
+    peers = [peer for rule in ingress["ingress"] for peer in rule["from"]]
+    assert {"podSelector": {}} in peers
+    assert not any("ipBlock" in peer for peer in peers), "no address range may reach the pods"
+    for peer in peers:
+        if "namespaceSelector" in peer:
+            # Namespace AND pod label in one peer: the label alone (which any pod can carry) admits nothing.
+            assert peer["namespaceSelector"]["matchLabels"].get("kubernetes.io/metadata.name"), peer
+            assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}, peer
+
+    # The MLflow server, in its own namespace, admits the jobs' namespace only, on its port.
+    mlflow_ingress = policies["mlflow-ingress"]
+    assert mlflow_ingress["podSelector"] == {}
+    assert [peer for rule in mlflow_ingress["ingress"] for peer in rule["from"]] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ldm"}}}]
+    assert [p["port"] for rule in mlflow_ingress["ingress"] for p in rule["ports"]] == [5000]
+
+    import ipaddress
+
+    for name in ("ldm-egress", "mlflow-egress"):
+        egress = policies[name]
+        assert egress["podSelector"] == {} and egress["policyTypes"] == ["Egress"], name
+        blocks = [peer["ipBlock"] for rule in egress["egress"] for peer in rule.get("to", []) if "ipBlock" in peer]
+        for metadata in ("169.254.169.254", "fd00:ec2::254"):
+            ip = ipaddress.ip_address(metadata)
+            reaching = [b for b in blocks if ip in ipaddress.ip_network(b["cidr"])
+                        and not any(ip in ipaddress.ip_network(e) for e in b.get("except", []))]
+            assert reaching == [], f"{name} reaches the instance metadata service {metadata}"
+        assert any(ipaddress.ip_address("169.254.170.23") in ipaddress.ip_network(b["cidr"]) for b in blocks), \
+            f"{name}: the EKS Pod Identity agent must stay reachable"
+
+
+def test_images_follow_the_immutable_tag_or_digest_policy():
+    """The project image: one immutable release tag (semver, never `latest`, the ECR repository created
+    IMMUTABLE) or a digest; kustomize puts it in every container. The base image: a fixed release."""
+    (image,) = yaml.safe_load((K8S / "image" / "kustomization.yaml").read_text())["images"]
+    if "digest" in image:
+        assert re.fullmatch(r"sha256:[0-9a-f]{64}", image["digest"])
+    else:
+        assert re.fullmatch(r"\d+\.\d+\.\d+", image["newTag"]), image
+    assert "--image-tag-mutability IMMUTABLE" in (INFRA / "README.md").read_text()
+    for path, obj in objects_of_kind("Deployment") + objects_of_kind("RayCluster") + objects_of_kind("RayJob"):
+        for pod in pod_specs(obj):
+            for c in pod["containers"]:
+                assert c["image"].startswith(image["name"] + ":") and not c["image"].endswith(":latest"), path
+    base = re.search(r"^ARG RAY_IMAGE=(\S+)$", (INFRA / "docker" / "Dockerfile").read_text(), re.M).group(1)
+    assert re.fullmatch(r"rayproject/ray:\d+\.\d+\.\d+-py\d+-\w+(@sha256:[0-9a-f]{64})?", base), base
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -388,7 +583,8 @@ def test_k8s_secure_defaults():
 
 CREDENTIAL_PATTERNS = {
     "AWS access key id": r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",
-    "AWS secret key setting": r"(?i)aws_secret_access_key\s*[:=]\s*\S",
+    # moto's documented placeholder ("testing", infra/README.md's one-machine walkthrough) is no credential.
+    "AWS secret key setting": r"(?i)aws_secret_access_key\s*[:=]\s*(?!testing\b)\S",
     "private key": r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
     "password in a URI": r"://[^/\s:@'\"]+:(?!\$)[^@\s/'\"]+@",
     "Ray token value": r"RAY_AUTH_TOKEN\s*[:=]\s*['\"]?(?!\$)[\w-]{8,}",
@@ -401,7 +597,9 @@ def test_no_open_ingress_or_literal_credentials_anywhere_in_infra():
     for path in files:
         text = path.read_text()
         for cidr in ("0.0.0.0/0", "::/0"):
-            assert cidr not in text, f"{path.relative_to(REPO)} opens ingress to the world ({cidr})"
+            # The egress policy alone names them, with the metadata service excepted (checked above).
+            if path.name != "networkpolicy.yaml":
+                assert cidr not in text, f"{path.relative_to(REPO)} opens ingress to the world ({cidr})"
         for what, pattern in CREDENTIAL_PATTERNS.items():
             match = re.search(pattern, text)
             assert match is None, f"{path.relative_to(REPO)}: {what}: {match.group(0)!r}"
@@ -431,6 +629,88 @@ def test_iam_policies_scope_data_and_secrets_and_match_the_configs():
     (bucket,) = buckets
     used = set(re.findall(r"s3://([\w.-]+)/", CLUSTER_YAML.read_text() + (K8S / "settings.yaml").read_text()))
     assert used == {bucket}
+
+
+def policy(name: str) -> list[dict]:
+    return json.loads((INFRA / "aws" / "iam" / f"{name}-policy.json").read_text())["Statement"]
+
+
+def allows(statements: list[dict], action: str, resource: str, context: dict[str, str] | None = None) -> bool:
+    """Whether these Allow statements grant `action` on `resource` with these condition keys (IAM's matching for
+    the parts the policies here use: wildcards in actions and ARNs, StringEquals, StringLike; a condition on a key
+    the request does not carry does not match)."""
+    import fnmatch
+
+    context = context or {}
+    for st in statements:
+        assert st["Effect"] == "Allow" and set(st) <= {"Sid", "Effect", "Action", "Resource", "Condition"}, st
+        actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+        resources = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+        if not any(fnmatch.fnmatchcase(action, a) for a in actions):
+            continue
+        if not any(fnmatch.fnmatchcase(resource, r) for r in resources):
+            continue
+        ok = True
+        for operator, conditions in st.get("Condition", {}).items():
+            assert operator in {"StringEquals", "StringLike"}, operator
+            for key, wanted in conditions.items():
+                wanted = wanted if isinstance(wanted, list) else [wanted]
+                got = context.get(key)
+                match = (lambda w: got == w) if operator == "StringEquals" else (lambda w: fnmatch.fnmatchcase(got, w))
+                ok &= got is not None and any(match(w) for w in wanted)
+        if ok:
+            return True
+    return False
+
+
+def test_iam_roles_act_only_on_this_clusters_instances_and_their_own_secrets():
+    cluster = load_cluster()["cluster_name"]
+    head, worker, server = policy("head"), policy("worker"), policy("mlflow")
+    ours = {"ec2:ResourceTag/ray-cluster-name": cluster}
+    theirs = {"ec2:ResourceTag/ray-cluster-name": "someone-elses"}
+    instance = "arn:aws:ec2:us-east-1:123456789012:instance/i-0123456789abcdef0"
+
+    # The autoscaler starts, stops, terminates and tags the instances of this cluster, none other.
+    for action in ("ec2:TerminateInstances", "ec2:StopInstances", "ec2:StartInstances", "ec2:CreateTags"):
+        assert allows(head, action, instance, ours), action
+        assert not allows(head, action, instance, theirs), action
+        assert not allows(head, action, instance), f"{action} on an untagged instance"
+    # It launches instances only when they carry this cluster's tag, and tags them only while launching.
+    assert allows(head, "ec2:RunInstances", instance, {"aws:RequestTag/ray-cluster-name": cluster})
+    assert not allows(head, "ec2:RunInstances", instance, {"aws:RequestTag/ray-cluster-name": "x"})
+    assert not allows(head, "ec2:RunInstances", instance)
+    assert allows(head, "ec2:CreateTags", instance, {"ec2:CreateAction": "RunInstances"})
+    assert allows(head, "ec2:RunInstances", "arn:aws:ec2:us-east-1::image/ami-0123")
+    # Unconditioned "*" only for read-only Describe calls.
+    for st in head:
+        if st["Resource"] == "*":
+            actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+            assert all(a.startswith("ec2:Describe") for a in actions), st["Sid"]
+    # The head hands instances the worker role only, and only to EC2; the workers manage no instances.
+    assert allows(head, "iam:PassRole", "arn:aws:iam::123456789012:role/ldm-ray-worker",
+                  {"iam:PassedToService": "ec2.amazonaws.com"})
+    assert not allows(head, "iam:PassRole", "arn:aws:iam::123456789012:role/ldm-ray-head",
+                      {"iam:PassedToService": "ec2.amazonaws.com"})
+    assert not allows(head, "iam:PassRole", "arn:aws:iam::123456789012:role/admin",
+                      {"iam:PassedToService": "ec2.amazonaws.com"})
+    for action in ("ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags", "iam:PassRole"):
+        assert not any(allows(worker, action, r, ctx) for r in (instance, "arn:aws:iam::1:role/ldm-ray-worker")
+                       for ctx in (ours, {"aws:RequestTag/ray-cluster-name": cluster}))
+
+    # Secrets: the jobs' roles read what jobs hold anyway (the Ray token, the pipeline's MLflow password, the CA
+    # certificate); only the MLflow server's role reads the database URIs, the admin password and the TLS key.
+    secret = "arn:aws:secretsmanager:us-east-1:123456789012:secret:{}-AbCdEf"
+    job_secrets = ["ldm/ray-auth-token", "ldm/mlflow-pipeline-password", "ldm/mlflow-ca-cert"]
+    server_secrets = ["ldm/mlflow-db-uri", "ldm/mlflow-auth-db-uri", "ldm/mlflow-admin-password",
+                      "ldm/mlflow-flask-secret-key", "ldm/mlflow-tls-key"]
+    for role in (head, worker):
+        assert all(allows(role, "secretsmanager:GetSecretValue", secret.format(s)) for s in job_secrets)
+        assert not any(allows(role, "secretsmanager:GetSecretValue", secret.format(s)) for s in server_secrets)
+    assert all(allows(server, "secretsmanager:GetSecretValue", secret.format(s)) for s in server_secrets)
+    assert not allows(server, "secretsmanager:GetSecretValue", secret.format("ldm/mlflow-pipeline-password"))
+    # The server writes artifacts under its prefix only; the jobs' data is out of its reach.
+    assert allows(server, "s3:PutObject", "arn:aws:s3:::ldm-example-bucket/mlartifacts/1/run/a.png")
+    assert not allows(server, "s3:GetObject", "arn:aws:s3:::ldm-example-bucket/datasets/photos/manifest.json")
 
 
 def test_docs_and_manifests_name_only_existing_repo_paths():
@@ -478,20 +758,68 @@ def test_fetch_secret_writes_an_owner_only_file_and_prints_no_secret(moto_server
     assert not (tmp_path / "x").exists()
 
 
+def test_mlflow_client_setup_puts_the_credentials_in_the_environment_of_ray_start_only(moto_server, tmp_path):
+    import boto3
+
+    password, cert = f"pw-{uuid.uuid4().hex}", f"-----BEGIN CERTIFICATE-----\n{uuid.uuid4().hex}\n"
+    sm = boto3.client("secretsmanager", endpoint_url=moto_server)
+    for name, value in (("ldm/mlflow-pipeline-password", password), ("ldm/mlflow-ca-cert", cert)):
+        try:
+            sm.create_secret(Name=name, SecretString=value)
+        except sm.exceptions.ResourceExistsException:
+            sm.put_secret_value(SecretId=name, SecretString=value)
+    script = str(INFRA / "aws" / "mlflow_client_setup.sh")
+    env = {**os.environ, "HOME": str(tmp_path), "LDM_PYTHON": sys.executable}
+
+    plain = subprocess.run(["bash", script], env={**env, "LDM_MLFLOW_URI": "http://mlflow:5000"},
+                           capture_output=True, text=True)
+    assert plain.returncode == 2 and "https only" in plain.stderr
+    assert not (tmp_path / ".ldm").exists()
+
+    done = subprocess.run(["bash", script], env={**env, "LDM_MLFLOW_URI": "https://mlflow.ldm.internal:5000"},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert password not in done.stdout + done.stderr
+    ldm = tmp_path / ".ldm"
+    assert stat.S_IMODE(ldm.stat().st_mode) == 0o700
+    for f in ("mlflow-password", "mlflow.env"):
+        assert stat.S_IMODE((ldm / f).stat().st_mode) == 0o600, f
+    assert password not in (ldm / "mlflow.env").read_text(), "the env file reads the password, it does not hold it"
+    # What `ray start` (and so every job) sees after sourcing ~/.ldm_env.
+    shown = subprocess.run(["bash", "-c", ". ~/.ldm_env && env"], env={"HOME": str(tmp_path), "PATH": os.environ["PATH"]},
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert {"MLFLOW_TRACKING_URI=https://mlflow.ldm.internal:5000", "MLFLOW_TRACKING_USERNAME=pipeline",
+            f"MLFLOW_TRACKING_PASSWORD={password}", f"MLFLOW_TRACKING_SERVER_CERT_PATH={ldm / 'mlflow-ca.pem'}"} <= set(shown)
+    assert (ldm / "mlflow-ca.pem").read_text() == cert
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-def test_mlflow_systemd_unit_verifies_and_takes_the_database_uri_as_a_credential(tmp_path):
+def test_mlflow_systemd_unit_verifies_and_takes_every_secret_as_a_credential_of_its_own_user(tmp_path):
     unit = UNIT.read_text()
     lines = [line for line in unit.splitlines() if "=" in line and not line.startswith("#")]
-    directives = dict(line.split("=", 1) for line in lines if not line.startswith("Environment="))
+    directives = dict(line.split("=", 1) for line in lines if not line.startswith(("Environment=", "LoadCredential=")))
     env = dict(line.split("=", 2)[1:] for line in lines if line.startswith("Environment="))
-    assert directives["ExecStart"] == f"{REMOTE_REPO}/infra/mlflow/serve.sh"
-    cred_name = directives["LoadCredential"].split(":")[0]
-    assert env["MLFLOW_BACKEND_STORE_URI_FILE"] == f"%d/{cred_name}"
-    assert "MLFLOW_BACKEND_STORE_URI" not in env, "the URI itself never goes into the unit"
+    credentials = dict(line.split("=", 1)[1].split(":", 1) for line in lines if line.startswith("LoadCredential="))
+    opt = "/opt/ldm-mlflow"
+    assert directives["ExecStart"] == f"{opt}/serve.sh" and env["MLFLOW_BIN"].startswith(f"{opt}/")
+    # Its own unprivileged user, not the user that runs Ray and the jobs.
+    assert directives["User"] == "ldm-mlflow" and directives["NoNewPrivileges"] == "yes"
+    assert directives["CapabilityBoundingSet"] == "" and directives["ProtectHome"] == "yes"
+    # Every secret serve.sh reads is a credential (a file only this service can read), never a value in the unit.
+    for var in ("MLFLOW_BACKEND_STORE_URI_FILE", "MLFLOW_AUTH_DATABASE_URI_FILE", "MLFLOW_AUTH_ADMIN_PASSWORD_FILE",
+                "MLFLOW_FLASK_SERVER_SECRET_KEY_FILE", "MLFLOW_TLS_KEY_FILE", "MLFLOW_TLS_CERT_FILE"):
+        name = env[var].removeprefix("%d/")
+        assert env[var] == f"%d/{name}" and credentials[name].startswith("/etc/ldm-mlflow/"), var
+        assert var in SERVE_SH.read_text()
+    assert not {"MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"} & env.keys()
+    # The setup fetches exactly the secrets the unit loads, from the names the MLflow role may read.
+    host_setup = (INFRA / "aws" / "mlflow_host_setup.sh").read_text()
+    fetched = set(re.search(r"for name in ([^;]+); do", host_setup).group(1).replace("\\\n", " ").split())
+    assert {Path(f).name for f in credentials.values()} == fetched
 
-    # systemd's own verifier on the unit as installed, with the checkout in place of the node's copy.
+    # systemd's own verifier on the unit as installed, with the checkout's serve.sh in place of the host's copy.
     local = tmp_path / UNIT.name
-    local.write_text(unit.replace(REMOTE_REPO, str(REPO)))
+    local.write_text(unit.replace(f"{opt}/serve.sh", str(SERVE_SH)))
     done = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True)
     assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
 
@@ -501,52 +829,105 @@ def test_mlflow_systemd_unit_verifies_and_takes_the_database_uri_as_a_credential
 # --------------------------------------------------------------------------------------------------------
 
 
+def serve_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    """A complete environment for serve.sh with throwaway secret files (the exec'd binary is overridable)."""
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(exist_ok=True)
+    files = {}
+    for name, value in (("auth-db-uri", f"sqlite:///{tmp_path / 'auth.db'}"), ("flask-key", uuid.uuid4().hex),
+                        ("admin-password", f"adm-{uuid.uuid4().hex}")):
+        (secrets / name).write_text(value + "\n")
+        (secrets / name).chmod(0o600)
+        files[name] = str(secrets / name)
+    return {
+        "PATH": os.environ["PATH"],
+        "MLFLOW_BACKEND_STORE_URI": "sqlite:///unused.db",
+        "MLFLOW_ARTIFACTS_DESTINATION": "s3://bucket/mlartifacts",
+        "MLFLOW_AUTH_DATABASE_URI_FILE": files["auth-db-uri"],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY_FILE": files["flask-key"],
+        "MLFLOW_AUTH_ADMIN_PASSWORD_FILE": files["admin-password"],
+        # Were validation to pass, exec would fail with 127 instead of the script's own exit code 2.
+        "MLFLOW_BIN": "/nonexistent/mlflow",
+        "TMPDIR": str(tmp_path),
+        **overrides,
+    }
+
+
 @pytest.mark.parametrize(
     ("env", "named"),
     [
         ({"MLFLOW_HOST": "0.0.0.0"}, "MLFLOW_HOST"),
         ({"MLFLOW_HOST": "8.8.8.8"}, "MLFLOW_HOST"),
         ({"MLFLOW_HOST": "mlflow.example.com"}, "MLFLOW_HOST"),
+        ({"MLFLOW_HOST": "10.0.0.5"}, "MLFLOW_TLS_CERT_FILE"),  # a private address, but no TLS
+        ({"MLFLOW_TLS_CERT_FILE": "/nonexistent/cert.pem", "MLFLOW_TLS_KEY_FILE": "/nonexistent/key.pem"},
+         "MLFLOW_TLS_CERT_FILE"),
         ({"MLFLOW_ARTIFACTS_DESTINATION": ""}, "MLFLOW_ARTIFACTS_DESTINATION"),
         ({"MLFLOW_BACKEND_STORE_URI": ""}, "MLFLOW_BACKEND_STORE_URI"),
         ({"MLFLOW_BACKEND_STORE_URI_FILE": "/nonexistent/uri"}, "MLFLOW_BACKEND_STORE_URI_FILE"),
         ({"MLFLOW_PORT": "http"}, "MLFLOW_PORT"),
+        ({"MLFLOW_AUTH_DATABASE_URI_FILE": ""}, "MLFLOW_AUTH_DATABASE_URI_FILE"),
+        ({"MLFLOW_FLASK_SERVER_SECRET_KEY_FILE": "/nonexistent/key"}, "MLFLOW_FLASK_SERVER_SECRET_KEY_FILE"),
+        ({"MLFLOW_AUTH_ADMIN_PASSWORD_FILE": "/dev/null"}, "MLFLOW_AUTH_ADMIN_PASSWORD_FILE"),  # empty
+        ({"MLFLOW_AUTH_DEFAULT_PERMISSION": "EDIT"}, "MLFLOW_AUTH_DEFAULT_PERMISSION"),
+        ({"MLFLOW_AUTH_CACHE_TTL_SECONDS": "1m"}, "MLFLOW_AUTH_CACHE_TTL_SECONDS"),
     ],
 )
-def test_mlflow_serve_refuses_unsafe_or_missing_settings(env, named):
-    base = {
-        "PATH": os.environ["PATH"],
-        "MLFLOW_BACKEND_STORE_URI": "sqlite:///unused.db",
-        "MLFLOW_ARTIFACTS_DESTINATION": "s3://bucket/mlartifacts",
-        # Were validation to pass, exec would fail with 127 instead of the script's own exit code 2.
-        "MLFLOW_BIN": "/nonexistent/mlflow",
-    }
-    done = subprocess.run([str(SERVE_SH)], env={**base, **env}, capture_output=True, text=True)
+def test_mlflow_serve_refuses_unsafe_or_missing_settings(env, named, tmp_path):
+    done = subprocess.run([str(SERVE_SH)], env=serve_env(tmp_path, **env), capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
     assert named in done.stderr
+    assert list(tmp_path.glob("ldm-mlflow-auth.*")) == [], "nothing written before the settings are valid"
 
 
-def test_mlflow_serve_allows_all_interfaces_only_when_asked():
-    env = {
-        "PATH": os.environ["PATH"],
-        "MLFLOW_BACKEND_STORE_URI": "sqlite:///unused.db",
-        "MLFLOW_ARTIFACTS_DESTINATION": "s3://bucket/mlartifacts",
-        "MLFLOW_HOST": "0.0.0.0",
-        "MLFLOW_BIND_ALL_INTERFACES": "true",
-        "MLFLOW_BIN": "/nonexistent/mlflow",
-    }
+def test_mlflow_serve_allows_all_interfaces_only_when_asked_and_with_tls(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("placeholder")
+    key.write_text("placeholder")
+    env = serve_env(tmp_path, MLFLOW_HOST="0.0.0.0", MLFLOW_BIND_ALL_INTERFACES="true",
+                    MLFLOW_TLS_CERT_FILE=str(cert), MLFLOW_TLS_KEY_FILE=str(key))
     done = subprocess.run([str(SERVE_SH)], env=env, capture_output=True, text=True)
     assert done.returncode == 127 and "--host 0.0.0.0" in done.stderr, done.stderr
+    assert "--app-name basic-auth" in done.stderr and f"--ssl-certfile {cert}" in done.stderr
+    # The generated auth config is private to the server's user and holds the auth database URI.
+    (ini,) = tmp_path.glob("ldm-mlflow-auth.*/basic_auth.ini")
+    assert stat.S_IMODE(ini.parent.stat().st_mode) == 0o700 and stat.S_IMODE(ini.stat().st_mode) == 0o600
+    assert f"database_uri = sqlite:///{tmp_path / 'auth.db'}" in ini.read_text()
+    assert "default_permission = READ" in ini.read_text() and "auth_cache_ttl_seconds = 60" in ini.read_text()
 
 
-def http(url: str, *, method: str = "GET", body: dict | None = None, host: str | None = None):
+def test_mlflow_server_installs_carry_the_auth_extra_in_the_projects_version_range():
+    """The basic-auth app needs mlflow's `auth` extra wherever the server runs (the image, the MLflow host)."""
+    spec = re.search(r'"mlflow(?:\[[\w,]+\])?([^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    for path in (INFRA / "docker" / "Dockerfile", INFRA / "aws" / "mlflow_host_setup.sh"):
+        assert f"'mlflow[auth]{spec}'" in path.read_text(), path
+
+
+def self_signed_cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1 (openssl), as the clients' trusted CA and the server's cert."""
+    cert, key = tmp_path / "tls-cert.pem", tmp_path / "tls-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    key.chmod(0o600)
+    return cert, key
+
+
+def http(url: str, *, method: str = "GET", body: dict | None = None, host: str | None = None,
+         auth: tuple[str, str] | None = None, cafile: Path | None = None):
     headers = {"Content-Type": "application/json"} if body is not None else {}
     if host:
         headers["Host"] = host
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(req, timeout=30, context=context) as resp:
             return resp.status, resp.headers.get("Content-Type", ""), resp.read()
     except urllib.error.HTTPError as err:
         return err.code, err.headers.get("Content-Type", ""), err.read()
@@ -570,13 +951,18 @@ def descendants(pid: int) -> list[int]:
 
 @pytest.fixture
 def mlflow_server(moto_server, s3_bucket, tmp_path):
-    """infra/mlflow/serve.sh on 127.0.0.1: SQLite metadata, artifacts proxied to the moto S3 bucket."""
+    """infra/mlflow/serve.sh on 127.0.0.1 over HTTPS (a throwaway certificate), basic auth on: SQLite metadata
+    and users, artifacts proxied to the moto S3 bucket, every secret a 0600 file."""
     port = free_port()
     marker = f"backend-{uuid.uuid4().hex[:8]}"
+    cert, key = self_signed_cert(tmp_path)
     uri_file = tmp_path / "db-uri"
     uri_file.write_text(f"sqlite:///{tmp_path / marker}.db\n")
     uri_file.chmod(0o600)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(serve_env(tmp_path, PATH=env["PATH"]))
+    env.pop("MLFLOW_BACKEND_STORE_URI")
+    admin_password = Path(env["MLFLOW_AUTH_ADMIN_PASSWORD_FILE"]).read_text().strip()
     env.update(
         MLFLOW_BIN=str(Path(sys.executable).parent / "mlflow"),
         MLFLOW_BACKEND_STORE_URI_FILE=str(uri_file),
@@ -586,81 +972,267 @@ def mlflow_server(moto_server, s3_bucket, tmp_path):
         MLFLOW_WORKERS="1",
         MLFLOW_SERVER_ALLOWED_HOSTS=f"127.0.0.1:{port},mlflow:{port}",
         MLFLOW_S3_ENDPOINT_URL=moto_server,
+        MLFLOW_TLS_CERT_FILE=str(cert),
+        MLFLOW_TLS_KEY_FILE=str(key),
     )
     log_path = tmp_path / "mlflow-server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [str(SERVE_SH)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"serve.sh exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
-                if http(f"{url}/health")[0] == 200:
+                if http(f"{url}/health", cafile=cert)[0] == 200:
                     break
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"no /health after 240 s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield {"url": url, "port": port, "pid": proc.pid, "bucket": s3_bucket, "marker": marker, "log": log_path}
+        yield {"url": url, "port": port, "pid": proc.pid, "bucket": s3_bucket, "marker": marker, "log": log_path,
+               "cert": cert, "admin": ("admin", admin_password),
+               "secrets": [admin_password, Path(env["MLFLOW_FLASK_SERVER_SECRET_KEY_FILE"]).read_text().strip()]}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
 
 
-def test_mlflow_server_serves_api_and_ui_and_stores_artifacts_in_s3(mlflow_server, moto_server, monkeypatch, tmp_path):
-    import boto3
+def add_mlflow_user(server: dict, username: str, tmp_path: Path) -> tuple[str, str]:
+    """Create a user with infra/mlflow/add_user.py, as the admin. Returns (username, password)."""
+    password = f"pw-{uuid.uuid4().hex}"
+    password_file = tmp_path / f"{username}-password"
+    password_file.write_text(password)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server["url"], "MLFLOW_TRACKING_SERVER_CERT_PATH": str(server["cert"]),
+           "MLFLOW_TRACKING_USERNAME": server["admin"][0], "MLFLOW_TRACKING_PASSWORD": server["admin"][1]}
+    done = subprocess.run([sys.executable, str(INFRA / "mlflow" / "add_user.py"), username, "--password-file",
+                           str(password_file)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert password not in done.stdout + done.stderr
+    return username, password
+
+
+@contextlib.contextmanager
+def mlflow_as(server: dict, user: tuple[str, str] | None):
+    """Point this process's MLflow client at the server, as `user` (None: no credentials)."""
     import mlflow
 
-    url, port = mlflow_server["url"], mlflow_server["port"]
-
-    # REST API and UI.
-    status, _, body = http(f"{url}/api/2.0/mlflow/experiments/search", method="POST", body={"max_results": 10})
-    assert status == 200 and "experiments" in json.loads(body)
-    status, content_type, body = http(f"{url}/")
-    assert status == 200 and content_type.startswith("text/html") and b"<html" in body.lower()
-
-    # Host-header protection as configured by MLFLOW_SERVER_ALLOWED_HOSTS.
-    search = f"{url}/api/2.0/mlflow/experiments/search"
-    assert http(search, method="POST", body={"max_results": 1}, host=f"mlflow:{port}")[0] == 200
-    assert http(search, method="POST", body={"max_results": 1}, host="evil.example.com")[0] == 403
-
-    # A client run logs a metric and an artifact through the server.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    mlflow.set_tracking_uri(url)
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_USERNAME",
+             "MLFLOW_TRACKING_PASSWORD")
+    old = {k: os.environ.get(k) for k in names}
+    os.environ.update(MLFLOW_TRACKING_URI=server["url"], MLFLOW_TRACKING_SERVER_CERT_PATH=str(server["cert"]))
+    for k in names[2:]:
+        os.environ.pop(k, None)
+    if user is not None:
+        os.environ.update(MLFLOW_TRACKING_USERNAME=user[0], MLFLOW_TRACKING_PASSWORD=user[1])
+    mlflow.set_tracking_uri(server["url"])
     try:
+        yield mlflow.MlflowClient(server["url"])
+    finally:
+        mlflow.set_tracking_uri(None)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_mlflow_server_requires_authentication_serves_tls_and_stores_artifacts_in_s3(
+    mlflow_server, moto_server, tmp_path
+):
+    import boto3
+    from mlflow.exceptions import MlflowException
+
+    url, port, cert = mlflow_server["url"], mlflow_server["port"], mlflow_server["cert"]
+    search = f"{url}/api/2.0/mlflow/experiments/search"
+
+    # TLS only: plain HTTP on the port gets no MLflow answer, and the certificate is verified.
+    with pytest.raises((urllib.error.URLError, ConnectionError, http_client.HTTPException)):
+        http(f"http://127.0.0.1:{port}/health")
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        urllib.request.urlopen(f"{url}/health", timeout=30)
+
+    # No credentials, wrong credentials: nothing but the health check.
+    assert http(f"{url}/health", cafile=cert)[0] == 200
+    assert http(search, method="POST", body={"max_results": 1}, cafile=cert)[0] == 401
+    assert http(f"{url}/", cafile=cert)[0] == 401
+    admin = mlflow_server["admin"]
+    assert http(search, method="POST", body={"max_results": 1}, cafile=cert, auth=("admin", "wrong-password-1"))[0] == 401
+    status, content_type, body = http(f"{url}/", cafile=cert, auth=admin)
+    assert status == 200 and content_type.startswith("text/html") and b"<html" in body.lower()
+    # Host-header protection as configured by MLFLOW_SERVER_ALLOWED_HOSTS.
+    assert http(search, method="POST", body={"max_results": 1}, cafile=cert, auth=admin, host=f"mlflow:{port}")[0] == 200
+    assert http(search, method="POST", body={"max_results": 1}, cafile=cert, auth=admin, host="evil.example.com")[0] == 403
+
+    pipeline_user = add_mlflow_user(mlflow_server, "pipeline", tmp_path)
+    viewer = add_mlflow_user(mlflow_server, "viewer", tmp_path)
+
+    # The pipeline's user logs a run, an artifact and a registered model through the server.
+    artifact = tmp_path / "notes.txt"
+    artifact.write_text(f"artifact {uuid.uuid4().hex}")
+    with mlflow_as(mlflow_server, pipeline_user) as client:
+        import mlflow
+
         exp_id = mlflow.create_experiment(f"infra-{uuid.uuid4().hex[:8]}")
         assert mlflow.get_experiment(exp_id).artifact_location.startswith("mlflow-artifacts:")
-        artifact = tmp_path / "notes.txt"
-        artifact.write_text(f"artifact {uuid.uuid4().hex}")
         with mlflow.start_run(experiment_id=exp_id) as run:
             mlflow.log_metric("loss", 0.25, step=3)
             mlflow.log_artifact(str(artifact), artifact_path="reports")
-        fetched = mlflow.get_run(run.info.run_id)
-        assert fetched.data.metrics["loss"] == 0.25
-    finally:
-        mlflow.set_tracking_uri(None)
+        run_id = run.info.run_id
+        assert client.get_run(run_id).data.metrics["loss"] == 0.25
+        client.create_registered_model("ldm-autoencoder")
+        version = client.create_model_version("ldm-autoencoder", f"runs:/{run_id}/reports", run_id=run_id)
+        client.set_registered_model_alias("ldm-autoencoder", "champion", version.version)
+
+    # An unauthenticated client can neither read, log nor register.
+    with mlflow_as(mlflow_server, None) as client:
+        for attempt in (lambda: client.create_experiment("anonymous"),
+                        lambda: client.log_metric(run_id, "loss", 9.0),
+                        lambda: client.create_run(exp_id),
+                        lambda: client.create_registered_model("anonymous-model"),
+                        lambda: client.create_model_version("ldm-autoencoder", f"runs:/{run_id}/reports", run_id=run_id),
+                        lambda: client.get_run(run_id)):
+            with pytest.raises(MlflowException, match="401|[Uu]nauthenticated|not authenticated"):
+                attempt()
+
+    # A read-only user reads everything of the pipeline's and changes nothing: no new version, no alias move,
+    # no metric in its runs.
+    with mlflow_as(mlflow_server, viewer) as client:
+        assert client.get_run(run_id).data.metrics["loss"] == 0.25
+        assert client.get_model_version_by_alias("ldm-autoencoder", "champion").version == version.version
+        for attempt in (lambda: client.create_model_version("ldm-autoencoder", f"runs:/{run_id}/reports", run_id=run_id),
+                        lambda: client.set_registered_model_alias("ldm-autoencoder", "champion", "1"),
+                        lambda: client.delete_registered_model_alias("ldm-autoencoder", "champion"),
+                        lambda: client.log_metric(run_id, "loss", 9.0),
+                        lambda: client.create_run(exp_id)):
+            with pytest.raises(MlflowException, match="PERMISSION_DENIED|403"):
+                attempt()
+    with mlflow_as(mlflow_server, admin) as client:
+        versions = client.search_model_versions("name = 'ldm-autoencoder'")
+        assert [v.version for v in versions] == [version.version]
+        assert [m.value for m in client.get_metric_history(run_id, "loss")] == [0.25]
 
     # The artifact landed in the bucket, under the server's artifacts destination.
     s3 = boto3.client("s3", endpoint_url=moto_server)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=mlflow_server["bucket"]).get("Contents", [])]
-    (key,) = [k for k in keys if k.endswith(f"{run.info.run_id}/artifacts/reports/notes.txt")]
+    (key,) = [k for k in keys if k.endswith(f"{run_id}/artifacts/reports/notes.txt")]
     assert key.startswith("mlartifacts/")
     assert s3.get_object(Bucket=mlflow_server["bucket"], Key=key)["Body"].read().decode() == artifact.read_text()
 
-    # The database URI reached the server through the environment only: not on any command line, not logged.
+    # The database URI and the auth secrets reached the server through files and its environment only: not on
+    # any command line, not logged.
+    server_log = mlflow_server["log"].read_text()
     for pid in descendants(mlflow_server["pid"]):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        assert mlflow_server["marker"] not in cmdline, cmdline
-    assert mlflow_server["marker"] not in mlflow_server["log"].read_text()
+        for secret in [mlflow_server["marker"], *mlflow_server["secrets"], pipeline_user[1], viewer[1]]:
+            assert secret not in cmdline, cmdline
+    for secret in [mlflow_server["marker"], *mlflow_server["secrets"], pipeline_user[1], viewer[1]]:
+        assert secret not in server_log
+
+
+def find_secrets(blobs: dict[str, bytes], secrets: list[str]) -> list[str]:
+    """'where: which secret' for every blob that contains one of the secrets (as text or bytes)."""
+    return [f"{where}: secret #{i}" for where, data in blobs.items() for i, s in enumerate(secrets) if s.encode() in data]
+
+
+def everything_logged(client, experiment_id: str, dst: Path) -> dict[str, bytes]:
+    """Every param, tag, metric key, dataset input and artifact file of every run of an experiment, and every
+    registered model version's fields, as blobs keyed by where they came from."""
+    blobs: dict[str, bytes] = {}
+    for run in client.search_runs([experiment_id], max_results=1000):
+        rid = run.info.run_id
+        for kind, mapping in (("param", run.data.params), ("tag", run.data.tags), ("metric", run.data.metrics)):
+            for key, value in mapping.items():
+                blobs[f"{rid} {kind} {key}"] = f"{key}={value}".encode()
+        for inp in run.inputs.dataset_inputs:
+            blobs[f"{rid} input {inp.dataset.name}"] = repr(inp).encode()
+        local = Path(client.download_artifacts(rid, "", str(dst / rid)))
+        for f in local.rglob("*"):
+            if f.is_file():
+                blobs[f"{rid} artifact {f.relative_to(local)}"] = f.read_bytes()
+    for mv in client.search_model_versions():
+        blobs[f"model version {mv.name}/{mv.version}"] = repr(mv).encode()
+    return blobs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3000)
+def test_pipeline_with_credentials_runs_end_to_end_through_the_authenticated_server_and_logs_no_secret(
+    mlflow_server, moto_server, s3_bucket, tmp_path
+):
+    """A short `pipelines/run.py` (the tiny quickstart of tests/test_pipeline.py, the dataset on S3) as a job
+    runs it: MLflow credentials and S3 keys only in its environment. Its lineage is complete, and no secret
+    reaches a param, tag, metric, dataset input, artifact, registered model, output file or its console."""
+    import boto3
+
+    from tests.helpers import tiny_later_stages, tiny_overrides
+
+    pipeline_user = add_mlflow_user(mlflow_server, "pipeline", tmp_path)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+    fake_key_id = "AKIA" + "".join(alphabet[b % 32] for b in os.urandom(16))
+    fake_secret_key = base64.b64encode(os.urandom(30)).decode()
+    fake_session_token = base64.b64encode(os.urandom(48)).decode()
+    secrets = [pipeline_user[1], fake_key_id, fake_secret_key, fake_session_token]
+
+    data_uri = f"s3://{s3_bucket}/datasets/mnist"
+    overrides = [*tiny_overrides(tmp_path, data_uri), *tiny_later_stages(), "data.source=mnist", "data.limit=96",
+                 "data.shard_size=32", "run.name=secure", "mlflow.experiment=secure-e2e", "ray.num_cpus=2",
+                 "stage_a.scaling.num_workers=1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "RAY_ADDRESS"))}
+    env.update(
+        MLFLOW_TRACKING_URI=mlflow_server["url"], MLFLOW_TRACKING_SERVER_CERT_PATH=str(mlflow_server["cert"]),
+        MLFLOW_TRACKING_USERNAME=pipeline_user[0], MLFLOW_TRACKING_PASSWORD=pipeline_user[1],
+        AWS_ACCESS_KEY_ID=fake_key_id, AWS_SECRET_ACCESS_KEY=fake_secret_key, AWS_SESSION_TOKEN=fake_session_token,
+        AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=moto_server,
+    )
+    cmd = [sys.executable, str(REPO / "pipelines" / "run.py"), "--config", str(REPO / "configs" / "quickstart.yaml"),
+           *[f"--set={o}" for o in overrides]]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=2700)
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console.decode(errors="replace")[-5000:]
+
+    with mlflow_as(mlflow_server, pipeline_user) as client:
+        # Lineage: one parent run, every stage finished under it, each naming the run it consumed, back to the
+        # dataset digest of the manifest on S3.
+        exp_id = client.get_experiment_by_name("secure-e2e").experiment_id
+        runs = {r.data.tags["stage"]: r for r in client.search_runs([exp_id])}
+        assert set(runs) == {"pipeline", "prepare", "stage_a", "encode", "stage_b", "sample"}
+        assert all(r.info.status == "FINISHED" for r in runs.values())
+        assert {r.data.tags.get("mlflow.parentRunId") for s, r in runs.items() if s != "pipeline"} == {
+            runs["pipeline"].info.run_id}
+        ids = {s: r.info.run_id for s, r in runs.items()}
+        assert runs["stage_a"].data.tags["upstream_run_ids"] == ids["prepare"]
+        assert runs["encode"].data.tags["upstream_run_ids"] == ids["stage_a"]
+        assert runs["stage_b"].data.tags["upstream_run_ids"] == f"{ids['encode']},{ids['stage_a']}"
+        assert runs["sample"].data.tags["upstream_run_ids"] == ids["stage_b"]
+        manifest = json.loads(boto3.client("s3", endpoint_url=moto_server).get_object(
+            Bucket=s3_bucket, Key="datasets/mnist/manifest.json")["Body"].read())
+        assert runs["prepare"].data.tags["dataset_digest"] == manifest["digest"]
+        # The models the job registered, pinned by version, with the runs that made them.
+        ae = client.get_model_version("ldm-autoencoder", "1")
+        unet = client.get_model_version("ldm-unet", "1")
+        assert ae.run_id == ids["stage_a"] and unet.run_id == ids["stage_b"]
+        assert runs["encode"].data.tags["autoencoder_uri"] == "models:/ldm-autoencoder/1"
+        assert runs["sample"].data.tags["unet_uri"] == "models:/ldm-unet/1"
+
+        blobs = everything_logged(client, exp_id, tmp_path / "downloaded")
+    blobs["console"] = console
+    for f in (tmp_path / "out").rglob("*"):
+        if f.is_file():
+            blobs[f"output {f.relative_to(tmp_path)}"] = f.read_bytes()
+    assert sum(" param " in k for k in blobs) > 50 and sum(" artifact " in k for k in blobs) > 10, sorted(blobs)[:20]
+    assert find_secrets(blobs, secrets) == []
+    # The scan finds what it looks for.
+    planted = {"artifact x": b"...aws_secret_access_key = " + fake_secret_key.encode() + b"\n", "tag y": b"k=v"}
+    assert find_secrets(planted, secrets) == ["artifact x: secret #2"]

@@ -11,7 +11,7 @@ from torchvision import models as tv
 
 from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_core.discriminator import DiscriminatorConfig, NLayerDiscriminator
-from ldm_core.losses import AutoencoderLossConfig, adaptive_weight, discriminator_loss, generator_loss
+from ldm_core.losses import AutoencoderLossConfig, adaptive_weight, discriminator_loss, generator_loss, gradient_norms
 from ldm_core.perceptual import LPIPSConfig, RandomBackboneWarning, backbone_weights_path, build_lpips
 
 DISC_START = 10
@@ -110,7 +110,9 @@ def test_every_generator_loss_branch_is_finite_and_moves_the_right_parameters(
     )
     assert torch.isfinite(loss)
     assert all(torch.isfinite(torch.as_tensor(v)) and not torch.as_tensor(v).requires_grad for v in metrics.values())
-    assert set(metrics) == {"rec", "pixel", "perceptual", "kl", "g_adv", "adaptive_weight", "disc_factor", "total"}
+    grad_keys = {"rec_grad_norm", "adv_grad_norm", "adaptive_ratio"}  # only where the adaptive weight is computed
+    assert set(metrics) == {"rec", "pixel", "perceptual", "kl", "g_adv", "adaptive_weight", "disc_factor", "total"} | (
+        grad_keys if after_start else set())
     assert (metrics["perceptual"].item() > 0) == perceptual
     assert (metrics["adaptive_weight"].item() > 0) == after_start
     assert metrics["disc_factor"].item() == (1.0 if after_start else 0.0)
@@ -138,6 +140,24 @@ def test_generator_loss_total_composes_the_terms_after_disc_start(random_lpips):
     torch.testing.assert_close(m["rec"], rec.detach())
     torch.testing.assert_close(m["adaptive_weight"], lam)
     torch.testing.assert_close(loss, expected)
+    rec_norm, adv_norm = gradient_norms(rec, g_adv, ae.last_layer)
+    torch.testing.assert_close(m["rec_grad_norm"], rec_norm)
+    torch.testing.assert_close(m["adv_grad_norm"], adv_norm)
+    torch.testing.assert_close(m["adaptive_ratio"], rec_norm / (adv_norm + 1e-4))
+
+
+def test_generator_loss_reports_the_unclamped_ratio_when_the_weight_sits_at_its_clamp():
+    """The quickstart's symptom: lambda = disc_weight * adaptive_weight_max. The metrics say by how much the
+    reconstruction gradient outweighs the adversarial one, unclamped."""
+    ae, disc = tiny_models()
+    x = images()
+    cfg = AutoencoderLossConfig(perceptual_weight=0.0, disc_start=0, disc_weight=0.5, adaptive_weight_max=1e-3)
+    recon, posterior = ae(x)
+    _, m = generator_loss(x, recon, posterior, step=0, cfg=cfg, discriminator=disc, last_layer=ae.last_layer)
+    assert m["adaptive_weight"].item() == pytest.approx(0.5 * 1e-3)  # at the clamp
+    assert m["adaptive_ratio"].item() > 1e-3  # the unclamped ratio is above it
+    assert m["adaptive_ratio"].item() == pytest.approx(m["rec_grad_norm"].item() / (m["adv_grad_norm"].item() + 1e-4), rel=1e-5)
+    assert m["rec_grad_norm"].item() > 0 and m["adv_grad_norm"].item() > 0
 
 
 def test_generator_loss_without_adaptive_weight_uses_disc_weight_and_no_grad_eval_works():

@@ -94,6 +94,19 @@ def test_generate_matches_ddim_with_the_given_steps_and_guidance(tiny):
     assert not torch.allclose(images, _generate(tiny, steps=steps, guidance=0.0, num_per_prompt=1), atol=1e-3)
 
 
+def test_generate_takes_stable_diffusions_ddim_steps_when_asked(tiny):
+    """sample.timestep_spacing / steps_offset / set_alpha_to_one reach the sampler: SD's leading steps with offset 1
+    and alpha_bar_0 at the end give DDIM with exactly those settings, and differ from the default trailing steps."""
+    sd = dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
+    images = _generate(tiny, steps=3, num_per_prompt=1, **sd)
+    x_T = sample.initial_noise(0, 1, (4, 4, 4)).repeat(3, 1, 1, 1)
+    z = ddim_sample(tiny["unet"], (3, 4, 4, 4), schedule=tiny["schedule"], context=tiny["context"],
+                    context_mask=tiny["mask"], null_context=tiny["null"], null_mask=None, steps=3,
+                    guidance_scale=3.0, x_T=x_T, spacing="leading", steps_offset=1, set_alpha_to_one=False)
+    assert torch.allclose(images, tiny["ae"].decode(z / 0.7).clamp(-1, 1), atol=1e-5)
+    assert not torch.allclose(images, _generate(tiny, steps=3, num_per_prompt=1), atol=1e-3)
+
+
 def test_prompt_images_do_not_depend_on_the_other_prompts(tiny):
     all_three = _generate(tiny)
     last_alone = _generate(tiny, context=tiny["context"][2:], context_mask=tiny["mask"][2:])
@@ -290,6 +303,32 @@ def test_bad_values_are_one_line_errors(published, tmp_path):
         sample.main(base + ["--sampler", "euler"])
     with pytest.raises(SystemExit, match="config file not found"):
         sample.main(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_bad_model_uris_outputs_and_guidance_fail_in_one_line_before_sampling(published, tmp_path, moto_server,
+                                                                              monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    base = ["--config", QUICKSTART, *[f"--set={o}" for o in published["overrides"]]]
+    experiment_id = mlflow.get_experiment_by_name(published["cfg"].mlflow.experiment).experiment_id
+    sample_runs = len(MlflowClient().search_runs([experiment_id], "tags.stage = 'sample'"))
+    cases = [
+        (["--model-uri", "runs:/abc"], "error: model URI 'runs:/abc' is malformed"),
+        (["--model-uri", "models:/nope/1"], "error: model models:/nope/1 cannot be loaded: Registered Model with name=nope not found"),
+        (["--model-uri", published["ae_uri"]], f"error: model {published['ae_uri']} holds no 'unet' weights "
+                                               "(it holds autoencoder: a model of another kind)"),
+        (["--out", "s3://no-such-bucket-h13/samples"], "error: sample.out_dir: s3://no-such-bucket-h13/samples: "
+                                                       "bucket 'no-such-bucket-h13' does not exist"),
+        (["--out", "ftp://host/samples"], "error: --out: unsupported storage URI 'ftp://host/samples'"),
+        (["--guidance", "1e30"], "error: --guidance: sample.guidance: Input should be less than or equal to 100"),
+    ]
+    for flags, expected in cases:
+        caplog.clear()
+        with pytest.raises(SystemExit) as e:
+            sample.main(base + flags)
+        assert str(e.value).startswith(expected) and "\n" not in str(e.value), str(e.value)
+        assert not any(r.getMessage().startswith("sampling ") for r in caplog.records)  # failed before sampling
+    assert list(tmp_path.iterdir()) == []  # no `ftp:` folder, nothing else
+    assert len(MlflowClient().search_runs([experiment_id], "tags.stage = 'sample'")) == sample_runs
 
 
 def test_samples_go_to_object_storage(published, s3_bucket):

@@ -84,3 +84,55 @@ def test_worker_crash_resumes_from_last_checkpoint(ray_local, mlflow_uri, tmp_pa
     adam = load_file(str(ckpt / "opt_g.safetensors"))
     steps = {float(v) for k, v in adam.items() if k.endswith(".step")}
     assert steps == {5.0}
+
+
+def test_rerun_under_the_same_name_reuses_a_finished_model_and_refuses_a_changed_config(ray_local, mlflow_uri, tmp_path, capsys):
+    from pipelines.stage_a import main
+
+    data_uri = mnist_dataset(tmp_path)
+    cfg = _cfg(tmp_path, data_uri, "stage_a.train.max_steps=2", "run.name=again")
+    first = run_stage_a(cfg)
+    again = run_stage_a(cfg)  # same name, same settings: the finished checkpoint is not trained or published again
+    assert (again.model_uri, again.model_version) == (first.model_uri, first.model_version)
+    client = MlflowClient()
+    assert len(client.search_model_versions(f"name='{cfg.mlflow.autoencoder_model_name}'")) == 1
+
+    # Training longer is a resume; training something else under the same name is refused in one line.
+    new_lr = cfg.stage_a.optim.lr * 2
+    overrides = tiny_overrides(tmp_path, data_uri) + ["stage_a.train.max_steps=2", "run.name=again", f"stage_a.optim.lr={new_lr}"]
+    args = ["--config", str(REPO / "configs/quickstart.yaml")] + [a for o in overrides for a in ("--set", o)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert f"stage_a.optim.lr: {cfg.stage_a.optim.lr} -> {new_lr}" in message and "run.resume_changed_config=true" in message
+    assert len(client.search_model_versions(f"name='{cfg.mlflow.autoencoder_model_name}'")) == 1
+
+
+def test_fine_tune_an_imported_diffusers_vae_decoder_only_keeps_encoder_and_published_scale(ray_local, mlflow_uri, tmp_path):
+    """SD's ft-MSE recipe on a (tiny, random) diffusers VAE: the encoder stays as imported, so existing latents
+    stay valid, the decoder trains, and the published scale factor is the imported one, not a re-measured one."""
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                                  down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                                  scaling_factor=0.3)
+    vae.save_pretrained(str(tmp_path / "vae"), safe_serialization=True)
+    cfg = _cfg(tmp_path, mnist_dataset(tmp_path), f"stage_a.init_from={tmp_path / 'vae'}", "stage_a.train_decoder_only=true",
+               "stage_a.train.max_steps=2", "stage_a.optim.lr=0.001", "run.name=finetune")
+    result = run_stage_a(cfg)
+
+    published = load_autoencoder(result.model_uri)
+    assert published.scale_factor.item() == pytest.approx(0.3) == result.metrics["scale_factor"]
+    ours = {k: v for k, v in published.state_dict().items()}
+    from pipelines.interop import load_init_autoencoder
+    from pipelines.interop import adopt_init_architectures
+
+    imported = load_init_autoencoder(adopt_init_architectures(cfg).stage_a, cfg.storage).state_dict()
+    encoder_keys = [k for k in imported if k.startswith(("encoder.", "quant_conv."))]
+    decoder_keys = [k for k in imported if k.startswith("decoder.") and imported[k].is_floating_point()]
+    assert encoder_keys and decoder_keys
+    assert all(torch.equal(ours[k], imported[k]) for k in encoder_keys)  # frozen
+    assert any(not torch.equal(ours[k], imported[k]) for k in decoder_keys)  # trained

@@ -107,3 +107,88 @@ def test_stage_b_without_latents_fails_clearly(tmp_path, mlflow_uri, ray_local):
         (tmp_path / "half" / "parts-x").mkdir(parents=True)
         (tmp_path / "half" / "parts-x" / "part-00000-000.parquet").write_bytes(b"PAR1")
         stage_b_main(args + ["--set", f"stage_b.latents_uri={tmp_path / 'half'}"])
+
+
+def test_stage_b_training_recipe_options_and_prompt_accuracy_in_the_run(tmp_path, mlflow_uri, ray_local):
+    """Min-SNR-5, offset noise, input perturbation and zero-terminal-SNR + v reach the training loss and the published
+    schedule; with digit prompts the run itself logs the MNIST judge's prompt accuracy at the fixed budget."""
+    prompts = ["a handwritten digit three", "a handwritten digit eight"]
+    cfg = tiny_config(
+        tmp_path, digits_dataset(tmp_path), "run.name=recipes", f"sample.prompts={json.dumps(prompts)}",
+        "stage_b.diffusion.prediction=v", "stage_b.diffusion.zero_terminal_snr=true", "stage_b.diffusion.snr_gamma=5",
+        "stage_b.diffusion.offset_noise=0.1", "stage_b.diffusion.input_perturbation=0.1",
+        "stage_b.prompt_eval.num_per_prompt=3", "stage_b.prompt_eval.steps=3",
+        "sample.digit_classifier.epochs=1", "sample.digit_classifier.min_holdout_accuracy=0.5",
+    )
+    assert cfg.stage_b.prompt_eval.active(cfg.sample.prompts)
+    publish_tiny_autoencoder(cfg, tmp_path / "ae")
+    run_encode(cfg)
+    result = run_stage_b(cfg)
+
+    metrics = MlflowClient().get_run(result.run_id).data.metrics
+    # Min-SNR: the optimised loss is the weighted one, the plain MSE is logged next to it.
+    for key in ("train/loss", "train/mse", "train/snr_weight_mean", "eval/holdout_loss_ema"):
+        assert np.isfinite(metrics[key]), key
+    assert 0 < metrics["train/snr_weight_mean"] <= 1
+    # The judge's numbers: 3 samples per prompt, so each accuracy is a multiple of 1/3 (overall of 1/6).
+    for key in ("eval/prompt_accuracy", "eval/prompt_accuracy_3", "eval/prompt_accuracy_8", "eval/classifier_holdout_accuracy"):
+        assert metrics[key] == pytest.approx(result.metrics[key]), key
+    assert round(metrics["eval/prompt_accuracy"] * 6, 6).is_integer() and 0 <= metrics["eval/prompt_accuracy"] <= 1
+    # The published bundle rebuilds the zero-terminal-SNR schedule the U-Net was trained on.
+    bundle = load_unet_bundle(result.model_uri)
+    assert bundle.diffusion == cfg.stage_b.diffusion and bundle.schedule.alpha_bar[-1].item() == 0.0
+
+
+def test_stage_b_trains_through_an_mlflow_server_outage_and_every_metric_arrives(tmp_path, ray_local, monkeypatch):
+    """A real `mlflow server` is killed while Stage B trains and restarted (same port, same store) seconds later:
+    training never waits for it, and the metrics logged during the outage arrive with their original times."""
+    import threading
+    import time
+
+    from tests.conftest import free_port
+    from tests.helpers import start_mlflow_server, stop_process_group
+
+    port, root = free_port(), tmp_path / "mlflow-server"
+    server = {"proc": start_mlflow_server(port, root)}
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    steps = 40
+    cfg = tiny_config(tmp_path, digits_dataset(tmp_path), "run.name=outage", f"stage_b.train.max_steps={steps}",
+                      "stage_b.train.checkpoint_every=1000", "stage_b.train.image_every=1000", "sample.prompts=[]")
+    publish_tiny_autoencoder(cfg, tmp_path / "ae")
+    run_encode(cfg)
+    outage: dict = {}
+
+    def kill_and_restart_mid_training():
+        client = MlflowClient(uri)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id],
+                                      "tags.stage = 'stage_b'")
+            seen = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] if runs else []
+            if seen and max(seen) >= 2:
+                outage["last_step_before"] = max(seen)
+                break
+            time.sleep(0.2)
+        stop_process_group(server["proc"])
+        outage["down"] = time.time() * 1000
+        time.sleep(8)
+        outage["up"] = time.time() * 1000
+        server["proc"] = start_mlflow_server(port, root)
+
+    watcher = threading.Thread(target=kill_and_restart_mid_training, daemon=True)
+    watcher.start()
+    try:
+        result = run_stage_b(cfg)
+        watcher.join(timeout=300)
+        assert "up" in outage, "the server was never taken down"
+        assert outage["last_step_before"] < steps
+        history = MlflowClient(uri).get_metric_history(result.run_id, "train/loss")
+        assert sorted(m.step for m in history) == list(range(1, steps + 1))  # nothing lost
+        during = [m.step for m in history if outage["down"] <= m.timestamp <= outage["up"]]
+        assert during, "no step was trained while the server was down: training waited for MLflow"
+        run = MlflowClient(uri).get_run(result.run_id)
+        assert run.info.status == "FINISHED" and "eval/holdout_loss" in run.data.metrics
+    finally:
+        stop_process_group(server["proc"])

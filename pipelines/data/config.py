@@ -29,6 +29,9 @@ class DataConfig(StrictConfig):
     at 128 px). Folders are stored as they are."""
     limit: int | None = Field(default=None, ge=1)
     """Keep only the first N samples when building (quick experiments and tests)."""
+    max_undecodable_fraction: float = Field(default=0.5, ge=0, le=1)
+    """Building fails (no manifest, no shards left) when more than this fraction of the source's images cannot be
+    decoded: a folder of mostly broken files is a mistake to report, not a dataset."""
 
     # --- streaming (every stage)
     resolution: int = Field(default=256, ge=8)
@@ -55,8 +58,9 @@ class DataConfig(StrictConfig):
     smaller fractions run more decode tasks at once than there are cores, and throughput drops."""
     reserved_cpus: float = Field(default=0.5, ge=0)
     """CPUs that must stay free of Train workers so read/decode tasks can run: `check_cpu_budget` fails
-    before training when num_workers x cpus_per_worker leaves less. At least `cpus_per_task`. Set 0 on an
-    autoscaling cluster that adds CPU nodes for data (the check is skipped)."""
+    before training when num_workers x cpus_per_worker leaves less; on an autoscaling cluster the stage asks
+    the autoscaler for them next to its workers (pipelines/cluster.py). At least `cpus_per_task`; 0 turns
+    both off."""
 
     @model_validator(mode="after")
     def _check(self):

@@ -26,12 +26,15 @@ from collections import Counter
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from PIL import Image, ImageOps
+from ray.data.datasource import FileBasedDatasource
 
+from ldm_core.config import ConfigError
 from pipelines.data.config import DataConfig
-from pipelines.data.shards import PARQUET_COLUMNS, read_manifest, split_member_name
+from pipelines.data.shards import PARQUET_COLUMNS, DatasetError, read_manifest, split_member_name
 from pipelines.storage import StorageConfig, resolve
 
 log = logging.getLogger(__name__)
@@ -258,12 +261,21 @@ def _rows_per_block(resolution: int) -> int:
     return max(1, TARGET_BLOCK_BYTES // (3 * resolution * resolution * np.dtype(np.float32).itemsize))
 
 
+def verified(payload: bytes, sha256: str | None) -> bool:
+    """Whether a whole file matches the sha256 its manifest recorded (True when none was recorded). A file that
+    was gone when read arrives as b"" (see `read_whole_files`) and never matches."""
+    return not sha256 or hashlib.sha256(payload).hexdigest() == sha256
+
+
 def decode_shards(batch: dict, *, cfg: DataConfig, split: str, seed: int, counter_name: str, root_path: str,
-                  expected: dict[str, int], parquet_columns: dict, columns: tuple[str, ...]) -> Iterator[dict]:
+                  expected: dict[str, int], parquet_columns: dict, columns: tuple[str, ...],
+                  checksums: dict[str, str] | None = None) -> Iterator[dict]:
     """Ray Data map_batches fn: whole shard files in, blocks of decoded samples out.
 
-    Counts go to the SkipCounter once a shard is done: shard-level losses (which no split owns, since
-    their keys are unknown) under part "shard", per-sample skips and repairs under the split.
+    A shard whose bytes do not match the manifest's sha256 (changed since it was written, or gone) is skipped
+    whole, its samples counted as `corrupt_shard`: changed data is never used silently. Counts go to the
+    SkipCounter once a shard is done: shard-level losses (which no split owns, since their keys are unknown)
+    under part "shard", per-sample skips and repairs under the split.
     """
     block_rows = _rows_per_block(cfg.resolution)
     images: list[np.ndarray] = []
@@ -284,7 +296,12 @@ def decode_shards(batch: dict, *, cfg: DataConfig, split: str, seed: int, counte
         shard_hash = int.from_bytes(hashlib.blake2b(rel.encode(), digest_size=4).digest(), "big")
         # Seeded per shard, plus fresh entropy: crops and flips differ from epoch to epoch.
         rng = np.random.default_rng([seed, shard_hash, int(np.random.default_rng().integers(2**31))])
-        contents = read_shard(payload, rel, parquet_columns)
+        if not verified(payload, (checksums or {}).get(rel)) or (not payload and n_expected):
+            log.warning("shard %s %s: its %d samples are skipped (corrupt_shard)", rel,
+                        "is gone" if not payload else "does not match the sha256 in the manifest", n_expected)
+            contents = ShardContents([], True, True)
+        else:
+            contents = read_shard(payload, rel, parquet_columns)
         shard_counts: Counter = Counter()
         split_counts: Counter = Counter()
         if contents.unreadable:
@@ -316,7 +333,7 @@ def decode_shards(batch: dict, *, cfg: DataConfig, split: str, seed: int, counte
             keys.append(sample.key)
             if len(images) == block_rows:
                 yield block()
-        ray.get(_counter_actor(counter_name).record.remote(rel, {"shard": dict(shard_counts), split: dict(split_counts)}))
+        record_skips(counter_name, rel, {"shard": dict(shard_counts), split: dict(split_counts)})
     if images:
         yield block()
 
@@ -326,10 +343,14 @@ def decode_shards(batch: dict, *, cfg: DataConfig, split: str, seed: int, counte
 # ---------------------------------------------------------------------------------------------------
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class SkipCounter:
     """Skips and repairs by reason, one record per (shard, part). A shard read again (next epoch, a retried
-    task) replaces its record, so a sample is counted once however often it is read."""
+    task) replaces its record, so a sample is counted once however often it is read.
+
+    Ray restarts it under the same name when its process dies; the records it held are gone, and come back as
+    the shards are read again (every epoch re-records every shard). Until then its counts are low, never high.
+    """
 
     def __init__(self):
         self.records: dict[tuple[str, str], dict[str, int]] = {}
@@ -349,6 +370,19 @@ class SkipCounter:
 
 
 _actors: dict[str, "ray.actor.ActorHandle"] = {}
+COUNTER_TIMEOUT_S = 10.0
+"""How long a decode task or a snapshot waits for the SkipCounter before going on without it."""
+
+
+def record_skips(counter_name: str, shard: str, parts: dict[str, dict[str, int]]) -> None:
+    """Send a shard's counts to the SkipCounter. The counter's loss never blocks or fails a decode task: when it is
+    dead, restarting past COUNTER_TIMEOUT_S or gone, the counts of this shard are lost (said in the log), the data is not."""
+    try:
+        ray.get(_counter_actor(counter_name).record.remote(shard, parts), timeout=COUNTER_TIMEOUT_S)
+    except (ray.exceptions.RayError, ValueError) as e:  # ValueError: no actor of that name (any more)
+        _actors.pop(counter_name, None)
+        log.warning("skip counter %s unavailable (%s): the counts of shard %s are not recorded",
+                    counter_name, type(e).__name__, shard)
 
 
 def _counter_actor(name: str):
@@ -369,8 +403,15 @@ class SkipCounterHandle:
         self._actor = actor
 
     def snapshot(self) -> dict[str, int]:
-        actor = self._actor or _counter_actor(self.name)
-        return ray.get(actor.snapshot.remote())
+        """The counts so far; {} (with a warning) when the counter cannot be reached: losing the counts must not
+        stop a training loop that logs them."""
+        try:
+            actor = self._actor or _counter_actor(self.name)
+            return ray.get(actor.snapshot.remote(), timeout=COUNTER_TIMEOUT_S)
+        except (ray.exceptions.RayError, ValueError) as e:
+            _actors.pop(self.name, None)
+            log.warning("skip counter %s unavailable (%s): no skip counts", self.name, type(e).__name__)
+            return {}
 
     def dropped(self) -> int:
         return sum(v for k, v in self.snapshot().items() if k in DROP_REASONS)
@@ -386,13 +427,43 @@ def new_skip_counter() -> SkipCounterHandle:
     name = f"skips-{uuid.uuid4().hex[:12]}"
     actor = SkipCounter.options(name=name, namespace=COUNTER_NAMESPACE).remote()
     handle = SkipCounterHandle(name, actor)
-    handle.snapshot()  # wait until the actor is up
+    ray.get(actor.snapshot.remote())  # wait until the actor is up
     return handle
 
 
 # ---------------------------------------------------------------------------------------------------
 # The dataset
 # ---------------------------------------------------------------------------------------------------
+
+
+class _WholeFiles(FileBasedDatasource):
+    """Each file as one row {"bytes"} ("path" added by include_paths). A file that is gone by the time it is read
+    (deleted mid-epoch) comes back as b"" instead of failing the read task: the decoder counts it as lost."""
+
+    def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
+        try:
+            return super()._open_input_source(filesystem, path, **open_args)
+        except FileNotFoundError:
+            log.warning("%s is gone: read as empty", path)
+            return pa.BufferReader(b"")
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        yield pa.table({"bytes": pa.array([f.readall()], pa.binary())})
+
+    def _rows_per_file(self) -> int:
+        return 1
+
+
+def read_whole_files(paths: list[str], filesystem, *, shuffle=None, num_cpus: float = 0.5,
+                     override_num_blocks: int | None = None) -> ray.data.Dataset:
+    """`ray.data.read_binary_files(paths, include_paths=True, ...)`, except that a file deleted after this call
+    reads as b"" (counted by the consumer against its manifest) rather than failing the job. A file already
+    missing now is a DatasetError naming it."""
+    try:
+        source = _WholeFiles(paths, filesystem=filesystem, include_paths=True, shuffle=shuffle)
+    except FileNotFoundError as e:
+        raise DatasetError(f"a file its manifest lists is missing: {e}") from None
+    return ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=override_num_blocks)
 
 
 def build_dataset(cfg: DataConfig, split: str = "train", *, storage: StorageConfig | None = None, shuffle: bool = True,
@@ -420,8 +491,8 @@ def build_dataset(cfg: DataConfig, split: str = "train", *, storage: StorageConf
     counter = skip_counter or new_skip_counter()
     # One read task per shard: no read-side block splitting, so the read fuses with the decode below and
     # a shard's bytes never pass through the object store.
-    ds = ray.data.read_binary_files(
-        paths, filesystem=root.filesystem, include_paths=True, override_num_blocks=len(paths),
+    ds = read_whole_files(
+        paths, root.filesystem, override_num_blocks=len(paths),
         shuffle=ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle else None,
         num_cpus=cfg.cpus_per_task,
     )
@@ -430,6 +501,7 @@ def build_dataset(cfg: DataConfig, split: str = "train", *, storage: StorageConf
         fn_kwargs={
             "cfg": cfg, "split": split, "seed": seed, "counter_name": counter.name, "root_path": root.path,
             "expected": {s["path"]: s["num_samples"] for s in manifest["shards"]},
+            "checksums": {s["path"]: s.get("sha256", "") for s in manifest["shards"]},
             "parquet_columns": manifest.get("columns", PARQUET_COLUMNS), "columns": columns,
         },
     ), counter
@@ -441,15 +513,14 @@ def check_cpu_budget(total_cpus: float, scaling, data: DataConfig, section: str 
 
     `scaling`: any object with `num_workers` and `cpus_per_worker` (pipelines.settings.ScalingSection);
     `section`: the config section it came from, named in the error. `data.reserved_cpus = 0` turns the
-    check off (an autoscaling cluster, whose current size says nothing about what it will add).
+    check off. For fixed-size clusters: pipelines/cluster.py asks an autoscaling one for the CPUs instead.
     """
     used = scaling.num_workers * scaling.cpus_per_worker
     if data.reserved_cpus and total_cpus - used < data.reserved_cpus:
-        raise ValueError(
+        raise ConfigError(
             f"CPU budget: {section}.scaling.num_workers x {section}.scaling.cpus_per_worker = "
             f"{scaling.num_workers} x {scaling.cpus_per_worker} = {used:g} of the cluster's {total_cpus:g} CPUs, "
             f"leaving {total_cpus - used:g} < data.reserved_cpus = {data.reserved_cpus:g} for Ray Data's read and "
             f"decode tasks (data.cpus_per_task = {data.cpus_per_task:g} each), which would never be scheduled "
-            f"(training hangs). Lower cpus_per_worker (fractions are fine) or num_workers, or set "
-            f"data.reserved_cpus=0 on an autoscaling cluster that adds CPU nodes for data."
+            f"(training hangs). Lower cpus_per_worker (fractions are fine) or num_workers, or add nodes."
         )

@@ -21,9 +21,11 @@ from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from pipelines import storage
 from pipelines.data.sources import Sample, open_source
+from pipelines.progress import progress_line, summary_line
 from pipelines.storage import StorageConfig
 
 MANIFEST = "manifest.json"
@@ -107,10 +109,24 @@ def _refuse_complete(root: storage.Location) -> None:
         raise DatasetError(f"{root.uri} already holds a complete dataset ({MANIFEST}); choose another output")
 
 
+def decodable(data: bytes) -> bool:
+    """Whether PIL can decode these image bytes (fully: truncated files fail too)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+        return True
+    except Exception:
+        return False
+
+
 def write_shards(samples: Iterable[Sample], output_uri: str, *, fmt: str = "webdataset", shard_size: int = 1000,
                  name: str = "images", source: str = "", storage_cfg: StorageConfig | None = None,
-                 **manifest_extra) -> dict:
-    """Write samples as shards under `output_uri`, printing progress, then the manifest. Returns the manifest."""
+                 max_undecodable_fraction: float = 1.0, **manifest_extra) -> dict:
+    """Write samples as shards under `output_uri`, printing progress, then the manifest. Returns the manifest.
+
+    Undecodable images are stored as they are (the reader counts them as `corrupt_image`/`empty_image`), but when
+    more than `max_undecodable_fraction` of all images are, something is wrong with the source: DatasetError, the
+    shards written are removed and no manifest is written."""
     if fmt not in SHARD_WRITERS:
         raise ValueError(f"format {fmt!r}: choose one of {', '.join(SHARD_WRITERS)}")
     if shard_size < 1:
@@ -119,21 +135,34 @@ def write_shards(samples: Iterable[Sample], output_uri: str, *, fmt: str = "webd
     _refuse_complete(root)
     storage.makedirs(root)
     shards, total, started = [], 0, time.monotonic()
+    undecodable = 0
     for i, chunk in enumerate(_chunks(samples, shard_size)):
+        undecodable += sum(not decodable(s.data) for s in chunk)
         payload = SHARD_WRITERS[fmt](chunk)
         rel = f"shard-{i:05d}{SHARD_SUFFIX[fmt]}"
         storage.write_bytes(root.join(rel), payload)
         shards.append({"path": rel, "num_samples": len(chunk), "sha256": hashlib.sha256(payload).hexdigest()})
         total += len(chunk)
-        print(f"  wrote {root.join(rel).uri}: {len(chunk)} samples ({total} so far, "
-              f"{time.monotonic() - started:.1f}s)", flush=True)
+        elapsed = time.monotonic() - started
+        print(progress_line("prepare", i + 1, None, unit="shard", images_per_s=total / elapsed if elapsed > 0 else None,
+                            samples=total), flush=True)
+    if total and undecodable / total > max_undecodable_fraction:
+        for shard in shards:
+            root.filesystem.delete_file(root.join(shard["path"]).path)
+        raise DatasetError(f"source {source or name!r}: {undecodable} of {total} images ({undecodable / total:.0%}) cannot "
+                           f"be decoded, more than the limit of {max_undecodable_fraction:.0%} "
+                           "(data.max_undecodable_fraction, --max-undecodable-fraction): no dataset written")
     extra = {"columns": PARQUET_COLUMNS} if fmt == "parquet" else {}
-    return _finish(root, shards, name=name, source=source, fmt=fmt, **extra, **manifest_extra)
+    manifest = _finish(root, shards, name=name, source=source, fmt=fmt, **extra, **manifest_extra)
+    print(summary_line("prepare", f"{total} samples, {len(shards)} shards", seconds=time.monotonic() - started,
+                       to=root.uri), flush=True)
+    return manifest
 
 
 def prepare_dataset(source: str, output_uri: str, *, fmt: str = "webdataset", shard_size: int = 1000,
                     resolution: int | None = None, limit: int | None = None, seed: int = 0,
-                    captions: str | None = None, storage: StorageConfig | None = None) -> dict:
+                    captions: str | None = None, storage: StorageConfig | None = None,
+                    max_undecodable_fraction: float = 0.5) -> dict:
     """Build a shard set from a bundled dataset name ("mnist", "skimage") or a folder of images.
 
     `resolution`: side of the stored images for bundled sources (None: their native size; folders are
@@ -145,7 +174,8 @@ def prepare_dataset(source: str, output_uri: str, *, fmt: str = "webdataset", sh
         samples = islice(samples, limit)
     name = source if "/" not in source else source.rstrip("/").rsplit("/", 1)[-1]
     return write_shards(samples, output_uri, fmt=fmt, shard_size=shard_size, name=name, source=source,
-                        storage_cfg=storage, prepare_resolution=resolution, seed=seed)
+                        storage_cfg=storage, max_undecodable_fraction=max_undecodable_fraction,
+                        prepare_resolution=resolution, seed=seed)
 
 
 def _count_tar_samples(payload: bytes) -> int:

@@ -1,0 +1,288 @@
+"""Export: a published autoencoder or U-Net bundle in the layouts Stable Diffusion tools load.
+
+    python pipelines/export.py --model-uri models:/ldm-autoencoder/3 --format diffusers --out exports/vae3
+    python pipelines/export.py --model-uri models:/ldm-unet/2 --format diffusers --out s3://bucket/exports/unet2
+    python pipelines/export.py --model-uri models:/ldm-unet/2 --format sd-single-file --out exports/unet2-sd
+
+`--format diffusers`:
+- an autoencoder: a diffusers `AutoencoderKL` folder (`config.json` with our latent scale as `scaling_factor`,
+  `diffusion_pytorch_model.safetensors`): `AutoencoderKL.from_pretrained(DIR)`;
+- a U-Net bundle: `unet/`, `vae/` (the autoencoder of its lineage) and `scheduler/` (DDIM with SD's settings:
+  "leading" spacing, steps_offset 1, set_alpha_to_one false, the bundle's beta schedule and prediction); when
+  the text encoder is a CLIP text model also `text_encoder/`, `tokenizer/` and `model_index.json`, so
+  `StableDiffusionPipeline.from_pretrained(DIR)` loads it.
+
+`--format sd-single-file`: the original CompVis layout ComfyUI / A1111 read: `vae.safetensors` (a standalone
+VAE, keys `encoder.*`, `decoder.*`) for an autoencoder; `model.safetensors` (`model.diffusion_model.*`,
+`first_stage_model.*` and, for CLIP, `cond_stage_model.transformer.*`) for a U-Net bundle. Its metadata
+records our configs, so `pipelines/interop.py` reads it back exactly.
+
+`--out` is a local folder or `s3://` prefix that must not exist or be empty: the export is written beside it
+and renamed into place (locally), or uploaded with the top-level index last (S3). The export is logged as an
+artifact of an MLflow run tagged `stage=export` whose `upstream_run_ids` is the run that made the model.
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable, not pipelines/
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import torch
+from safetensors.torch import save_file
+
+from ldm_core import convert
+from ldm_core.autoencoder import AutoencoderKL
+from ldm_core.config import ConfigError
+from ldm_core.diffusion import DiffusionConfig
+from ldm_core.unet import UNet
+from pipelines import storage, tracking
+from pipelines.config import PipelineConfig, parse_cli
+from pipelines.interop import SINGLE_FILE_FORMAT, InteropError
+from pipelines.models import UNetBundle, load_autoencoder, read_unet_bundle, run_id_of
+from pipelines.runtime import exit_on, setup_logging
+
+log = logging.getLogger("export")
+STAGE = "export"
+FORMATS = ("diffusers", "sd-single-file")
+ARTIFACT_PATH = "export"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+UPLOAD_CHUNK = 16 << 20
+CLIP_MODEL_TYPES = ("clip", "clip_text_model")
+# diffusers' names for our beta schedules (its squaredcos_cap_v2 is Nichol & Dhariwal's cosine with max beta 0.999).
+DIFFUSERS_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+DIFFUSERS_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction"}
+
+
+@dataclass
+class ExportResult:
+    run_id: str
+    out: str
+    format: str
+    files: list[str]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layouts (pure: models in, files in a local folder out).
+# ----------------------------------------------------------------------------------------------------
+
+
+def sd_scheduler_config(diffusion: DiffusionConfig) -> dict:
+    """A diffusers `DDIMScheduler` config with Stable Diffusion's DDIM settings for our noise schedule."""
+    return {
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": diffusion.num_timesteps,
+        "beta_start": diffusion.beta_start,
+        "beta_end": diffusion.beta_end,
+        "beta_schedule": DIFFUSERS_BETA_SCHEDULES[diffusion.beta_schedule],
+        "trained_betas": None,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "prediction_type": DIFFUSERS_PREDICTIONS[diffusion.prediction],
+    }
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def write_diffusers_autoencoder(model: AutoencoderKL, folder: Path, sample_size: int | None = None) -> None:
+    tensors, cfg = convert.autoencoder_to_state(model, "diffusers")
+    _write_json(folder / "config.json", convert.autoencoder_config_to_diffusers(cfg, float(model.scale_factor), sample_size))
+    _save(folder / DIFFUSERS_WEIGHTS, tensors)
+
+
+def write_diffusers_unet(unet: UNet, folder: Path, sample_size: int | None = None) -> None:
+    _write_json(folder / "config.json", convert.unet_config_to_diffusers(unet.config, sample_size=sample_size))
+    links = convert.unet_links(unet.config, "diffusers", projection="linear")
+    _save(folder / DIFFUSERS_WEIGHTS, convert.export_state(unet.state_dict(), links))
+
+
+def _clip_text_encoder(bundle: UNetBundle):
+    """The bundle's text encoder when it is a CLIP text model (what StableDiffusionPipeline takes), else None."""
+    from pipelines.text_encoders import load_text_encoder
+
+    encoder = load_text_encoder(bundle.text_encoder)
+    return encoder if encoder.model_type in CLIP_MODEL_TYPES else None
+
+
+def _ldm_unet_projection(cfg) -> str:
+    # SD 1.x single files use 1x1-conv projections, SD 2.x (fixed head width) linear ones; readers tell them apart so.
+    return "linear" if cfg.head_dim else "conv1x1"
+
+
+def export_autoencoder(model: AutoencoderKL, fmt: str, folder: Path) -> None:
+    if fmt == "diffusers":
+        write_diffusers_autoencoder(model, folder)
+        return
+    state, cfg = convert.autoencoder_to_state(model, "ldm")
+    convert.autoencoder_config_to_diffusers(cfg, float(model.scale_factor))  # the same limits apply
+    _save(folder / "vae.safetensors", state, {
+        "format": SINGLE_FILE_FORMAT, "autoencoder_config": cfg.model_dump_json(),
+        "scale_factor": repr(float(model.scale_factor)),
+    })
+
+
+def export_unet(bundle: UNetBundle, autoencoder: AutoencoderKL, fmt: str, folder: Path) -> None:
+    autoencoder.scale_factor.fill_(bundle.scale_factor)  # the scale the U-Net was trained with
+    clip = _clip_text_encoder(bundle)
+    if fmt == "diffusers":
+        write_diffusers_unet(bundle.unet, folder / "unet", sample_size=bundle.latent_shape[-1])
+        write_diffusers_autoencoder(autoencoder, folder / "vae", sample_size=bundle.latent_shape[-1] * autoencoder.downsample_factor)
+        _write_json(folder / "scheduler" / "scheduler_config.json", sd_scheduler_config(bundle.diffusion))
+        if clip is None:
+            log.warning("text encoder %s is not a CLIP text model: no StableDiffusionPipeline layout (load unet/, vae/ "
+                        "and scheduler/ one by one)", bundle.text_encoder.name_or_path)
+            return
+        clip.model.save_pretrained(str(folder / "text_encoder"), safe_serialization=True)
+        clip.tokenizer.save_pretrained(str(folder / "tokenizer"))
+        _write_json(folder / "model_index.json", {
+            "_class_name": "StableDiffusionPipeline",
+            "feature_extractor": [None, None], "safety_checker": [None, None], "image_encoder": [None, None],
+            "requires_safety_checker": False,
+            "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", type(clip.model).__name__],
+            "tokenizer": ["transformers", type(clip.tokenizer).__name__], "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        })
+        return
+    cfg = bundle.unet_config
+    convert.unet_config_to_diffusers(cfg)  # the same limits apply
+    links = convert.unet_links(cfg, "ldm", projection=_ldm_unet_projection(cfg))
+    tensors = {convert.LDM_UNET_PREFIX + k: v for k, v in convert.export_state(bundle.unet.state_dict(), links).items()}
+    vae, vae_cfg = convert.autoencoder_to_state(autoencoder, "ldm")
+    tensors |= {convert.LDM_VAE_PREFIX + k: v for k, v in vae.items()}
+    if clip is not None:  # SD 1.x names: cond_stage_model.transformer.text_model.* (transformers 5 drops "text_model.")
+        tensors |= {f"cond_stage_model.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}": v.detach().cpu()
+                    for k, v in clip.model.state_dict().items()}
+    _save(folder / "model.safetensors", tensors, {
+        "format": SINGLE_FILE_FORMAT, "unet_config": cfg.model_dump_json(),
+        "autoencoder_config": vae_cfg.model_dump_json(), "scale_factor": repr(float(bundle.scale_factor)),
+        "diffusion": bundle.diffusion.model_dump_json(),
+    })
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where the result goes.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _top_level_last(files: list[Path], root: Path) -> list[Path]:
+    # The folder's index (model_index.json) goes last: a reader never sees a half-uploaded pipeline as complete.
+    return sorted(files, key=lambda p: (p.parent == root and p.name == "model_index.json", str(p)))
+
+
+def check_out(out: str, storage_cfg) -> storage.Location:
+    """The resolved `--out`, refused when it already holds something (nothing is overwritten) or cannot be written."""
+    try:
+        loc = storage.resolve(storage.check_uri(out, "--out"), storage_cfg)
+    except ValueError as e:
+        raise InteropError(str(e)) from None
+    if loc.scheme == "file":
+        path = Path(loc.path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise InteropError(f"--out {out}: already exists and is not an empty folder (nothing is overwritten)")
+    elif storage.list_files(loc):
+        raise InteropError(f"--out {out}: the prefix already holds objects (nothing is overwritten)")
+    storage.check_writable(loc)
+    return loc
+
+
+def publish(local: Path, loc: storage.Location) -> list[str]:
+    """Copy the finished export to its destination; returns the relative paths written."""
+    files = _top_level_last([p for p in local.rglob("*") if p.is_file()], local)
+    rel = [str(p.relative_to(local)) for p in files]
+    if loc.scheme == "file":
+        target = Path(loc.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        shutil.copytree(local, staging, dirs_exist_ok=True)
+        if target.is_dir():
+            target.rmdir()  # empty (checked): replaced in one rename
+        os.replace(staging, target)
+        return rel
+    for path, name in zip(files, rel):  # streamed: an SD checkpoint is gigabytes
+        target = loc.join(name)
+        with open(path, "rb") as src, target.filesystem.open_output_stream(target.path) as dst:
+            shutil.copyfileobj(src, dst, UPLOAD_CHUNK)
+    return rel
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stage.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _load(model_uri: str, workdir: Path):
+    """("autoencoder", AutoencoderKL) or ("unet", UNetBundle) published at `model_uri`."""
+    try:
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(workdir)))
+    except Exception as e:  # MlflowException for an unknown model/version/run, OSError for a bad artifact store
+        raise InteropError(f"--model-uri {model_uri}: cannot be read from MLflow ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0]})") from None
+    if (root / "artifacts" / "autoencoder" / "config.json").is_file():
+        return "autoencoder", AutoencoderKL.from_pretrained(root / "artifacts" / "autoencoder").eval()
+    if (root / "artifacts" / "unet" / "config.json").is_file():
+        return "unet", read_unet_bundle(root / "artifacts" / "unet", use_ema=True)
+    raise InteropError(f"--model-uri {model_uri}: neither an autoencoder nor a U-Net bundle of this pipeline")
+
+
+def run_export(cfg: PipelineConfig, model_uri: str, fmt: str, out: str) -> ExportResult:
+    """Export the model at `model_uri` as `fmt` to `out` and log it as an artifact of a `stage=export` run."""
+    if fmt not in FORMATS:
+        raise InteropError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg.mlflow))
+    loc = check_out(out, cfg.storage)
+    with tempfile.TemporaryDirectory(prefix="ldm-export-") as tmp:
+        kind, model = _load(model_uri, Path(tmp) / "model")
+        upstream = [run_id_of(model_uri)]
+        local = Path(tmp) / "export"
+        if kind == "autoencoder":
+            export_autoencoder(model, fmt, local)
+        else:
+            export_unet(model, load_autoencoder(model.autoencoder_uri), fmt, local)
+        with tracking.stage_run(
+            experiment_id=tracking.setup(cfg.mlflow, cfg.run.output_uri), stage=STAGE,
+            run_name=f"{cfg.run.name}-export", upstream_run_ids=upstream,
+        ) as run:
+            files = publish(local, loc)
+            mlflow.set_tags({"model_uri": model_uri, "export_format": fmt, "export_uri": loc.uri, "model_kind": kind})
+            mlflow.log_artifacts(str(local), ARTIFACT_PATH)
+            log.info("exported %s (%s) as %s to %s", model_uri, kind, fmt, loc.uri)
+            return ExportResult(run_id=run.info.run_id, out=loc.uri, format=fmt, files=files)
+
+
+def main(argv: list[str] | None = None) -> ExportResult:
+    setup_logging()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-uri", required=True, help="MLflow URI of an autoencoder or U-Net bundle (models:/ldm-unet/3)")
+    parser.add_argument("--format", required=True, help=f"one of {', '.join(FORMATS)}")
+    parser.add_argument("--out", required=True, help="local folder or s3:// prefix (must not exist or be empty)")
+    cfg, args = parse_cli(argv, parser)
+    with exit_on(ConfigError, OSError):
+        result = run_export(cfg, args.model_uri, args.format, args.out)
+    print(f"export finished: run {result.run_id}, {len(result.files)} files in {result.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""What a user sees (issue 18), against one real shortened `make run` pipeline run in a subprocess whose output is a
+file (not a terminal): the console holds progress and summary lines and none of Ray's report dumps, progress bars
+or control codes; `--plan` explains each stage's decision from the real MLflow store; `lineage.py` walks the
+chain back to the dataset; a failing stage ends the console with one actionable line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.helpers import REPO, tiny_later_stages, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("prepare", "stage_a", "encode", "stage_b", "sample")
+RAY_NOISE = ("Reporting training result", "TrainingReport(", "metrics={", "Running Dataset", "Execution plan of Dataset",
+             "execution finished in", "Total Progress", "Requesting resources", "Moving model to device")
+
+
+def _run(cmd_args: list[str], env: dict, log: Path, timeout: int = 1200) -> tuple[int, str]:
+    with open(log, "wb") as out:  # a file: the console of CI, of `ray job logs`, of `make run > log`
+        proc = subprocess.run([sys.executable, *cmd_args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                              timeout=timeout)
+    return proc.returncode, log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def dag(tmp_path_factory):
+    """One shortened pipeline run (make run's command, tiny config), its console and its MLflow store."""
+    tmp = tmp_path_factory.mktemp("console")
+    store = f"sqlite:///{tmp / 'mlflow.db'}"
+    overrides = [*tiny_overrides(tmp, str(tmp / "data" / "mnist")), "data.source=mnist", "data.limit=96",
+                 "data.shard_size=32", "run.name=console", f"mlflow.tracking_uri={store}", "ray.num_cpus=2",
+                 *tiny_later_stages()]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "LDM_VERBOSE", "LDM_LOG_LEVEL", "RAY_COLOR_PREFIX")}
+    args = ["--config", "configs/quickstart.yaml", *[f"--set={o}" for o in overrides]]
+    rc, console = _run(["pipelines/run.py", *args], env, tmp / "console.log")
+    assert rc == 0, console[-5000:]
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("ldm-quickstart")
+    runs = {r.data.tags["stage"]: r for r in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])}
+    return SimpleNamespace(tmp=tmp, store=store, env=env, args=args, console=console, client=client, runs=runs)
+
+
+def _lines(console: str, pattern: str) -> list[str]:
+    return [line for line in console.splitlines() if re.search(pattern, line)]
+
+
+def test_console_has_progress_and_one_summary_per_stage_and_no_ray_dumps_or_control_codes(dag):
+    console = dag.console
+    assert "\x1b" not in console, [line for line in console.splitlines() if "\x1b" in line][:3]
+    assert "\r" not in console
+    for noise in RAY_NOISE:
+        assert noise not in console, _lines(console, re.escape(noise))[:3]
+    for stage in STAGES:
+        assert len(_lines(console, rf"\[{stage}\] done\b")) == 1, (stage, _lines(console, rf"\[{stage}\]"))
+    # Progress where the stage has a loop: shards written, training steps (rank 0 only), images sampled.
+    assert len(_lines(console, r"\[prepare\] shard \d+ ")) == 3
+    for stage in ("stage_a", "stage_b"):
+        steps = _lines(console, rf"\[{stage}\] step \d+/4 ")
+        assert steps and all(re.search(r"loss \S+  images/s \S+  data-wait \d+%  ETA \S+", s) for s in steps), steps
+        assert steps[-1].rstrip().split(f"[{stage}] ")[1].startswith("step 4/4")
+    assert _lines(console, r"\[sample\] images 4/4\b")  # two prompts x two samples, in one batch of 64
+    # ... and the DAG's own line per stage: what it decided and the MLflow run.
+    for stage in STAGES:
+        assert len(_lines(console, rf"^\[{stage}\] ran +\d")) == 1
+
+
+def test_plan_reuses_everything_after_a_run_and_explains_a_changed_field(dag):
+    rc, out = _run(["pipelines/run.py", *dag.args, "--plan"], dag.env, dag.tmp / "plan.log", timeout=300)
+    assert rc == 0, out
+    assert "[prepare] skip" in out
+    for stage in STAGES[1:]:
+        assert f"[{stage}] reuse run {dag.runs[stage].info.run_id}" in out
+
+    rc, out = _run(["pipelines/run.py", *dag.args, "--set=stage_b.optim.lr=5e-4", "--plan"], dag.env,
+                   dag.tmp / "plan_lr.log", timeout=300)
+    assert rc == 0, out
+    lr = dag.client.get_run(dag.runs["stage_b"].data.tags["mlflow.parentRunId"]).data.params["stage_b.optim.lr"]
+    lines = out.splitlines()
+    assert f"[encode] reuse run {dag.runs['encode'].info.run_id}" in lines
+    assert "[stage_b] run" in lines
+    assert f"    stage_b.optim.lr: {lr} -> 0.0005" in lines
+    assert sum(line.startswith("    stage_b.") for line in lines) == 1  # only the field that changed
+    assert lines[lines.index("[sample] run") + 1] == "    input changed: stage_b will run"
+
+    rc, out = _run(["pipelines/run.py", *dag.args, "--force", "encode", "--until", "stage_b", "--plan"], dag.env,
+                   dag.tmp / "plan_force.log", timeout=300)
+    assert rc == 0, out
+    assert "[encode] run\n    --force encode" in out and "[stage_b] run\n    --force encode" in out
+    assert "[sample] stop\n    --until stage_b" in out
+    # Planning changed nothing: no run was added to the store.
+    experiment = dag.client.get_experiment_by_name("ldm-quickstart").experiment_id
+    assert len(dag.client.search_runs([experiment])) == len(STAGES) + 1
+
+
+def test_lineage_walks_from_samples_or_a_model_version_back_to_the_dataset(dag):
+    sample_id = dag.runs["sample"].info.run_id
+    env = {**dag.env, "MLFLOW_TRACKING_URI": dag.store}
+    rc, out = _run(["pipelines/lineage.py", sample_id, "--format", "json"], env, dag.tmp / "lineage.json.log", timeout=300)
+    assert rc == 0, out
+    chain = json.loads(out[out.index("{"):])["chain"]
+    assert [e["stage"] for e in chain] == ["sample", "stage_b", "encode", "stage_a", "prepare"]
+    assert [e["run_id"] for e in chain] == [dag.runs[s].info.run_id for s in reversed(STAGES)]
+    by_stage = {e["stage"]: e for e in chain}
+    assert all(e["status"] == "FINISHED" for e in chain)
+    unet_uri = dag.runs["stage_b"].data.tags["model_uri"]
+    assert by_stage["sample"]["consumed"][0] == unet_uri and by_stage["stage_b"]["produced"] == [unet_uri]
+    assert by_stage["encode"]["produced"] == [dag.runs["encode"].data.tags["latents_uri"]]
+    assert by_stage["stage_b"]["consumed"][0] == dag.runs["encode"].data.tags["latents_uri"]
+    assert by_stage["prepare"]["produced"] == [str(dag.tmp / "data" / "mnist")]
+    assert "eval/psnr" in by_stage["stage_a"]["metrics"]
+
+    rc, text = _run(["pipelines/lineage.py", unet_uri], env, dag.tmp / "lineage.txt.log", timeout=300)
+    assert rc == 0, text
+    heads = [line.split()[0] for line in text.splitlines() if line and not line.startswith(" ")]
+    assert heads == ["stage_b", "encode", "stage_a", "prepare"]
+    assert f"    produced  {unet_uri}" in text
+
+    # The parent run's summary.md links the same chain.
+    parent = dag.runs["sample"].data.tags["mlflow.parentRunId"]
+    summary = Path(dag.client.download_artifacts(parent, "summary.md", str(dag.tmp))).read_text()
+    assert f"python pipelines/lineage.py {sample_id}" in summary
+    for stage in STAGES:
+        assert f"| {stage} | `{dag.runs[stage].info.run_id}` | FINISHED |" in summary
+
+    rc, out = _run(["pipelines/lineage.py", "models:/ldm-unet/99"], env, dag.tmp / "lineage.bad.log", timeout=300)
+    assert rc != 0 and out.strip().splitlines()[-1].startswith("error: models:/ldm-unet/99:")
+
+
+def test_a_failing_stage_ends_the_console_with_stage_run_cause_and_resume_command(dag):
+    # Everything up to Stage B is reused; sampling asks for more steps than the model has timesteps and fails.
+    rc, out = _run(["pipelines/run.py", *dag.args, "--set=sample.steps=1000"], dag.env, dag.tmp / "fail.log", timeout=600)
+    assert rc == 1
+    last = out.strip().splitlines()[-1]
+    # It fails before its own MLflow run starts, so the line names the pipeline run (marked FAILED).
+    failed = dag.client.search_runs([dag.client.get_experiment_by_name("ldm-quickstart").experiment_id],
+                                    "tags.stage = 'pipeline' and attributes.status = 'FAILED'")
+    assert len(failed) == 1
+    assert last.startswith(f"[sample] FAILED  MLflow pipeline run {failed[0].info.run_id}  cause: ConfigError: ")
+    assert "sample.steps=1000: more than the model's 100 diffusion timesteps" in last
+    resume = last.split("  resume: ", 1)[1]
+    assert resume.endswith("--set=sample.steps=1000 --from sample") and " pipelines/run.py --config " in resume

@@ -1,0 +1,571 @@
+"""Stable Diffusion / diffusers interop: import, export and their numerics against diffusers itself.
+
+Randomly initialised diffusers models of several tiny configs (one with SD 1.x's block layout at a reduced
+width) are imported into ldm_core and must give the same encoder mean / logvar, decoder output and U-Net
+output to max-abs <= 1e-5 in float32; exports must load back into diffusers with the same outputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ldm_core import convert
+from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm_core.config import ConfigError
+from ldm_core.unet import UNet, UNetConfig
+
+diffusers = pytest.importorskip("diffusers")
+
+from pipelines import interop  # noqa: E402  (after the skip: the module is only useful with diffusers around)
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+
+SD1_VAE = dict(block_out_channels=[32, 64, 128, 128], layers_per_block=2, norm_num_groups=32,
+               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+VAE_CONFIGS = {
+    "sd1-layout": SD1_VAE,
+    "no-mid-attention-no-quant-conv": dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4,
+                                           latent_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                                           up_block_types=["UpDecoderBlock2D"] * 2, mid_block_add_attention=False,
+                                           use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.5),
+    "grey-3-levels": dict(in_channels=1, out_channels=1, block_out_channels=[16, 32, 32], layers_per_block=2,
+                          norm_num_groups=8, down_block_types=["DownEncoderBlock2D"] * 3,
+                          up_block_types=["UpDecoderBlock2D"] * 3),
+}
+SD1_UNET = dict(block_out_channels=[32, 64, 128, 128], layers_per_block=2, norm_num_groups=32, cross_attention_dim=48,
+                attention_head_dim=8)  # SD 1.x: CrossAttn x3 + Down, 8 heads, conv projections (diffusers defaults)
+UNET_CONFIGS = {
+    "sd1-layout": SD1_UNET,
+    "sd2-style-linear-per-level-heads": dict(
+        block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, cross_attention_dim=24,
+        attention_head_dim=[2, 4], use_linear_projection=True, transformer_layers_per_block=2, upcast_attention=True,
+        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D"] * 2),
+    "attention-at-full-resolution-only": dict(
+        block_out_channels=[16, 32, 32], layers_per_block=1, norm_num_groups=8, cross_attention_dim=16, attention_head_dim=4,
+        in_channels=3, out_channels=3,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"]),
+}
+VAE_IMAGE = 32
+UNET_LATENT = 8
+
+
+def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights everywhere (also where a library initialises zeros or ones), eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def diffusers_vae(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return _perturbed(diffusers.AutoencoderKL(**VAE_CONFIGS[name]), seed)
+
+
+def diffusers_unet(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return _perturbed(diffusers.UNet2DConditionModel(sample_size=UNET_LATENT, **UNET_CONFIGS[name]), seed)
+
+
+def save_diffusers(model, folder: Path) -> Path:
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def vae_gaps(ref, ours: AutoencoderKL, seed: int = 1) -> dict[str, float]:
+    """max-abs differences of the posterior mean / logvar and of the decoder output."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(2, ref.config.in_channels, VAE_IMAGE, VAE_IMAGE, generator=g) * 2 - 1
+    f = 2 ** (len(ref.config.block_out_channels) - 1)
+    z = torch.randn(2, ref.config.latent_channels, VAE_IMAGE // f, VAE_IMAGE // f, generator=g)
+    with torch.no_grad():
+        theirs, mine = ref.encode(x).latent_dist, ours.eval().encode(x)
+        out_ref, out = ref.decode(z).sample, ours.decode(z)
+    assert out_ref.abs().max() > 0.1 and theirs.mean.abs().max() > 0.1  # a real signal, not zeros on both sides
+    return {"mean": (theirs.mean - mine.mean).abs().max().item(), "logvar": (theirs.logvar - mine.logvar).abs().max().item(),
+            "decoder": (out_ref - out).abs().max().item()}
+
+
+def unet_gap(ref, ours: UNet, seed: int = 2) -> float:
+    g = torch.Generator().manual_seed(seed)
+    c = ref.config
+    x = torch.randn(2, c.in_channels, UNET_LATENT, UNET_LATENT, generator=g)
+    t = torch.tensor([3, 517])
+    ctx = torch.randn(2, 7, c.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        out_ref = ref(x, t, encoder_hidden_states=ctx).sample
+        out = ours.eval()(x, t, ctx)
+    assert out_ref.abs().max() > 0.1
+    return (out_ref - out).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config mapping.
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls, table", [("AutoencoderKL", convert.DIFFUSERS_VAE_DEFAULTS),
+                                        ("UNet2DConditionModel", convert.DIFFUSERS_UNET_DEFAULTS)])
+def test_default_tables_are_the_installed_diffusers_defaults(cls, table):
+    params = inspect.signature(getattr(diffusers, cls).__init__).parameters
+    installed = {k: list(p.default) if isinstance(p.default, tuple) else p.default for k, p in params.items() if k != "self"}
+    assert installed == table
+
+
+@pytest.mark.parametrize("config, field", [
+    (dict(down_block_types=["AttnDownEncoderBlock2D"]), "down_block_types"),
+    (dict(shift_factor=0.1159), "shift_factor"),
+    (dict(block_out_channels=[48, 64]), "block_out_channels"),
+    (dict(act_fn="gelu"), "act_fn"),
+    (dict(brand_new_field=3), "brand_new_field"),
+])
+def test_vae_config_we_cannot_represent_is_named(config, field):
+    base = {"_class_name": "AutoencoderKL", "block_out_channels": [8, 16], "norm_num_groups": 4,
+            "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2}
+    with pytest.raises(ConfigError, match=field):
+        convert.autoencoder_config_from_diffusers({**base, **config})
+
+
+@pytest.mark.parametrize("config, field", [
+    (dict(down_block_types=["SimpleCrossAttnDownBlock2D", "DownBlock2D"]), "SimpleCrossAttnDownBlock2D"),
+    (dict(addition_embed_type="text_time"), "addition_embed_type"),  # SDXL
+    (dict(attention_head_dim=[2, 3]), "attention_head_dim"),
+    (dict(layers_per_block=[1, 2]), "layers_per_block"),
+    (dict(up_block_types=["UpBlock2D", "UpBlock2D"]), "mirror"),
+    (dict(class_embed_type="timestep"), "class_embed_type"),
+])
+def test_unet_config_we_cannot_represent_is_named(config, field):
+    base = {"_class_name": "UNet2DConditionModel", "block_out_channels": [16, 32], "norm_num_groups": 8,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "layers_per_block": 1, "attention_head_dim": 2, "cross_attention_dim": 8}
+    with pytest.raises(ConfigError, match=field):
+        convert.unet_config_from_diffusers({**base, **config})
+
+
+def test_another_class_is_refused():
+    with pytest.raises(ConfigError, match="ControlNetModel"):
+        convert.unet_config_from_diffusers({"_class_name": "ControlNetModel"})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Import parity.
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(VAE_CONFIGS))
+def test_imported_diffusers_autoencoder_matches_diffusers(name, tmp_path):
+    ref = diffusers_vae(name)
+    ours = interop.import_autoencoder(str(save_diffusers(ref, tmp_path / "vae")))
+    gaps = vae_gaps(ref, ours)
+    print(f"vae {name}: {gaps}")
+    assert max(gaps.values()) <= TOL, gaps
+    assert float(ours.scale_factor) == pytest.approx(ref.config.scaling_factor)
+
+
+@pytest.mark.parametrize("name", sorted(UNET_CONFIGS))
+def test_imported_diffusers_unet_matches_diffusers(name, tmp_path):
+    ref = diffusers_unet(name)
+    ours = interop.import_unet(str(save_diffusers(ref, tmp_path / "unet")))
+    gap = unet_gap(ref, ours)
+    print(f"unet {name}: {gap:.3g}")
+    assert gap <= TOL
+
+
+def test_pipeline_folder_gives_each_component(tmp_path):
+    root = tmp_path / "sd"
+    vae, unet = diffusers_vae("sd1-layout"), diffusers_unet("sd1-layout")
+    save_diffusers(vae, root / "vae")
+    save_diffusers(unet, root / "unet")
+    (root / "text_encoder").mkdir()
+    (root / "text_encoder" / "config.json").write_text(json.dumps({"model_type": "clip_text_model"}))
+    assert max(vae_gaps(vae, interop.import_autoencoder(str(root))).values()) <= TOL
+    assert unet_gap(unet, interop.import_unet(str(root))) <= TOL
+
+
+def test_weights_that_do_not_fit_the_config_are_reported(tmp_path):
+    folder = save_diffusers(diffusers_vae("grey-3-levels"), tmp_path / "vae")
+    weights = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    weights.pop("decoder.conv_out.bias")
+    weights["encoder.extra.weight"] = torch.zeros(1)
+    save_file(weights, str(folder / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(interop.InteropError, match=r"missing tensors, e\.g\. decoder\.conv_out\.bias.*unexpected.*encoder\.extra"):
+        interop.import_autoencoder(str(folder))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Original single-file checkpoints.
+# ----------------------------------------------------------------------------------------------------
+
+# Tensor names of the real SD v1.5 single file (v1-5-pruned-emaonly.safetensors) that the layout must produce,
+# with their rank; the widths here are reduced, the names and ranks are not.
+SD1_KEYS = {
+    "first_stage_model.encoder.down.0.block.0.norm1.weight": 1,
+    "first_stage_model.encoder.down.2.downsample.conv.weight": 4,
+    "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight": 4,
+    "first_stage_model.encoder.mid.attn_1.q.weight": 4,
+    "first_stage_model.encoder.mid.attn_1.proj_out.weight": 4,
+    "first_stage_model.decoder.up.3.upsample.conv.weight": 4,
+    "first_stage_model.decoder.up.0.block.2.conv2.weight": 4,
+    "first_stage_model.decoder.up.1.block.0.nin_shortcut.weight": 4,
+    "first_stage_model.quant_conv.weight": 4,
+    "model.diffusion_model.time_embed.0.weight": 2,
+    "model.diffusion_model.input_blocks.0.0.weight": 4,
+    "model.diffusion_model.input_blocks.1.1.proj_in.weight": 4,
+    "model.diffusion_model.input_blocks.3.0.op.weight": 4,
+    "model.diffusion_model.input_blocks.4.0.skip_connection.weight": 4,
+    "model.diffusion_model.input_blocks.9.0.op.weight": 4,
+    "model.diffusion_model.input_blocks.11.0.out_layers.3.weight": 4,
+    "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight": 2,
+    "model.diffusion_model.middle_block.1.transformer_blocks.0.ff.net.0.proj.weight": 2,
+    "model.diffusion_model.output_blocks.2.1.conv.weight": 4,
+    "model.diffusion_model.output_blocks.5.2.conv.weight": 4,
+    "model.diffusion_model.output_blocks.8.2.conv.weight": 4,
+    "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn1.to_out.0.weight": 2,
+    "model.diffusion_model.out.2.weight": 4,
+}
+
+
+def sd_single_file(vae, unet) -> dict[str, torch.Tensor]:
+    """An SD v1-style single-file state dict from diffusers models, through our own inverse mapping
+    (diffusers -> ours -> original layout), plus a text-encoder tensor that must be ignored."""
+    ours_vae = convert.autoencoder_from_state(vae.state_dict(), convert.autoencoder_config_from_diffusers(dict(vae.config))[0],
+                                              "diffusers", 1.0)
+    ucfg = convert.unet_config_from_diffusers(dict(unet.config))
+    ours_unet = convert.unet_from_state(unet.state_dict(), ucfg, "diffusers")
+    state = {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(10, 4)}
+    for k, v in convert.export_state(ours_vae.state_dict(), convert.autoencoder_links(ours_vae.config, "ldm")).items():
+        state[convert.LDM_VAE_PREFIX + k] = v
+    for k, v in convert.export_state(ours_unet.state_dict(), convert.unet_links(ucfg, "ldm")).items():
+        state[convert.LDM_UNET_PREFIX + k] = v
+    return state
+
+
+def test_single_file_checkpoint_imports_to_diffusers_outputs(tmp_path):
+    vae, unet = diffusers_vae("sd1-layout"), diffusers_unet("sd1-layout")
+    state = sd_single_file(vae, unet)
+    assert {k: state[k].ndim for k in SD1_KEYS if k in state} == SD1_KEYS
+    path = tmp_path / "v1-tiny.safetensors"
+    save_file(state, str(path))
+    ours_vae = interop.import_autoencoder(str(path))
+    assert float(ours_vae.scale_factor) == pytest.approx(convert.SD1_SCALE_FACTOR)  # not in the file: SD's published value
+    gaps = vae_gaps(vae, ours_vae)
+    gap = unet_gap(unet, interop.import_unet(str(path)))  # 8 heads: what an SD 1.x file implies
+    print(f"single-file vae {gaps}, unet {gap:.3g}")
+    assert max(gaps.values()) <= TOL and gap <= TOL
+
+
+def test_ckpt_reads_with_weights_only_and_refuses_anything_else(tmp_path):
+    vae, unet = diffusers_vae("sd1-layout"), diffusers_unet("sd1-layout")
+    state = sd_single_file(vae, unet)
+    torch.save({"state_dict": state, "global_step": 470000}, tmp_path / "v1.ckpt")
+    assert max(vae_gaps(vae, interop.import_autoencoder(str(tmp_path / "v1.ckpt"))).values()) <= TOL
+
+    evil = tmp_path / "evil.ckpt"
+    # A pickle that would call a function on load: weights_only refuses it, and so do we, with a clear message.
+    torch.save({"state_dict": state, "callback": subprocess.Popen}, evil)
+    with pytest.raises(interop.InteropError, match=r"weights_only=True.*never done here"):
+        interop.import_unet(str(evil))
+
+
+def test_single_file_without_the_component_is_refused(tmp_path):
+    path = tmp_path / "te.safetensors"
+    save_file({"cond_stage_model.transformer.x": torch.zeros(2)}, str(path))
+    with pytest.raises(interop.InteropError, match=r"no model\.diffusion_model\.\* tensors"):
+        interop.import_unet(str(path))
+    with pytest.raises(interop.InteropError, match="no such file"):
+        interop.import_unet(str(tmp_path / "missing.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Remote sources.
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_import_from_s3_pipeline_folder(s3_bucket, tmp_path):
+    import boto3
+
+    vae = diffusers_vae("grey-3-levels")
+    local = save_diffusers(vae, tmp_path / "sd" / "vae")
+    (tmp_path / "sd" / "unet").mkdir()
+    (tmp_path / "sd" / "unet" / "huge.bin").write_bytes(b"not needed for the vae")
+    s3 = boto3.client("s3")
+    for path in (tmp_path / "sd").rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), s3_bucket, f"models/sd/{path.relative_to(tmp_path / 'sd')}")
+    ours = interop.import_autoencoder(f"s3://{s3_bucket}/models/sd")
+    assert max(vae_gaps(vae, ours).values()) <= TOL
+    assert local.is_dir()
+    with pytest.raises(interop.InteropError, match="no such object"):
+        interop.import_autoencoder(f"s3://{s3_bucket}/models/nothing-here")
+
+
+@pytest.mark.slow  # publishes models to a real MLflow store (tens of seconds on a loaded 2-core box)
+def test_import_from_mlflow_artifacts_and_our_own_models(mlflow_uri, tmp_path):
+    import mlflow
+
+    from pipelines.models import publish_autoencoder
+
+    vae = diffusers_vae("grey-3-levels")
+    mlflow.set_experiment("interop-tests")
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(save_diffusers(vae, tmp_path / "vae")), "vae")
+        ours = interop.import_autoencoder(f"runs:/{run.info.run_id}/vae")
+        uri, _ = publish_autoencoder(ours, tmp_path / "pub", "ldm-autoencoder")
+    assert max(vae_gaps(vae, ours).values()) <= TOL
+    again = interop.import_autoencoder(uri)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(interop.InteropError, match="cannot download from MLflow"):
+        interop.import_autoencoder("models:/no-such-model/7")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Starting the stages from imported weights.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _pipeline_config(*overrides: str):
+    from pipelines.config import load_config
+
+    return load_config(REPO / "configs" / "quickstart.yaml", list(overrides))
+
+
+def test_init_from_adopts_the_architecture_and_loads_the_weights(tmp_path):
+    vae, unet = diffusers_vae("sd1-layout"), diffusers_unet("sd1-layout")
+    path = tmp_path / "v1.safetensors"
+    save_file(sd_single_file(vae, unet), str(path))
+    cfg = _pipeline_config(f"stage_a.init_from={path}", "stage_a.train_decoder_only=true",
+                           f"stage_b.init_from={path}", "stage_b.unet.gradient_checkpointing=true")
+    assert cfg.stage_a.model.channel_mult != [1, 2, 4, 4]  # the quickstart's own
+    cfg = interop.adopt_init_architectures(cfg)
+    assert cfg.stage_a.model.base_channels == 32 and cfg.stage_a.model.channel_mult == [1, 2, 4, 4]
+    assert cfg.stage_b.unet.context_dim == 48 and cfg.stage_b.unet.gradient_checkpointing  # training option kept
+
+    model = interop.load_init_autoencoder(cfg.stage_a, cfg.storage)
+    assert model.training and max(vae_gaps(vae, model).values()) <= TOL
+    assert interop.keeps_published_scale(cfg.stage_a) and float(model.scale_factor) == pytest.approx(convert.SD1_SCALE_FACTOR)
+    interop.freeze_encoder(model)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters() if n.startswith(("encoder.", "quant_conv."))}
+    assert unet_gap(unet, interop.load_init_unet(cfg.stage_b, cfg.storage)) <= TOL
+
+    remeasure = _pipeline_config(f"stage_a.init_from={path}", "stage_a.remeasure_scale_factor=true")
+    assert not interop.keeps_published_scale(remeasure.stage_a)
+    with pytest.raises(interop.InteropError, match="stage_a.model differs .* channel_mult"):
+        interop.load_init_autoencoder(_pipeline_config(f"stage_a.init_from={path}").stage_a)
+
+
+def test_decoder_only_without_weights_is_a_config_error():
+    with pytest.raises(ConfigError, match="train_decoder_only needs init_from"):
+        _pipeline_config("stage_a.train_decoder_only=true")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export.
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grey_output", [False, True])
+def test_exported_autoencoder_loads_in_diffusers_with_our_outputs(tmp_path, grey_output):
+    from pipelines.export import write_diffusers_autoencoder
+
+    torch.manual_seed(0)
+    ours = _perturbed(AutoencoderKL(AutoencoderConfig(base_channels=16, channel_mult=[1, 2, 2], num_res_blocks=1,
+                                                       norm_groups=8, grey_output=grey_output)), 3)
+    ours.scale_factor.fill_(0.37)
+    write_diffusers_autoencoder(ours, tmp_path / "vae")
+    ref = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "vae")).eval()
+    gaps = vae_gaps(ref, ours)
+    print(f"export vae grey_output={grey_output}: {gaps}")
+    assert max(gaps.values()) <= TOL and ref.config.scaling_factor == pytest.approx(0.37)
+
+
+@pytest.mark.parametrize("head_dim", [None, 8])
+def test_exported_unet_loads_in_diffusers_with_our_outputs(tmp_path, head_dim):
+    from pipelines.export import write_diffusers_unet
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[0, 1], num_heads=2,
+                     head_dim=head_dim, norm_groups=8, context_dim=12, transformer_norm_eps=convert.SD_TRANSFORMER_NORM_EPS)
+    ours = _perturbed(UNet(cfg), 4)
+    write_diffusers_unet(ours, tmp_path / "unet", sample_size=UNET_LATENT)
+    ref = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / "unet")).eval()
+    gap = unet_gap(ref, ours)
+    print(f"export unet head_dim={head_dim}: {gap:.3g}")
+    assert gap <= TOL
+
+
+def test_unet_with_our_default_norm_eps_is_not_exported_inexactly(tmp_path):
+    from pipelines.export import write_diffusers_unet
+
+    cfg = UNetConfig(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], num_heads=2,
+                     norm_groups=8, context_dim=12)
+    with pytest.raises(ConfigError, match="transformer_norm_eps"):
+        write_diffusers_unet(UNet(cfg), tmp_path / "unet")
+
+
+def test_scheduler_config_is_sds_ddim_and_matches_our_schedule():
+    from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
+    from pipelines.export import sd_scheduler_config
+
+    for schedule in ("scaled_linear", "linear", "cosine"):
+        diffusion = DiffusionConfig(beta_schedule=schedule, prediction="v")
+        config = sd_scheduler_config(diffusion)
+        sched = diffusers.DDIMScheduler.from_config(config)
+        assert (sched.config.timestep_spacing, sched.config.steps_offset, sched.config.set_alpha_to_one) == ("leading", 1, False)
+        assert sched.config.prediction_type == "v_prediction"
+        ours = NoiseSchedule(diffusion).alpha_bar.double()
+        assert torch.allclose(sched.alphas_cumprod.double(), ours, atol=1e-6), schedule
+
+
+def _publish_tiny_autoencoder(tmp_path, seed: int = 5) -> tuple[AutoencoderKL, str, str]:
+    import mlflow
+
+    from pipelines.models import publish_autoencoder
+
+    torch.manual_seed(seed)
+    model = _perturbed(AutoencoderKL(AutoencoderConfig(base_channels=8, channel_mult=[1, 2], num_res_blocks=1,
+                                                        norm_groups=4)), seed)
+    model.scale_factor.fill_(0.8)
+    mlflow.set_experiment("interop-tests")  # not whichever experiment an earlier test left active
+    with mlflow.start_run() as run:
+        uri, _ = publish_autoencoder(model, tmp_path / "pub", "ldm-autoencoder")
+    return model, uri, run.info.run_id
+
+
+def _export_cli(tmp_path, mlflow_uri, *args: str):
+    from pipelines.export import main
+
+    return main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--set", f"run.output_uri={tmp_path / 'out'}",
+                 "--set", f"mlflow.tracking_uri={mlflow_uri}", *args])
+
+
+@pytest.mark.slow  # publishes models to a real MLflow store (tens of seconds on a loaded 2-core box)
+def test_export_cli_diffusers_local_and_single_file_to_s3(tmp_path, mlflow_uri, s3_bucket):
+    import mlflow
+
+    model, uri, source_run = _publish_tiny_autoencoder(tmp_path)
+    result = _export_cli(tmp_path, mlflow_uri, "--model-uri", uri, "--format", "diffusers", "--out", str(tmp_path / "vae"))
+    ref = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "vae")).eval()
+    assert max(vae_gaps(ref, model).values()) <= TOL and ref.config.scaling_factor == pytest.approx(0.8)
+    run = mlflow.MlflowClient().get_run(result.run_id)
+    assert run.data.tags["stage"] == "export" and run.data.tags["upstream_run_ids"] == source_run
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "export")}
+    assert "export/config.json" in logged and "export/diffusion_pytorch_model.safetensors" in logged
+
+    out = f"s3://{s3_bucket}/exports/vae"
+    _export_cli(tmp_path, mlflow_uri, "--model-uri", uri, "--format", "sd-single-file", "--out", out)
+    back = interop.import_autoencoder(f"{out}/vae.safetensors")
+    assert float(back.scale_factor) == pytest.approx(0.8)  # our metadata, not SD's default
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
+
+@pytest.mark.slow  # publishes models to a real MLflow store (tens of seconds on a loaded 2-core box)
+def test_export_cli_refuses_bad_input_in_one_line_and_overwrites_nothing(tmp_path, mlflow_uri):
+    _, uri, _ = _publish_tiny_autoencoder(tmp_path)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    good = {"--model-uri": uri, "--format": "diffusers", "--out": str(tmp_path / "x")}
+    cases = [
+        ({"--format": "onnx"}, "--format 'onnx': choose one of diffusers, sd-single-file"),
+        ({"--model-uri": "models:/no-such-model/3"}, "cannot be read from MLflow"),
+        ({"--model-uri": "runs:/0123456789abcdef/autoencoder"}, "cannot be read from MLflow"),
+        ({"--out": "ftp://host/x"}, "unsupported storage URI"),
+        ({"--out": str(tmp_path / "full")}, "already exists and is not an empty folder"),
+    ]
+    for change, message in cases:
+        with pytest.raises(SystemExit) as e:
+            _export_cli(tmp_path, mlflow_uri, *[s for kv in {**good, **change}.items() for s in kv])
+        assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value), change
+    assert not (tmp_path / "x").exists() and (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+
+    proc = subprocess.run(  # the script itself: non-zero exit, the error as its last line
+        [sys.executable, str(REPO / "pipelines" / "export.py"), "--config", str(REPO / "configs" / "quickstart.yaml"),
+         "--set", f"mlflow.tracking_uri={mlflow_uri}", "--set", f"run.output_uri={tmp_path / 'out'}",
+         "--model-uri", uri, "--format", "nope", "--out", str(tmp_path / "e")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --format 'nope'")
+
+
+def tiny_clip(folder: Path) -> Path:
+    """A randomly initialised CLIP text model (hidden size 32) with a byte-level tokenizer of 514 tokens, saved
+    as a local folder (no download): what SD conditions on, at a toy size."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder.mkdir(parents=True)
+    # GPT-2 / CLIP byte-level alphabet: printable bytes stand for themselves, the others for 256 + n.
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)}
+    extra = iter(range(256, 512))
+    chars = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16).save_pretrained(str(folder))
+    torch.manual_seed(0)
+    end = vocab["<|endoftext|>"]
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"],
+                                 eos_token_id=end, pad_token_id=end)).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.slow  # publishes models to a real MLflow store (tens of seconds on a loaded 2-core box)
+def test_unet_bundle_on_clip_exports_a_stable_diffusion_pipeline(tmp_path, mlflow_uri):
+    import mlflow
+
+    from ldm_core.diffusion import DiffusionConfig
+    from pipelines.models import publish_unet, save_unet_bundle
+    from pipelines.text_encoders import TextEncoderConfig
+
+    autoencoder, ae_uri, _ = _publish_tiny_autoencoder(tmp_path)
+    factor = autoencoder.downsample_factor
+    cfg = UNetConfig(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], num_heads=2,
+                     norm_groups=8, context_dim=32, transformer_norm_eps=convert.SD_TRANSFORMER_NORM_EPS)
+    torch.manual_seed(1)
+    unet = _perturbed(UNet(cfg), 6)
+    text = TextEncoderConfig(name_or_path=str(tiny_clip(tmp_path / "clip")), max_length=16)
+    bundle_dir = save_unet_bundle(
+        tmp_path / "bundle", unet_state=unet.state_dict(), ema_state=None, unet_config=cfg, diffusion=DiffusionConfig(),
+        text_encoder=text, hidden_size=32, null_context=torch.zeros(16, 32), null_mask=torch.zeros(16, dtype=torch.bool),
+        latent_shape=(4, UNET_LATENT, UNET_LATENT), scale_factor=0.8, autoencoder_uri=ae_uri)
+    with mlflow.start_run() as run:
+        unet_uri, _ = publish_unet(bundle_dir, "ldm-unet")
+
+    imported = interop.import_unet(unet_uri)  # our own bundle as an init_from source
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), imported.state_dict().values()))
+
+    result = _export_cli(tmp_path, mlflow_uri, "--model-uri", unet_uri, "--format", "diffusers", "--out", str(tmp_path / "sd"))
+    assert mlflow.MlflowClient().get_run(result.run_id).data.tags["upstream_run_ids"] == run.info.run_id
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "sd"), safety_checker=None)
+    sched = pipe.scheduler.config
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert (sched.timestep_spacing, sched.steps_offset, sched.set_alpha_to_one, sched.beta_schedule) == \
+        ("leading", 1, False, "scaled_linear")
+    assert (sched.beta_start, sched.beta_end, sched.num_train_timesteps) == (0.00085, 0.012, 1000)
+    assert pipe.vae.config.scaling_factor == pytest.approx(0.8) and pipe.vae_scale_factor == factor
+    assert unet_gap(pipe.unet.eval(), unet) <= TOL
+    assert max(vae_gaps(pipe.vae.eval(), autoencoder).values()) <= TOL
+    side = UNET_LATENT * factor
+    latents = pipe("a cat", num_inference_steps=2, height=side, width=side, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    assert latents.shape == (1, 4, UNET_LATENT, UNET_LATENT) and torch.isfinite(latents).all()
+
+    _export_cli(tmp_path, mlflow_uri, "--model-uri", unet_uri, "--format", "sd-single-file", "--out", str(tmp_path / "single"))
+    state = load_file(str(tmp_path / "single" / "model.safetensors"))
+    assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in state)
+    back = interop.import_unet(str(tmp_path / "single" / "model.safetensors"))
+    assert back.config == cfg and all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), back.state_dict().values()))
+    vae_back = interop.import_autoencoder(str(tmp_path / "single" / "model.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(autoencoder.state_dict().values(), vae_back.state_dict().values()))
