@@ -22,6 +22,8 @@ def register_versions(name: str, count: int) -> list[str]:
     """`count` versions of registered model `name`, each from its own run's artifact. Returns their versions."""
     client = MlflowClient()
     client.create_registered_model(name)
+    # An experiment of this store: an earlier test in the process may have left another store's one active.
+    mlflow.set_experiment("alias-versions")
     versions = []
     for _ in range(count):
         with mlflow.start_run() as run:
