@@ -573,9 +573,11 @@ def test_stage_a_rides_out_an_s3_outage_and_gives_up_cleanly_past_the_limit(ray_
         def logs(name: str) -> str:
             return ((tmp_path / f"{name}.out").read_text()[-2000:] + (tmp_path / f"{name}.err").read_text()[-3000:])
 
-        def wait_for_checkpoint(proc: subprocess.Popen, name: str) -> None:
+        def wait_for_checkpoint(proc: subprocess.Popen, name: str, files: set | None = None) -> None:
+            """Until a checkpoint of `name` has its meta.json (and, given `files`, all of those files: Ray uploads a
+            checkpoint's files in no particular order, so meta.json alone does not make it whole)."""
             deadline = time.monotonic() + 900
-            while not _complete(s3, name):
+            while not any(files is None or m["files"] == files for m in _complete(s3, name).values()):
                 assert proc.poll() is None, logs(name)
                 assert time.monotonic() < deadline, "no checkpoint after 900 s"
                 time.sleep(0.5)
@@ -594,8 +596,9 @@ def test_stage_a_rides_out_an_s3_outage_and_gives_up_cleanly_past_the_limit(ray_
         assert max(meta["step"] for meta in _complete(s3, "rides").values()) == 8
 
         # 2. Down for good, with 2 attempts per request: one line, exit 1, the last good checkpoint intact.
+        reference = next(m["files"] for m in _complete(s3, "rides").values() if m["step"] == 2)
         proc = stage_a("gives-up", "storage.s3_max_attempts=2")
-        wait_for_checkpoint(proc, "gives-up")
+        wait_for_checkpoint(proc, "gives-up", files=reference)  # a whole checkpoint exists before S3 goes away
         switch.stop()
         code = proc.wait(timeout=1200)
         switch.start()
@@ -603,7 +606,6 @@ def test_stage_a_rides_out_an_s3_outage_and_gives_up_cleanly_past_the_limit(ray_
         assert code == 1, logs("gives-up")
         last = err.strip().splitlines()[-1]  # above it: Ray's copies of the workers' logs
         assert last.startswith("error: object storage unreachable") and "re-run to resume" in last, logs("gives-up")
-        reference = next(m["files"] for m in _complete(s3, "rides").values() if m["step"] == 2)
         kept = [m for m in _complete(s3, "gives-up").values() if m["files"] == reference]  # whole checkpoints
         assert kept and max(m["step"] for m in kept) >= 2
     finally:
