@@ -186,7 +186,7 @@ def generator_loss(
         "kl": kl.detach(),
         "g_adv": g_adv.detach(),
         "adaptive_weight": weight.detach(),
-        "disc_factor": torch.tensor(factor),
+        "disc_factor": torch.tensor(factor, device=x.device),  # on the device: no host-to-device copy per step
         "total": loss.detach(),
         **grad_metrics,
     }
@@ -206,6 +206,6 @@ def discriminator_loss(
         "disc_loss": loss.detach(),
         "logits_real": logits_real.detach().float().mean(),
         "logits_fake": logits_fake.detach().float().mean(),
-        "disc_factor": torch.tensor(factor),
+        "disc_factor": torch.tensor(factor, device=logits_real.device),
     }
     return loss, metrics

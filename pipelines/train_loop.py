@@ -65,6 +65,7 @@ from pipelines.training import (
     report,
     seed_everything,
     warmup_schedule,
+    world,
 )
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,7 @@ class Worker:
 
     @classmethod
     def from_ray(cls) -> "Worker":
-        ctx = ray.train.get_context()
-        return cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+        return cls(*world(), ray.train.torch.get_device())
 
 
 @dataclass
