@@ -65,8 +65,9 @@ class EMA:
             missing, extra = self.shadow.keys() - params.keys(), params.keys() - self.shadow.keys()
             raise ValueError(f"model: parameters differ from the EMA's (missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(extra)[:5]})")
-        for name, p in params.items():
-            self.shadow[name].lerp_(p.detach().to(torch.float32), 1.0 - d)
+        shadows = [self.shadow[name] for name in params]
+        # One multi-tensor kernel per dtype group instead of one lerp per parameter (~700 launches for an SD U-Net).
+        torch._foreach_lerp_(shadows, [p.detach().to(torch.float32) for p in params.values()], 1.0 - d)
         self.num_updates += 1
 
     @torch.no_grad()

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
-import ray
 from ray.autoscaler.sdk import request_resources
 
 from pipelines.data import DataConfig, check_cpu_budget
@@ -30,6 +30,7 @@ from pipelines.storage import resolve
 AUTOSCALER_STATUS_KEY = "__autoscaling_status"
 POLL_S = 2.0
 REPORT_EVERY_S = 30.0
+GCS_TIMEOUT_S = 60.0
 
 
 class ClusterError(RuntimeError):
@@ -54,8 +55,29 @@ def autoscaler_running() -> bool:
     return any(node_type != f"node_{node_id}" for node_id, node_type in mapping.items())
 
 
+def _alive_node_infos() -> list:
+    """The GCS's records of the cluster's alive nodes, asked through this driver's own GCS connection, with a
+    timeout. Not `ray.nodes()` or `ray.cluster_resources()`: those go through a second GCS client (Ray's
+    global state accessor) that waits without a timeout, and on CI (1024 open files, an hour of Ray sessions
+    in one process) that wait was seen never to end."""
+    from ray._private.worker import global_worker
+    from ray.core.generated import gcs_pb2
+
+    infos = global_worker.gcs_client.get_all_node_info(timeout=GCS_TIMEOUT_S)
+    return [n for n in infos.values() if n.state == gcs_pb2.GcsNodeInfo.ALIVE]
+
+
 def alive_nodes() -> int:
-    return sum(1 for n in ray.nodes() if n["Alive"])
+    return len(_alive_node_infos())
+
+
+def cluster_resources() -> dict[str, float]:
+    """The total resources of the alive nodes (what `ray.cluster_resources()` returns)."""
+    total: dict[str, float] = defaultdict(float)
+    for node in _alive_node_infos():
+        for name, value in node.resources_total.items():
+            total[name] += value
+    return dict(total)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,7 +154,7 @@ class StageNeeds:
 
 
 def _have(needs: StageNeeds) -> str:
-    total = ray.cluster_resources()
+    total = cluster_resources()
     return ", ".join(f"{total.get(k, 0.0):g} {k}" for k in needs.totals())
 
 
@@ -147,17 +169,17 @@ def ensure_resources(scaling: ScalingSection, data: DataConfig, ray_cfg: RaySect
     autoscaler also launches nodes for pending placement groups.
     """
     if not autoscaler_running():
-        check_cpu_budget(ray.cluster_resources().get("CPU", 0), scaling, data, section=section)
+        check_cpu_budget(cluster_resources().get("CPU", 0), scaling, data, section=section)
         return
     needs = StageNeeds.of(scaling, data)
-    if not needs.missing(ray.cluster_resources()):
+    if not needs.missing(cluster_resources()):
         return
     request_resources(bundles=needs.bundles())
     started = time.monotonic()
     print(f"[{section}] waiting for the autoscaler: need {needs.describe()} (the cluster has {_have(needs)})", flush=True)
     try:
         reported = started
-        while missing := needs.missing(ray.cluster_resources()):
+        while missing := needs.missing(cluster_resources()):
             now = time.monotonic()
             if now - started > ray_cfg.autoscaler_timeout_s:
                 raise ClusterError(

@@ -43,12 +43,11 @@ from pathlib import Path
 from typing import Callable
 
 import mlflow
-import ray
 from mlflow.tracking import MlflowClient
 
 from ldm_core.config import ConfigError
 from pipelines import lease, storage, tracking
-from pipelines.cluster import ClusterError, autoscaler_running, check_cluster_paths
+from pipelines.cluster import ClusterError, autoscaler_running, check_cluster_paths, cluster_resources
 from pipelines.config import PipelineConfig, parse_cli
 from pipelines.data import DatasetError, check_cpu_budget
 from pipelines.memory_budget import check_memory_budget
@@ -311,7 +310,7 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: s
     init_ray(cfg.ray)
     check_cluster_paths(cfg)
     if not autoscaler_running():  # an autoscaling cluster is asked for the CPUs by each stage (pipelines/cluster.py)
-        cluster_cpus = ray.cluster_resources().get("CPU", 0)
+        cluster_cpus = cluster_resources().get("CPU", 0)
         for section in (s for s in ("stage_a", "stage_b") if order.index(s) <= last):  # fail before any stage, not in one
             check_cpu_budget(cluster_cpus, getattr(cfg, section).scaling, cfg.data, section=section)
     experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)

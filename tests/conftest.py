@@ -26,6 +26,35 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
+def _raise_open_files_limit() -> None:
+    """Ray's servers and this process's GCS clients need more than the common default of 1024 open files; Ray
+    raises the soft limit in `ray.init` too, but only the processes started after that inherit it."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= 65536:
+        return
+    try:  # above the hard limit too where allowed (root)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (65536, max(hard, 65536) if hard != resource.RLIM_INFINITY else hard))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+
+
+_raise_open_files_limit()
+
+# A whole-suite deadline (seconds, from the first test), for CI: once passed, the session stops before the next
+# test and pytest prints its summary of what failed so far, instead of being killed without one.
+SUITE_DEADLINE_S = float(os.environ.get("LDM_SUITE_DEADLINE_S", "0") or 0)
+_SUITE_STARTED = time.monotonic()
+
+
+def pytest_runtest_setup(item):
+    if SUITE_DEADLINE_S and time.monotonic() - _SUITE_STARTED > SUITE_DEADLINE_S:
+        pytest.exit(f"LDM_SUITE_DEADLINE_S={SUITE_DEADLINE_S:g} passed before {item.nodeid}", returncode=1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
