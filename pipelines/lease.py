@@ -221,6 +221,16 @@ def release(lease: Lease) -> None:
     lease.release()
 
 
+def check_held() -> None:
+    """`Lease.check()` every lease this driver (thread) holds: raises LeaseLost if any was taken over. Called
+    right before a result is published, by code that does not see the lease objects (fit_and_publish)."""
+    me = owner_id()
+    with _held_lock:
+        mine = [held for (owner, _), held in _held.items() if owner == me]
+    for held in mine:
+        held.check()
+
+
 @contextmanager
 def hold(uri: str, *, what: str, settings: LeaseSection | None = None,
          storage_cfg: StorageConfig | None = None) -> Iterator[Lease]:
@@ -230,6 +240,12 @@ def hold(uri: str, *, what: str, settings: LeaseSection | None = None,
         yield lease
     finally:
         release(lease)
+
+
+def output_lease_uri(folder_uri: str) -> str:
+    """The lease of an output folder written outside a training stage (a dataset, a sample folder): the sibling
+    object `<folder>.lease.json`, never inside the folder, whose listing is the output."""
+    return folder_uri.rstrip("/") + ".lease.json"
 
 
 def training_lease_uri(cfg, stage: str) -> str:

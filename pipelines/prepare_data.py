@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable,
 
 import argparse
 
+from pipelines import lease
 from pipelines.data import DatasetError, index_shards, prepare_dataset
 from pipelines.runtime import setup_logging
 from pipelines.storage import StorageConfig
@@ -37,8 +38,10 @@ def prepare_tracked(cfg, experiment_id: str, *, parent_run_id: str | None = None
 
     from pipelines import tracking
 
-    with tracking.stage_run(experiment_id=experiment_id, stage="prepare", run_name=f"{cfg.run.name}-prepare",
-                            parent_run_id=parent_run_id, tags=tags or {}) as run:
+    with lease.hold(lease.output_lease_uri(cfg.data.uri), what=f"prepare {cfg.data.uri}", settings=cfg.run.lease,
+                    storage_cfg=cfg.storage), \
+            tracking.stage_run(experiment_id=experiment_id, stage="prepare", run_name=f"{cfg.run.name}-prepare",
+                               parent_run_id=parent_run_id, tags=tags or {}) as run:
         manifest = prepare_dataset(
             cfg.data.source, cfg.data.uri, fmt=cfg.data.format, shard_size=cfg.data.shard_size,
             resolution=cfg.data.prepare_resolution, limit=cfg.data.limit, seed=cfg.run.seed, storage=cfg.storage,
@@ -91,6 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--max-undecodable-fraction must be between 0 and 1")
     storage_cfg = StorageConfig(s3_endpoint_url=args.s3_endpoint_url)
     try:
+        # One writer per output folder: a second prepare into it waits for the first, then finds it complete.
+        held = lease.acquire(lease.output_lease_uri(args.output), what=f"prepare {args.output}", storage_cfg=storage_cfg)
+    except (lease.LeaseHeld, ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
         if args.index:
             manifest = index_shards(args.output, storage_cfg=storage_cfg, image_column=args.image_column,
                                     caption_column=args.caption_column, key_column=args.key_column or None)
@@ -102,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
     except (DatasetError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+    finally:
+        lease.release(held)
     print(f"dataset {args.output}: {manifest['num_samples']} samples in {len(manifest['shards'])} {manifest['format']} "
           f"shards, digest {manifest['digest'][:16]}")
     return manifest

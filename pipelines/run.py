@@ -570,11 +570,10 @@ def resume_command(argv: list[str], stage: str, force: str | None) -> str:
 
 
 def _exit_on_failure(e: BaseException, failure: StageFailure, resume: str) -> None:
-    """Details first (the traceback, or the one-line error), then the failure line last."""
+    """The failure line, last. A user-facing error (bad input, an outage: already one line) is said once, as the
+    line's cause; anything else is a bug and prints its traceback first."""
     sys.stdout.flush()
-    if isinstance(e, SystemExit):
-        print(e.code, file=sys.stderr)
-    elif not isinstance(e, KeyboardInterrupt):
+    if not isinstance(e, (SystemExit, KeyboardInterrupt)):
         traceback.print_exception(e)
     print(failure.line(resume), file=sys.stderr, flush=True)
     raise SystemExit(130 if isinstance(e, KeyboardInterrupt) else 1) from None

@@ -41,7 +41,7 @@ from torchvision.utils import make_grid
 
 from ldm_core.config import ConfigError, format_validation_error
 from ldm_core.sampling import SAMPLERS, sample_timesteps
-from pipelines import storage, tracking
+from pipelines import lease, storage, tracking
 from pipelines.config import PipelineConfig, SampleConfig, add_config_args, config_from_args
 from pipelines.digits import load_or_train_classifier, prompt_adherence, prompt_digit
 from pipelines.models import UNetBundle, load_autoencoder, load_unet_bundle, model_to_load
@@ -330,7 +330,9 @@ def run_sample(
         upstream_run_ids=upstream, parent_run_id=parent_run_id, tags=extra_tags)
     with run_context as run:
         run_id = manifest["run_id"] = run.info.run_id if run is not None else None
-        paths, grid_uri, grid = write_samples(images, prompts, sc.num_per_prompt, out_dir, cfg.storage, manifest)
+        with lease.hold(lease.output_lease_uri(out_dir), what=f"sample into {out_dir}", settings=cfg.run.lease,
+                        storage_cfg=cfg.storage):  # one writer per folder: its samples.json describes its PNGs
+            paths, grid_uri, grid = write_samples(images, prompts, sc.num_per_prompt, out_dir, cfg.storage, manifest)
         if run is not None:
             client = MlflowClient()
             tracking.log_params(client, run_id, tracking.flatten({"sample": manifest["settings"]}))
@@ -401,7 +403,7 @@ def apply_flags(cfg: PipelineConfig, args: argparse.Namespace) -> PipelineConfig
 def main(argv: list[str] | None = None) -> SampleResult:
     setup_logging()
     args = build_parser().parse_args(argv)
-    with exit_on(ConfigError, NoModelError):
+    with exit_on(ConfigError, NoModelError, lease.LeaseHeld, lease.LeaseLost):
         cfg = apply_flags(config_from_args(args), args)
         result = run_sample(cfg, log_to_mlflow=not args.no_mlflow)
     print(f"sample finished: {len(result.image_paths)} images and grid {result.grid_path}"

@@ -47,7 +47,7 @@ import torch
 
 from ldm_core.config import ConfigError
 from ldm_core.ema import EMA
-from pipelines import ddp, storage, tracking
+from pipelines import ddp, lease, storage, tracking
 from pipelines.checkpoints import load_meta, load_module, load_optimizer, load_tensors, save_checkpoint
 from pipelines.models import mark_published, published_from
 from pipelines.progress import Progress
@@ -512,6 +512,7 @@ def fit_and_publish(trainer, registered_model_name: str,
         final = load_meta(d)["final"]
         published = published_from(registered_model_name, result.checkpoint.path)
         if published is None:
+            lease.check_held()  # still the owner of this run (not taken over as dead): only then publish
             published = publish(Path(d))
             mark_published(registered_model_name, published[1], result.checkpoint.path)
     return final, published[0], published[1], result.checkpoint.path

@@ -127,6 +127,43 @@ def test_a_lease_on_another_host_counts_by_its_heartbeat(tmp_path):
         assert not mine.waited and mine.previous["host"] == "other-host"
 
 
+def test_a_driver_whose_lease_was_taken_over_may_not_publish(tmp_path):
+    """fit_and_publish calls lease.check_held() right before publishing: a driver that stalled past ttl_s and
+    was taken over (another owner's record in its place) learns it there, not at release."""
+    uri = str(tmp_path / "x.lease.json")
+    with lease.hold(uri, what="mine", settings=FAST):
+        lease.check_held()  # still ours: nothing raised
+        record = lease.Lease(uri, "probe", FAST, None).read()
+        storage.write_json(storage.resolve(uri), {**record, "owner": "other-host:1:beef", "host": "other-host",
+                                                  "heartbeat_at": time.time()})
+        with pytest.raises(lease.LeaseLost, match="taken over .*other-host"):
+            lease.check_held()
+    assert lease.Lease(uri, "probe", FAST, None).read()["owner"] == "other-host:1:beef"  # release left it alone
+
+
+def test_two_prepare_commands_into_one_folder_never_mix_their_shards(tmp_path):
+    """Two `prepare_data.py` runs started together into the same folder with different contents: one writes the
+    dataset, the other waits for it, then refuses in one line (the folder is complete); every shard the manifest
+    lists is there with the checksum it records. Without the lease both wrote the same shard names at once."""
+    import hashlib
+
+    out = tmp_path / "images"
+    cmd = [sys.executable, str(REPO / "pipelines/prepare_data.py"), "--source", "mnist", "--output", str(out),
+           "--shard-size", "40", "--resolution", "16"]
+    procs = [subprocess.Popen([*cmd, "--limit", str(limit)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for limit in (400, 240)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes[0] == 0 and codes[1] != 0, results
+    (err,) = [e for code, _, e in results if code != 0]
+    assert err.strip().splitlines()[-1].startswith("error: ") and "already holds a complete dataset" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_samples"] in (400, 240)
+    for shard in manifest["shards"]:
+        assert hashlib.sha256((out / shard["path"]).read_bytes()).hexdigest() == shard["sha256"], shard["path"]
+    assert not list(out.glob("*.lease.json")) and json.loads((tmp_path / "images.lease.json").read_text())["released"]
+
+
 def test_two_drivers_claiming_at_once_never_overlap(tmp_path):
     uri = str(tmp_path / "race.lease.json")
     start_at = time.time() + 3.0
