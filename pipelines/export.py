@@ -80,7 +80,10 @@ class ExportResult:
 
 
 def sd_scheduler_config(diffusion: DiffusionConfig) -> dict:
-    """A diffusers `DDIMScheduler` config with Stable Diffusion's DDIM settings for our noise schedule."""
+    """A diffusers `DDIMScheduler` config with Stable Diffusion's DDIM settings for our noise schedule. A model
+    trained with `zero_terminal_snr` gets Lin et al.'s sampler instead, as our own sampler runs it: the rescaled
+    betas, trailing timesteps from t = T-1 and the final step to alpha_bar = 1 (tests/test_sampler_parity.py)."""
+    zero = diffusion.zero_terminal_snr
     return {
         "_class_name": "DDIMScheduler",
         "num_train_timesteps": diffusion.num_timesteps,
@@ -89,9 +92,10 @@ def sd_scheduler_config(diffusion: DiffusionConfig) -> dict:
         "beta_schedule": DIFFUSERS_BETA_SCHEDULES[diffusion.beta_schedule],
         "trained_betas": None,
         "clip_sample": False,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-        "timestep_spacing": "leading",
+        "set_alpha_to_one": zero,
+        "steps_offset": 0 if zero else 1,
+        "timestep_spacing": "trailing" if zero else "leading",
+        "rescale_betas_zero_snr": zero,
         "prediction_type": DIFFUSERS_PREDICTIONS[diffusion.prediction],
     }
 

@@ -427,6 +427,16 @@ def test_scheduler_config_is_sds_ddim_and_matches_our_schedule():
         ours = NoiseSchedule(diffusion).alpha_bar.double()
         assert torch.allclose(sched.alphas_cumprod.double(), ours, atol=1e-6), schedule
 
+    # A zero-terminal-SNR model exports Lin et al.'s sampler: rescaled betas, trailing steps from T-1.
+    from ldm_core.sampling import sample_timesteps
+
+    zero = DiffusionConfig(prediction="v", zero_terminal_snr=True)
+    sched = diffusers.DDIMScheduler.from_config(sd_scheduler_config(zero))
+    assert torch.allclose(sched.alphas_cumprod.double(), NoiseSchedule(zero).alpha_bar.double(), atol=1e-6)
+    assert sched.alphas_cumprod[-1].item() == 0.0 and sched.config.prediction_type == "v_prediction"
+    sched.set_timesteps(25)
+    assert sched.timesteps.tolist() == sample_timesteps(zero.num_timesteps, 25, "trailing")
+
 
 def _publish_tiny_autoencoder(tmp_path, seed: int = 5) -> tuple[AutoencoderKL, str, str]:
     import mlflow

@@ -149,7 +149,8 @@ TEXT = TextEncoderConfig(max_length=8)
 DIGIT_PROMPTS = ["a handwritten digit three", "a handwritten digit eight"]
 
 
-def _publish_unet(tmp, experiment_id: str, *, ae_uri: str, ae_run: str, seed: int, status: str = "FINISHED") -> tuple[str, str]:
+def _publish_unet(tmp, experiment_id: str, *, ae_uri: str, ae_run: str, seed: int, status: str = "FINISHED",
+                  diffusion: DiffusionConfig = TINY_DIFFUSION) -> tuple[str, str]:
     """What Stage B leaves behind: a run tagged stage=stage_b with the published bundle and a model_uri tag."""
     encoder = load_text_encoder(TEXT)
     null_context, null_mask = encoder.encode([""])
@@ -160,7 +161,7 @@ def _publish_unet(tmp, experiment_id: str, *, ae_uri: str, ae_run: str, seed: in
     with tracking.stage_run(experiment_id=experiment_id, stage="stage_b", run_name=f"tiny-stage-b-{seed}",
                             upstream_run_ids=[ae_run]) as run:
         folder = save_unet_bundle(
-            tmp / f"bundle-{seed}" / "unet", unet_state=raw, ema_state=ema, unet_config=unet_cfg, diffusion=TINY_DIFFUSION,
+            tmp / f"bundle-{seed}" / "unet", unet_state=raw, ema_state=ema, unet_config=unet_cfg, diffusion=diffusion,
             text_encoder=TEXT, hidden_size=encoder.hidden_size, null_context=null_context[0], null_mask=null_mask[0],
             latent_shape=(4, 4, 4), scale_factor=0.7, autoencoder_uri=ae_uri, stage_a_run_id=ae_run,
             stage_b_run_id=run.info.run_id,
@@ -200,6 +201,22 @@ def published(tmp_path_factory):
 
 def _cfg(published, *extra: str):
     return load_config(QUICKSTART, published["overrides"] + list(extra))
+
+
+def test_a_zero_terminal_snr_model_is_sampled_only_from_pure_noise(published, tmp_path):
+    """A U-Net trained with zero terminal SNR must start sampling at t = T-1: leading spacing is refused before any
+    work, trailing (the default) samples."""
+    experiment_id = MlflowClient().create_experiment("zero-snr")  # not the config's: "latest" stays as it was
+    zero = TINY_DIFFUSION.model_copy(update={"prediction": "v", "zero_terminal_snr": True})
+    uri, _ = _publish_unet(published["tmp"], experiment_id, ae_uri=published["ae_uri"], ae_run="", seed=7, diffusion=zero)
+    leading = _cfg(published, f"sample.unet_uri={uri}", "sample.timestep_spacing=leading", "sample.steps_offset=1",
+                   f"sample.out_dir={tmp_path / 'leading'}")
+    with pytest.raises(ConfigError, match="zero terminal SNR.*use sample.timestep_spacing=trailing"):
+        sample.run_sample(leading, log_to_mlflow=False)
+    assert not (tmp_path / "leading").exists()
+    result = sample.run_sample(_cfg(published, f"sample.unet_uri={uri}", f"sample.out_dir={tmp_path / 'trailing'}"),
+                               log_to_mlflow=False)
+    assert len(result.image_paths) == 4 and torch.isfinite(result.images).all()
 
 
 def test_run_sample_uses_the_latest_finished_stage_b_and_records_lineage(published):
