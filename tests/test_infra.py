@@ -1236,3 +1236,69 @@ def test_pipeline_with_credentials_runs_end_to_end_through_the_authenticated_ser
     # The scan finds what it looks for.
     planted = {"artifact x": b"...aws_secret_access_key = " + fake_secret_key.encode() + b"\n", "tag y": b"k=v"}
     assert find_secrets(planted, secrets) == ["artifact x: secret #2"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# GPU node types: what the configs ask for exists in infra/, and GPU nodes check their driver first
+# --------------------------------------------------------------------------------------------------------
+
+
+def _config_gpu_stages() -> list[tuple[str, str, object]]:
+    from pipelines.config import load_config
+
+    found = []
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        for stage in ("stage_a", "stage_b"):
+            scaling = getattr(cfg, stage).scaling
+            if scaling.use_gpu:
+                found.append((path.name, stage, scaling))
+    return found
+
+
+def test_every_gpu_stage_of_the_configs_has_a_node_type_with_its_gpus_in_both_infras():
+    """A config's `scaling.gpu_type` becomes Ray's `accelerator_type:<label>` resource on each worker: the AWS
+    cluster and the KubeRay cluster must each declare a worker type carrying that label with at least one GPU
+    per rank on a node (else the autoscaler never starts one and the stage waits until autoscaler_timeout_s)."""
+    stages = _config_gpu_stages()
+    assert stages
+    aws = {}
+    for name, t in load_cluster()["available_node_types"].items():
+        for key in t["resources"]:
+            if key.startswith("accelerator_type:"):
+                aws[key.split(":", 1)[1]] = (name, t["resources"]["GPU"])
+    ((_, cluster),) = objects_of_kind("RayCluster")
+    k8s = {}
+    for g in cluster["spec"]["workerGroupSpecs"]:
+        declared = json.loads(json.loads(g["rayStartParams"].get("resources", '"{}"')))
+        gpus = g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)
+        for key in declared:
+            if key.startswith("accelerator_type:"):
+                k8s[key.split(":", 1)[1]] = (g["groupName"], gpus)
+    for config, stage, scaling in stages:
+        label = scaling.accelerator_type()
+        for infra, types in (("infra/aws/cluster.yaml", aws), ("infra/k8s/raycluster.yaml", k8s)):
+            assert label in types, f"{config} {stage}: gpu_type {scaling.gpu_type} has no node type in {infra}"
+            node_type, gpus = types[label]
+            if scaling.placement_strategy == "STRICT_PACK":  # all ranks on one node
+                assert gpus >= scaling.num_workers * scaling.gpus_per_worker, (config, stage, infra, node_type)
+            else:
+                assert gpus >= scaling.gpus_per_worker, (config, stage, infra, node_type)
+
+
+def test_gpu_pods_check_the_cuda_driver_before_ray_starts():
+    """Every GPU worker group runs the image's torch first; without a usable GPU (here: none) it exits non-zero
+    with one line naming the driver it needs."""
+    ((_, cluster),) = objects_of_kind("RayCluster")
+    gpu_groups = [g for g in cluster["spec"]["workerGroupSpecs"]
+                  if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    assert len(gpu_groups) >= 2
+    for g in gpu_groups:
+        (init,) = g["template"]["spec"]["initContainers"]
+        assert init["image"] == g["template"]["spec"]["containers"][0]["image"]
+        assert init["resources"]["limits"]["nvidia.com/gpu"] == g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        assert init["command"][:2] == ["python", "-c"]
+        done = subprocess.run([sys.executable, "-c", init["command"][2]], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        assert done.returncode != 0
+        assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "R580 or newer" in done.stderr
