@@ -403,15 +403,20 @@ def _raylet_pid(node_id: str, root: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="Ray's fake multi-node provider never replaces a node whose raylet died behind its back: it "
-                         "keeps it as a pending, uninitialized node of its type (it learns only of terminations it made "
-                         "itself), so Train's restarted placement group waits forever. Measured 2026-11-25; a cloud "
-                         "provider reports the reclaimed instance and the autoscaler replaces it.")
-def test_a_worker_node_lost_in_the_middle_of_stage_a_is_replaced_and_training_resumes(autoscaling_cluster):
-    """Stage A alone (it prepares its data) on the autoscaling cluster; once a checkpoint is on S3, the raylet of a
-    node holding a DDP rank is SIGKILLed. Ray Train restarts the group (the autoscaler adds a node for it) from the
-    last checkpoint; the final step is exact and Adam's own step counter says no update ran twice."""
+def test_a_worker_node_lost_in_the_middle_of_stage_a_restarts_the_group_on_the_survivors(autoscaling_cluster):
+    """Stage A alone (it prepares its data) on the autoscaling cluster, scaled to three worker nodes first; once a
+    checkpoint is on S3, the raylet of a node holding a DDP rank is SIGKILLed. Ray Train restarts the group on the
+    nodes left, from the last checkpoint; the final step is exact and Adam's own step counter says no update ran
+    twice. (The cluster is scaled up beforehand because Ray's fake provider never replaces a node whose raylet died
+    behind its back: it keeps it as a pending node of its type. A cloud provider reports the reclaimed instance,
+    and the autoscaler replaces it.)"""
     cluster = autoscaling_cluster
+    cluster.python("from ray.autoscaler.sdk import request_resources\n"
+                   "request_resources(bundles=[{'CPU': 1, 'GPU': 1}] * 2 + [{'CPU': 2}])")
+    deadline = time.monotonic() + 300
+    while len([n for n in cluster.nodes() if n["alive"] and not n["head"]]) < 3:
+        assert time.monotonic() < deadline, cluster.nodes()
+        time.sleep(2)
     max_steps = 16
     job, log = cluster.submit(*_tiny_on_s3("nodeloss"), f"stage_a.train.max_steps={max_steps}",
                               "stage_a.train.checkpoint_every=2", "stage_a.train.max_failures=3",
@@ -427,7 +432,6 @@ def test_a_worker_node_lost_in_the_middle_of_stage_a_is_replaced_and_training_re
             f"print(json.dumps(sorted({{a.node_id for a in list_actors(address='{cluster.dashboard}', filters=["
             "('class_name', '=', 'RayTrainWorker'), ('state', '=', 'ALIVE')])})))").splitlines()[-1])
         assert len(ranks) == 2, ranks
-        before = _workers(cluster.nodes())
         os.kill(_raylet_pid(ranks[1], cluster.root), signal.SIGKILL)
         assert job.wait(timeout=900) == 0, log.read_text()[-12000:]
     finally:
@@ -436,8 +440,6 @@ def test_a_worker_node_lost_in_the_middle_of_stage_a_is_replaced_and_training_re
     out = log.read_text()
     nodes = cluster.nodes()
     assert not next(n for n in nodes if n["id"] == ranks[1])["alive"]
-    replacements = _workers(nodes) - before
-    assert replacements, f"no node was added after the loss: {nodes}"
 
     run_id = re.search(r"stage_a finished: run (\w+)", out).group(1)
     client = cluster.mlflow()
@@ -445,7 +447,7 @@ def test_a_worker_node_lost_in_the_middle_of_stage_a_is_replaced_and_training_re
     resumed = [m.value for m in client.get_metric_history(run_id, "train/resumed_from_step")]
     assert resumed and all(0 < step < max_steps and step % 2 == 0 for step in resumed), resumed
     train_nodes = set(run.data.tags["train_nodes"].split(","))
-    assert ranks[1] not in train_nodes and train_nodes & replacements
+    assert len(train_nodes) == 2 and ranks[1] not in train_nodes, (train_nodes, ranks)
     # The final checkpoint, read from S3: the exact step, and Adam's counter = max_steps (no step applied twice).
     ckpt = run.data.tags["checkpoint"]  # bucket/key of the checkpoint directory
     bucket, key = ckpt.split("/", 1)
