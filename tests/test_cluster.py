@@ -243,6 +243,11 @@ def autoscaling_cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _json_line(out: str):
+    """The last line of a driver's stdout that is JSON (the autoscaler's events reach a driver's stdout too)."""
+    return json.loads([line for line in out.splitlines() if line.startswith(("[", "{"))][-1])
+
+
 class FakeCluster:
     def __init__(self, root: Path, ports: dict, env: dict):
         self.root, self.ports, self.env = root, ports, env
@@ -258,9 +263,9 @@ class FakeCluster:
 
     def nodes(self) -> list[dict]:
         """Every node the cluster has had: {"id", "alive", "head", "resources"}."""
-        return json.loads(self.python(
+        return _json_line(self.python(
             "import json; print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], 'resources': n['Resources'], "
-            "'head': 'node:__internal_head__' in n['Resources']} for n in ray.nodes()]))").splitlines()[-1])
+            "'head': 'node:__internal_head__' in n['Resources']} for n in ray.nodes()]))"))
 
     def wait_for_autoscaler(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -427,10 +432,10 @@ def test_a_worker_node_lost_in_the_middle_of_stage_a_restarts_the_group_on_the_s
             assert job.poll() is None, log.read_text()[-6000:]
             assert time.monotonic() < deadline, log.read_text()[-6000:]
             time.sleep(0.5)
-        ranks = json.loads(cluster.python(
+        ranks = _json_line(cluster.python(
             "import json\nfrom ray.util.state import list_actors\n"
             f"print(json.dumps(sorted({{a.node_id for a in list_actors(address='{cluster.dashboard}', filters=["
-            "('class_name', '=', 'RayTrainWorker'), ('state', '=', 'ALIVE')])})))").splitlines()[-1])
+            "('class_name', '=', 'RayTrainWorker'), ('state', '=', 'ALIVE')])})))"))
         assert len(ranks) == 2, ranks
         os.kill(_raylet_pid(ranks[1], cluster.root), signal.SIGKILL)
         assert job.wait(timeout=900) == 0, log.read_text()[-12000:]
