@@ -31,7 +31,9 @@ def _rank(rank: int, port: int, compression: str, out: dict) -> None:
 
 
 def run_two_ranks(compression: str) -> dict:
-    with mp.Manager() as manager:
+    # A spawned manager, not a forked one: forking this process while it holds a Ray driver's threads (the suite's
+    # session Ray) made the driver lose its raylet and exit the whole pytest session (2026-11-26, fresh clone).
+    with mp.get_context("spawn").Manager() as manager:
         out = manager.dict()
         mp.spawn(_rank, args=(free_port(), compression, out), nprocs=2, join=True)
         return dict(out)

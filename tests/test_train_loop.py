@@ -171,8 +171,12 @@ def _ddp_worker(rank: int, port: int, results):
 
 def test_two_ddp_ranks_agree_to_skip_when_only_one_rank_is_non_finite():
     port = free_port()
-    results = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(port, results), nprocs=2, join=True)
+    # A spawned manager, not a forked one: forking this process, which holds a Ray driver's threads, once made the
+    # driver lose its raylet and exit the whole session (tests/test_ddp.py, 2026-11-26).
+    with mp.get_context("spawn").Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ddp_worker, args=(port, results), nprocs=2, join=True)
+        results = dict(results)
     (skipped0, step0, params0), (skipped1, step1, params1) = results[0], results[1]
     assert (skipped0, step0) == (1, 4) and (skipped1, step1) == (1, 4)
     assert torch.equal(params0, params1)  # no rank stepped alone: the replicas never diverged
