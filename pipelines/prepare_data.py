@@ -26,7 +26,7 @@ import argparse
 from pipelines import lease
 from pipelines.data import DatasetError, index_shards, prepare_dataset
 from pipelines.runtime import setup_logging
-from pipelines.storage import StorageConfig
+from pipelines.storage import StorageConfig, resolve
 
 
 def prepare_tracked(cfg, experiment_id: str, *, parent_run_id: str | None = None,
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--max-undecodable-fraction must be between 0 and 1")
     storage_cfg = StorageConfig(s3_endpoint_url=args.s3_endpoint_url)
     try:
+        resolve(args.output, storage_cfg)  # an unsupported URI is refused as the user wrote it
         # One writer per output folder: a second prepare into it waits for the first, then finds it complete.
         held = lease.acquire(lease.output_lease_uri(args.output), what=f"prepare {args.output}", storage_cfg=storage_cfg)
     except (lease.LeaseHeld, ValueError, OSError) as e:

@@ -484,10 +484,11 @@ def test_run_py_runtime_errors_are_one_line(ray_local, mlflow_uri, tmp_path, cap
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         pipeline.main([*base, "--from", "stage_b"])
-    # The error line (the DAG driver adds a line naming the failed stage and how to resume, then exits 1).
-    errors = [str(e.value.code)] if isinstance(e.value.code, str) else capsys.readouterr().err.splitlines()
-    assert e.value.code not in (0, None)
-    assert any(line.startswith("error: --from stage_b: stage stage_a has no finished run") for line in errors), errors
+    # One line: the failed stage, its cause and how to resume (the DAG driver's failure line), exit 1.
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1
+    assert len(errors) == 1 and errors[0].startswith("[stage_a] FAILED  MLflow pipeline run "), errors
+    assert "cause: CacheMiss: --from stage_b: stage stage_a has no finished run" in errors[0], errors
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name("ldm-quickstart").experiment_id
     runs = client.search_runs([experiment_id])
