@@ -96,23 +96,18 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         resolve(args.output, storage_cfg)  # an unsupported URI is refused as the user wrote it
         # One writer per output folder: a second prepare into it waits for the first, then finds it complete.
-        held = lease.acquire(lease.output_lease_uri(args.output), what=f"prepare {args.output}", storage_cfg=storage_cfg)
-    except (lease.LeaseHeld, ValueError, OSError) as e:
+        with lease.hold(lease.output_lease_uri(args.output), what=f"prepare {args.output}", storage_cfg=storage_cfg):
+            if args.index:
+                manifest = index_shards(args.output, storage_cfg=storage_cfg, image_column=args.image_column,
+                                        caption_column=args.caption_column, key_column=args.key_column or None)
+            else:
+                manifest = prepare_dataset(
+                    args.source, args.output, fmt=args.format, shard_size=args.shard_size, resolution=args.resolution,
+                    limit=args.limit, seed=args.seed, captions=args.captions, storage=storage_cfg,
+                    max_undecodable_fraction=args.max_undecodable_fraction,
+                )
+    except (DatasetError, lease.LeaseHeld, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    try:
-        if args.index:
-            manifest = index_shards(args.output, storage_cfg=storage_cfg, image_column=args.image_column,
-                                    caption_column=args.caption_column, key_column=args.key_column or None)
-        else:
-            manifest = prepare_dataset(
-                args.source, args.output, fmt=args.format, shard_size=args.shard_size, resolution=args.resolution,
-                limit=args.limit, seed=args.seed, captions=args.captions, storage=storage_cfg,
-                max_undecodable_fraction=args.max_undecodable_fraction,
-            )
-    except (DatasetError, ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
-    finally:
-        lease.release(held)
     print(f"dataset {args.output}: {manifest['num_samples']} samples in {len(manifest['shards'])} {manifest['format']} "
           f"shards, digest {manifest['digest'][:16]}")
     return manifest
