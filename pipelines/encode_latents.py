@@ -38,7 +38,7 @@ from ldm_core.config import ConfigError
 from pipelines import latents, lease, storage, tracking
 from pipelines.cluster import ClusterError, check_cluster_paths
 from pipelines.config import PipelineConfig, parse_cli
-from pipelines.data import DatasetError, build_dataset, read_manifest
+from pipelines.data import DatasetError, build_dataset, read_manifest, to_model_range
 from pipelines.data.reader import in_split
 from pipelines.models import load_autoencoder, model_to_load, run_id_of
 from pipelines.progress import print_summary
@@ -71,7 +71,7 @@ class LatentEncoder:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        x = torch.as_tensor(batch["image"], device=self.device)  # (B, 3, H, W) in [-1, 1]
+        x = to_model_range(torch.as_tensor(batch["image"], device=self.device))  # (B, 3, H, W) in [-1, 1]
         posterior = self.autoencoder.encode(x)
         s = self.autoencoder.scale_factor
         mean = (posterior.mean * s).float().cpu().numpy()  # (B, C, h, w): scaled like the latents Stage B trains on

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from ldm_core.perceptual import build_lpips
 from pipelines import tracking
 from pipelines.config import PipelineConfig, parse_cli
 from pipelines.cluster import ClusterError, check_cluster_paths, ensure_resources
-from pipelines.data import DatasetError, build_dataset, open_skip_counter, read_manifest
+from pipelines.data import DatasetError, build_dataset, open_skip_counter, read_manifest, to_model_range
 from pipelines.lease import LeaseHeld, LeaseLost, stage_lease
 from pipelines.memory_budget import check_memory_budget
 from pipelines.interop import adopt_init_architectures, freeze_encoder, keeps_published_scale, load_init_autoencoder
@@ -111,8 +112,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         Update(ddp_model, opt_g, sa.optim.lr, autoencoder_loss),
         Update(ddp_disc, opt_d, disc_lr, discriminator_update_loss, starts_at=sa.loss.disc_start, name="disc"),
     ]
-    batches = loop.batches(ray.train.get_dataset_shard("train"), batch_size=cfg.data.batch_size,
-                           shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.run.seed)
+    batches = model_range(loop.batches(ray.train.get_dataset_shard("train"), batch_size=cfg.data.batch_size,
+                                       shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.run.seed))
     skip_counts = lambda: {f"data/skipped_{k}": v for k, v in skips.snapshot().items()}  # noqa: E731
     for step in loop.run(updates, batches, samples_per_batch=cfg.data.batch_size, ema_model=model,
                          extra_metrics=skip_counts):
@@ -135,6 +136,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         published_model.save_pretrained(directory / "autoencoder")
 
     loop.finish({**final, **loop.session_metrics()}, export=export)
+
+
+def model_range(batches: Iterator[dict]) -> Iterator[dict]:
+    """The reader's uint8 batches (already on the device) with `image` in the model's float32 [-1, 1]."""
+    for batch in batches:
+        batch["image"] = to_model_range(batch["image"])
+        yield batch
 
 
 def log_reconstructions(logger: RunLogger, batch: dict, n: int, artifact_file: str) -> None:
@@ -177,7 +185,7 @@ def finalize(cfg: PipelineConfig, model: AutoencoderKL, lpips_module, lpips_back
     for i, batch in enumerate(holdout.iter_torch_batches(batch_size=cfg.data.batch_size, device=device)):
         if i >= sa.eval.max_batches:
             break
-        x = batch["image"]
+        x = to_model_range(batch["image"])
         recon = ae.decode(ae.encode(x).mode()).clamp(-1, 1).float()
         count = torch.tensor(float(x.shape[0]), device=device)
         totals += torch.stack([count, *scores(recon, x), *scores(bicubic_baseline(x, f), x)]).double()

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from pipelines import prepare_data, storage
@@ -26,6 +27,7 @@ from pipelines.data import (
     index_shards,
     prepare_dataset,
     read_manifest,
+    to_model_range,
 )
 from pipelines.data.reader import in_split
 from pipelines.data.sources import SKIMAGE_PHOTOS
@@ -71,8 +73,8 @@ def test_mnist_to_s3_and_back_through_ray_data(ray_local, s3_bucket, fmt):
     rows, counter = _stream(cfg)
     assert len(rows) == 40
     images = np.stack([r["image"] for r in rows])
-    assert images.shape == (40, 3, 32, 32) and images.dtype == np.float32
-    assert images.min() >= -1.0 and images.max() <= 1.0 and images.min() < -0.9 and images.max() > 0.9
+    assert images.shape == (40, 3, 32, 32) and images.dtype == np.uint8
+    assert images.min() < 25 and images.max() > 230  # black background, white strokes
     assert all(r["caption"].startswith("a handwritten digit ") for r in rows)
     assert len({r["key"] for r in rows}) == 40
     # MNIST is greyscale 28 px: every image was converted from L to RGB and upscaled to 32; nothing dropped.
@@ -100,7 +102,7 @@ def test_skimage_photos_become_captioned_random_crops(ray_local, tmp_path):
     assert len(rows) == 70 and counter.snapshot() == {}  # RGB and large enough: nothing to repair
     assert {r["caption"] for r in rows} == {SKIMAGE_PHOTOS["astronaut"], SKIMAGE_PHOTOS["coffee"]}  # 64 crops each
     images = np.stack([r["image"] for r in rows])
-    assert images.shape == (70, 3, 32, 32) and -1.0 <= images.min() < images.max() <= 1.0
+    assert images.shape == (70, 3, 32, 32) and images.dtype == np.uint8 and images.min() < images.max()
     assert len({images[i].tobytes() for i in range(70)}) == 70  # distinct crops, not one photo repeated
     # The crops depend on the seed: a different seed gives a different dataset digest.
     other = prepare_dataset("skimage", str(tmp_path / "other"), fmt="parquet", shard_size=64, resolution=48, limit=70, seed=4)
@@ -212,7 +214,7 @@ def test_bad_samples_are_skipped_and_counted_by_reason(ray_local, tmp_path, s3_b
     cfg = DataConfig(uri=uri, resolution=32, min_size=16, crop="center")
     rows, counter = _stream(cfg)
     assert len(rows) == good
-    assert all(r["image"].shape == (3, 32, 32) and r["image"].dtype == np.float32 for r in rows)
+    assert all(r["image"].shape == (3, 32, 32) and r["image"].dtype == np.uint8 for r in rows)
     assert counter.snapshot() == expected
     # Nothing silently lost: every sample the manifest promised was either kept or counted as dropped.
     assert len(rows) + _dropped(counter.snapshot()) == read_manifest(uri)["num_samples"]
@@ -323,6 +325,17 @@ def test_missing_incomplete_and_empty_datasets_fail_before_anything_runs(tmp_pat
     prepare_dataset("mnist", str(tmp_path / "done"), limit=4)
     with pytest.raises(DatasetError, match="already holds"):
         prepare_dataset("mnist", str(tmp_path / "done"), limit=4)
+
+
+def test_uint8_images_reach_the_model_range_exactly():
+    # The reader ships uint8; the model sees x / 127.5 - 1, computed where the batch is (the GPU in training).
+    images = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    x = to_model_range(images)
+    assert x.dtype == torch.float32 and x.shape == images.shape
+    assert x.min() == -1.0 and x.max() == 1.0
+    torch.testing.assert_close(x, images.float() / 127.5 - 1.0, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="uint8"):
+        to_model_range(x)  # converting twice would be a silent bug
 
 
 def test_cpu_budget_error_names_the_fields(tmp_path):

@@ -19,7 +19,7 @@ from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_core.config import ConfigError
 from pipelines import latents, storage, tracking
 from pipelines.config import PipelineConfig, load_config
-from pipelines.data import build_dataset
+from pipelines.data import build_dataset, to_model_range
 from pipelines.encode_latents import main as encode_main
 from pipelines.encode_latents import run_encode
 from pipelines.models import publish_autoencoder
@@ -136,7 +136,7 @@ def test_interrupted_encode_leaves_no_manifest_then_a_rerun_completes_it(setup, 
     images, _ = build_dataset(cfg.data.model_copy(update={"crop": "center"}), split="all", shuffle=False)
     first = images.take(4)
     index = {k: i for i, k in enumerate(rows["key"])}
-    x = torch.as_tensor(np.stack([r["image"] for r in first]))
+    x = to_model_range(torch.as_tensor(np.stack([r["image"] for r in first])))
     with torch.no_grad():
         posterior = model.encode(x)
     picked = [index[r["key"]] for r in first]

@@ -2,8 +2,9 @@
 
 Ray Data reads whole shard files (in a seeded, per-epoch reshuffled order when training), and a decode
 task explodes each shard into samples, decodes them, converts any mode to RGB, resizes the shorter side
-to the resolution, crops (random or centre), flips when configured and normalises to [-1, 1] (float32,
-CHW), yielding blocks small enough to stream. Nothing is materialised: blocks flow to the consumers (Train
+to the resolution, crops (random or centre) and flips when configured, yielding uint8 CHW images in blocks
+small enough to stream. Images stay uint8 until they reach the device that trains on them (`to_model_range`
+there): a quarter of float32's bytes through the object store, the collation and the host-to-GPU copy. Nothing is materialised: blocks flow to the consumers (Train
 workers add a local shuffle buffer and get their own split through `ray.train.get_dataset_shard`).
 
 Bad data never fails the job and is never silently dropped. Every sample that is skipped or repaired is
@@ -29,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+import torch
 from PIL import Image, ImageOps
 from ray.data.datasource import FileBasedDatasource
 
@@ -44,7 +46,7 @@ COUNTER_NAMESPACE = "ldm-data"
 SPLITS = ("train", "holdout", "all")
 COLUMNS = ("image", "caption", "key")
 # Decoded blocks stay well below Ray Data's default 128 MiB target block size, so a shard of 1,000
-# 256-px images (750 MiB as float32) streams as a dozen blocks instead of one object.
+# 512-px images (750 MiB as uint8) streams as a dozen blocks instead of one object.
 TARGET_BLOCK_BYTES = 64 * 2**20
 
 # Reasons a sample is dropped. Every other reason in the counts is a repair (the sample is kept):
@@ -107,11 +109,11 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
 
 def decode_image(data: bytes | None, *, resolution: int, crop: str, random_flip: bool, min_size: int,
                  rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
-    """Encoded image bytes -> float32 (3, R, R) in [-1, 1], plus the repairs made. Raises SkipSample.
+    """Encoded image bytes -> uint8 (3, R, R), plus the repairs made. Raises SkipSample.
 
     Steps: decode (EXIF orientation applied), any mode -> RGB, resize the shorter side to R (bicubic;
-    upscaling counted), crop R x R (random or centre), flip horizontally with p=0.5 when `random_flip`,
-    x / 127.5 - 1.
+    upscaling counted), crop R x R (random or centre), flip horizontally with p=0.5 when `random_flip`.
+    The model's [-1, 1] comes later, on the training device (`to_model_range`).
     """
     if not data:
         raise SkipSample("empty_image")
@@ -141,10 +143,17 @@ def decode_image(data: bytes | None, *, resolution: int, crop: str, random_flip:
     else:
         x0, y0 = (new_w - resolution) // 2, (new_h - resolution) // 2
     img = img.crop((x0, y0, x0 + resolution, y0 + resolution))
-    arr = np.asarray(img, dtype=np.float32)  # (R, R, 3)
     if random_flip and rng.random() < 0.5:
-        arr = arr[:, ::-1]
-    return np.ascontiguousarray(arr.transpose(2, 0, 1)) / 127.5 - 1.0, notes  # (3, R, R)
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)), notes  # (3, R, R) uint8
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """The reader's uint8 images (any shape) -> float32 in [-1, 1] (x / 127.5 - 1), on their own device: call
+    it after the batch reached the GPU, so that a quarter of the bytes crossed PCIe."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"to_model_range expects the reader's uint8 images, got {images.dtype}")
+    return images.float().div_(127.5).sub_(1.0)
 
 
 def decode_sample(data: bytes | None, cfg: DataConfig, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
@@ -258,7 +267,7 @@ def read_shard(payload: bytes, rel_path: str, columns: dict) -> ShardContents:
 
 
 def _rows_per_block(resolution: int) -> int:
-    return max(1, TARGET_BLOCK_BYTES // (3 * resolution * resolution * np.dtype(np.float32).itemsize))
+    return max(1, TARGET_BLOCK_BYTES // (3 * resolution * resolution))  # uint8 images
 
 
 def verified(payload: bytes, sha256: str | None) -> bool:
@@ -469,7 +478,7 @@ def read_whole_files(paths: list[str], filesystem, *, shuffle=None, num_cpus: fl
 def build_dataset(cfg: DataConfig, split: str = "train", *, storage: StorageConfig | None = None, shuffle: bool = True,
                   seed: int = 0, skip_counter: SkipCounterHandle | None = None,
                   columns: Sequence[str] = COLUMNS) -> tuple[ray.data.Dataset, SkipCounterHandle]:
-    """A streaming Ray Dataset of decoded samples (`image` float32 (3, R, R) in [-1, 1], `caption`, `key`)
+    """A streaming Ray Dataset of decoded samples (`image` uint8 (3, R, R), `caption`, `key`)
     and the handle on its skip counter (pass `skip_counter` to share one between the splits of a stage).
 
     `split`: "train", "holdout" (by `cfg.holdout_fraction`, stable per key) or "all". `shuffle`: shard order
