@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from pipelines import storage, tracking
 from pipelines.config import PipelineConfig
 from pipelines.run import DAG, LINEAGE_CHECKED, STAGES, cache_key, find_finished_run, missing_outputs
+from pipelines.train_loop import latest_checkpoint_meta
 
 TRAINED = ("stage_a", "stage_b")
 
@@ -66,13 +67,12 @@ def config_diff(old: dict[str, str], new: dict[str, str]) -> list[str]:
 
 
 def _last_checkpoint_step(cfg: PipelineConfig, trainer_name: str) -> int | None:
-    folder = storage.resolve(cfg.run.checkpoint_root, cfg.storage).join(trainer_name)
-    metas = [p for p in storage.list_files(folder, "/meta.json") if "/checkpoint_" in p]
-    if not metas:
+    """The step of the checkpoint a resume would start from: the highest step kept, as the training loop picks it
+    (checkpoint folder names do not sort by step)."""
+    found = latest_checkpoint_meta(cfg.run.checkpoint_root, trainer_name, cfg.storage)
+    if found is None or "step" not in found[1]:
         return None
-    meta = storage.read_json(storage.Location(uri=metas[-1], scheme=folder.scheme, path=metas[-1],
-                                              filesystem=folder.filesystem))
-    return int(meta["step"]) if "step" in meta else None
+    return int(found[1]["step"])
 
 
 def plan_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: str | None = None,
