@@ -713,6 +713,124 @@ def test_iam_roles_act_only_on_this_clusters_instances_and_their_own_secrets():
     assert not allows(server, "s3:GetObject", "arn:aws:s3:::ldm-example-bucket/datasets/photos/manifest.json")
 
 
+def s3_object_arn(uri: str, bucket: str, leaf: str = "some/object") -> str:
+    """arn of an object under the key prefix of `uri`, in the policies' bucket (the examples name other buckets)."""
+    key = uri.removeprefix("s3://").partition("/")[2].strip("/")
+    return f"arn:aws:s3:::{bucket}/{key}/{leaf}"
+
+
+def s3_locations() -> tuple[set[str], set[str]]:
+    """(what jobs read and write, where the MLflow server keeps artifacts): every s3:// URI of the configs' values,
+    the Kubernetes settings and infra/README.md's commands, sorted by who uses it."""
+    def walk(node):
+        if isinstance(node, dict):
+            for v in node.values():
+                yield from walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from walk(v)
+        elif isinstance(node, str) and node.startswith("s3://"):
+            yield node
+
+    readme = (INFRA / "README.md").read_text()
+    jobs = {u for path in sorted((REPO / "configs").glob("*.yaml")) for u in walk(yaml.safe_load(path.read_text()))}
+    jobs |= set(walk(yaml.safe_load((K8S / "settings.yaml").read_text())))
+    jobs |= set(re.findall(r"--set [\w.]+=(s3://\S+)", readme))
+    server = set(walk(yaml.safe_load((K8S / "mlflow" / "settings.yaml").read_text())))
+    server |= set(re.findall(r"LDM_MLFLOW_ARTIFACTS=(s3://\S+)", readme))
+    return jobs, server
+
+
+def test_job_roles_write_only_the_job_prefixes_and_only_the_mlflow_server_writes_its_artifacts():
+    """The jobs' roles (head, worker, and on Kubernetes the Pod Identity role made from worker-policy.json) cannot
+    touch the MLflow server's artifact prefix: job code could otherwise overwrite any user's artifacts and
+    registered-model weights behind MLflow's permissions."""
+    head, worker, server = policy("head"), policy("worker"), policy("mlflow")
+    (bucket,) = {r.split(":::")[1].split("/")[0] for st in head for r in
+                 (st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]) if ":s3:::" in r}
+    jobs, artifacts = s3_locations()
+    assert {u.split("/")[3] for u in jobs} >= {"datasets", "checkpoints", "runs"}, jobs
+    assert artifacts and all(u.rstrip("/").endswith("/mlartifacts") for u in artifacts), artifacts
+    writes = ("s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload")
+    for name, role in (("head", head), ("worker", worker)):
+        for uri in jobs:
+            for action in ("s3:GetObject", *writes):
+                assert allows(role, action, s3_object_arn(uri, bucket)), f"{name} cannot {action} under {uri}"
+        for uri in artifacts:
+            for action in ("s3:GetObject", *writes):
+                assert not allows(role, action, s3_object_arn(uri, bucket, "1/models/m-1/artifacts/model.pt")), \
+                    f"{name} may {action} under the MLflow server's {uri}"
+        # Nothing at the bucket's top level, nor a prefix that merely starts like a job prefix.
+        for key in ("x.bin", "runsx/y", "mlartifacts", "datasets"):
+            assert not allows(role, "s3:PutObject", f"arn:aws:s3:::{bucket}/{key}"), f"{name} may write {key}"
+    for uri in artifacts:
+        for action in ("s3:GetObject", *writes):
+            assert allows(server, action, s3_object_arn(uri, bucket)), f"mlflow cannot {action} under {uri}"
+    for uri in jobs:
+        assert not allows(server, "s3:PutObject", s3_object_arn(uri, bucket)), uri
+
+
+# node_config keys of cluster.yaml -> the resources EC2 authorizes RunInstances against for them (besides the
+# instance, its network interface and its volumes, which every launch creates). A key missing here fails the test
+# below: say what a new key needs before the autoscaler meets a refusal on AWS.
+def _run_instances_resources(key: str, value, region: str, account: str) -> list[tuple[str, str]]:
+    ec2 = f"arn:aws:ec2:{region}:{account}"
+    if key in {"InstanceType", "MetadataOptions", "BlockDeviceMappings", "IamInstanceProfile"}:
+        return []  # the instance's own fields, the volumes (always checked), PassRole (checked separately)
+    if key == "ImageId":
+        if value.startswith("resolve:ssm:"):  # EC2 reads the parameter with the caller's rights
+            return [("ssm:GetParameters", f"arn:aws:ssm:{region}::parameter{value.removeprefix('resolve:ssm:')}"),
+                    ("ec2:RunInstances", f"arn:aws:ec2:{region}::image/ami-0123456789abcdef0")]
+        return [("ec2:RunInstances", f"arn:aws:ec2:{region}::image/{value}")]
+    if key == "KeyName":
+        return [("ec2:RunInstances", f"{ec2}:key-pair/{value}")]
+    if key == "SubnetIds":
+        return [("ec2:RunInstances", f"{ec2}:subnet/{s}") for s in value]
+    if key == "SecurityGroupIds":
+        return [("ec2:RunInstances", f"{ec2}:security-group/{g}") for g in value]
+    if key == "NetworkInterfaces":
+        return [("ec2:RunInstances", arn) for nic in value for arn in
+                [f"{ec2}:subnet/{nic['SubnetId']}", *(f"{ec2}:security-group/{g}" for g in nic.get("Groups", []))]]
+    if key == "Placement":
+        assert set(value) == {"GroupName"}, value
+        return [("ec2:RunInstances", f"{ec2}:placement-group/{value['GroupName']}")]
+    if key == "InstanceMarketOptions":
+        assert value["MarketType"] == "spot", value
+        return [("ec2:RunInstances", f"{ec2}:spot-instances-request/sir-0123abcd")]
+    pytest.fail(f"node_config key {key}: add the resources RunInstances is authorized against for it")
+
+
+def test_head_role_may_launch_every_node_type_of_the_cluster_config():
+    """For each node type, every resource EC2 checks when the autoscaler (the head's role) runs RunInstances with its
+    node_config is allowed: an unlisted one (the p4d type's placement group, say) refuses that node type on AWS."""
+    cfg = load_cluster()
+    head = policy("head")
+    region, account = cfg["provider"]["region"], "123456789012"
+    ec2 = f"arn:aws:ec2:{region}:{account}"
+    # Ray tags every instance with the cluster's name at launch (TagSpecifications).
+    launch = {"aws:RequestTag/ray-cluster-name": cfg["cluster_name"], "ec2:CreateAction": "RunInstances"}
+    seen_keys = set()
+    for name, node_type in cfg["available_node_types"].items():
+        node_config = node_type["node_config"]
+        seen_keys |= set(node_config)
+        requests = [("ec2:RunInstances", f"{ec2}:instance/*"), ("ec2:RunInstances", f"{ec2}:network-interface/*"),
+                    ("ec2:RunInstances", f"{ec2}:volume/*"), ("ec2:CreateTags", f"{ec2}:instance/*")]
+        for key, value in node_config.items():
+            requests += _run_instances_resources(key, value, region, account)
+        if name != cfg["head_node_type"]:  # `ray up` launches the head with the operator's own rights
+            role = node_config["IamInstanceProfile"]["Name"]  # roles and profiles share names (infra/README.md)
+            requests.append(("iam:PassRole", f"arn:aws:iam::{account}:role/{role}"))
+        refused = [(a, r) for a, r in requests
+                   if not allows(head, a, r, {**launch, "iam:PassedToService": "ec2.amazonaws.com"})]
+        assert refused == [], f"node type {name}: the head role may not {refused}"
+    # The p4d type's EFA interface and placement group are among what was checked.
+    assert {"Placement", "NetworkInterfaces", "SubnetIds", "SecurityGroupIds", "KeyName", "ImageId",
+            "InstanceMarketOptions", "BlockDeviceMappings"} <= seen_keys
+    without = [{**st, "Resource": [r for r in st["Resource"] if "placement-group" not in r]}
+               if isinstance(st["Resource"], list) else st for st in head]
+    assert not allows(without, "ec2:RunInstances", f"{ec2}:placement-group/ldm-efa")
+
+
 def test_docs_and_manifests_name_only_existing_repo_paths():
     docs = [INFRA / "README.md", CLUSTER_YAML, *K8S.rglob("*.yaml"), INFRA / "docker" / "Dockerfile"]
     named = {}
