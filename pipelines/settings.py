@@ -6,9 +6,10 @@ whole pipeline config from all of them.
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
 from ldm_core.config import StrictConfig
 
@@ -75,10 +76,31 @@ class RaySection(StrictConfig):
     boot, spot capacity longer; a fixed-size cluster is judged at once instead (pipelines/cluster.py)."""
 
 
+_HTTP_USERINFO = re.compile(r"^(https?://)[^/?#]*@", re.IGNORECASE)
+
+
+def _mask_http_userinfo(uri):
+    """https://user:pw@host -> https://***@host, before the check below: the error that refuses the value quotes it."""
+    return _HTTP_USERINFO.sub(r"\1***@", uri) if isinstance(uri, str) else uri
+
+
+def _no_credentials_in_uri(uri: str) -> str:
+    if _HTTP_USERINFO.match(uri):
+        raise ValueError("must not carry credentials (user:password@): set MLFLOW_TRACKING_USERNAME and "
+                         "MLFLOW_TRACKING_PASSWORD in the environment instead (a config file or command line exposes them)")
+    return uri
+
+
+# The mask wraps the check (pydantic runs the last-listed before-validator first), so a refused value is reported
+# as the check received it, masked.
+TrackingUri = Annotated[str, AfterValidator(_no_credentials_in_uri), BeforeValidator(_mask_http_userinfo)]
+
+
 class MlflowSection(StrictConfig):
-    tracking_uri: str = "sqlite:///outputs/mlflow.db"
+    tracking_uri: TrackingUri = "sqlite:///outputs/mlflow.db"
     """Tracking store. The MLFLOW_TRACKING_URI variable, when set, wins over this value. A relative
-    sqlite path is made absolute at load time."""
+    sqlite path is made absolute at load time. An http(s) server's credentials never go here: MLflow reads them
+    from MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."""
     artifact_location: str | None = None
     """Artifact root for a newly created experiment (local path or s3://). None: `<output_uri>/mlartifacts`
     for local stores; the server's default for http(s) tracking servers."""

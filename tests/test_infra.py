@@ -831,6 +831,27 @@ def test_head_role_may_launch_every_node_type_of_the_cluster_config():
     assert not allows(without, "ec2:RunInstances", f"{ec2}:placement-group/ldm-efa")
 
 
+def test_tracking_uri_with_credentials_is_refused_without_echoing_them():
+    """A password in mlflow.tracking_uri would sit in a config file or on a command line: the config refuses it in one
+    line that names the environment variables to use, and quotes the value with its credentials masked."""
+    from ldm_core.config import ConfigError
+    from pipelines.config import load_config
+
+    quickstart = REPO / "configs" / "quickstart.yaml"
+    for uri in ("https://alice:s3cr3t-pw@mlflow.example:5000", "HTTP://s3cr3t-pw@127.0.0.1:5000/",
+                "https://alice:s3cr3t-pw@mlflow.example:5000/path?x=@y"):
+        with pytest.raises(ConfigError) as e:
+            load_config(quickstart, [f"mlflow.tracking_uri={uri}"])
+        message = str(e.value)
+        (line,) = message.splitlines()[1:]
+        assert line.startswith("mlflow.tracking_uri: ") and "MLFLOW_TRACKING_USERNAME" in line, message
+        assert "MLFLOW_TRACKING_PASSWORD" in line and "***@" in line, message
+        assert "s3cr3t-pw" not in message and "alice" not in message, message
+    for uri in ("https://mlflow.example:5000", "https://mlflow.example:5000/x?user=a@b", "sqlite:////tmp/m.db",
+                "postgresql://mlflow@db:5432/mlflow"):
+        assert load_config(quickstart, [f"mlflow.tracking_uri={uri}"]).mlflow.tracking_uri == uri
+
+
 def test_docs_and_manifests_name_only_existing_repo_paths():
     docs = [INFRA / "README.md", CLUSTER_YAML, *K8S.rglob("*.yaml"), INFRA / "docker" / "Dockerfile"]
     named = {}
