@@ -15,7 +15,9 @@
 `--format sd-single-file`: the original CompVis layout ComfyUI / A1111 read: `vae.safetensors` (a standalone
 VAE, keys `encoder.*`, `decoder.*`) for an autoencoder; `model.safetensors` (`model.diffusion_model.*`,
 `first_stage_model.*` and, for CLIP, `cond_stage_model.transformer.*`) for a U-Net bundle. Its metadata
-records our configs, so `pipelines/interop.py` reads it back exactly.
+records our configs, so `pipelines/interop.py` reads it back exactly; other tools read only the weights and assume
+SD's conventions for the rest (32 GroupNorm groups, SD 1.x's 8 heads or SD 2.x's 64-channel heads), so a model
+that differs from them is refused in one line that names the field (export it with `--format diffusers`).
 
 `--out` is a local folder or `s3://` prefix that must not exist or be empty: the export is written beside it
 and renamed into place (locally), or uploaded with the top-level index last (S3). The export is logged as an
@@ -44,13 +46,13 @@ import torch
 from safetensors.torch import save_file
 
 from ldm_core import convert
-from ldm_core.autoencoder import AutoencoderKL
+from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_core.config import ConfigError
 from ldm_core.diffusion import DiffusionConfig
-from ldm_core.unet import UNet
+from ldm_core.unet import UNet, UNetConfig
 from pipelines import storage, tracking
 from pipelines.config import PipelineConfig, parse_cli
-from pipelines.interop import SINGLE_FILE_FORMAT, InteropError
+from pipelines.interop import SINGLE_FILE_FORMAT, TRAINING_OPTIONS, InteropError
 from pipelines.models import UNetBundle, load_autoencoder, read_unet_bundle, run_id_of
 from pipelines.runtime import exit_on, setup_logging
 
@@ -135,12 +137,66 @@ def _ldm_unet_projection(cfg) -> str:
     return "linear" if cfg.head_dim else "conv1x1"
 
 
+# What a reader of an SD single file assumes, since the weights do not record it: SD's GroupNorm32 everywhere; SD 1.x's
+# 8 heads where the transformers' projections are 1x1 convs, SD 2.x's 64-channel heads where they are linear
+# (CompVis' v1/v2 inference configs; ComfyUI, A1111 and `convert.*_config_from_ldm` read files so).
+SD_NORM_GROUPS = 32
+SD1_NUM_HEADS = 8
+SD2_HEAD_DIM = 64
+
+
+def _sd_convention_problems(unet: UNetConfig | None, autoencoder: AutoencoderConfig | None) -> list[str]:
+    problems = []
+    if unet is not None:
+        if unet.norm_groups != SD_NORM_GROUPS:
+            problems.append(f"stage_b.unet.norm_groups={unet.norm_groups} (read as {SD_NORM_GROUPS})")
+        if unet.head_dim is None and unet.num_heads != SD1_NUM_HEADS:
+            problems.append(f"stage_b.unet.num_heads={unet.num_heads} (read as SD 1.x's {SD1_NUM_HEADS} heads)")
+        if unet.head_dim is not None and unet.head_dim != SD2_HEAD_DIM:
+            problems.append(f"stage_b.unet.head_dim={unet.head_dim} (read as SD 2.x's {SD2_HEAD_DIM}-channel heads)")
+    if autoencoder is not None:
+        if autoencoder.norm_groups != SD_NORM_GROUPS:
+            problems.append(f"stage_a.model.norm_groups={autoencoder.norm_groups} (read as {SD_NORM_GROUPS})")
+        if not autoencoder.mid_attention:
+            problems.append("stage_a.model.mid_attention=False (SD's VAE always has a mid-block attention)")
+    return problems
+
+
+def _differences(ours, assumed, section: str) -> list[str]:
+    return [f"{section}.{name}={getattr(ours, name)} (read as {getattr(assumed, name)})" for name in type(ours).model_fields
+            if name not in TRAINING_OPTIONS and getattr(ours, name) != getattr(assumed, name)]
+
+
+def check_sd_single_file(unet: tuple[UNetConfig, dict] | None, autoencoder: tuple[AutoencoderConfig, dict] | None) -> None:
+    """Refuse a single-file export that other tools would misread. An SD single file records shapes, not configs:
+    ComfyUI, A1111, CompVis' code and diffusers' `from_single_file` take the rest from SD's conventions (above).
+    Each (config, exported state) must follow them, and must read back, as those tools read it
+    (`convert.*_config_from_ldm`), as its own config; every field that does not is named. (Our own reader takes
+    the configs from the file's metadata and is exact for any model.)"""
+    problems = _sd_convention_problems(unet and unet[0], autoencoder and autoencoder[0])
+    if not problems:  # readable with SD's conventions: anything else read differently from the shapes?
+        if unet is not None:
+            assumed = convert.unet_config_from_ldm(unet[1])
+            chans = [unet[0].model_channels * m for m in unet[0].channel_mult]
+            if [unet[0].heads(ch) for ch in chans] == [assumed.heads(ch) for ch in chans]:  # the same heads, either way
+                assumed = assumed.model_copy(update={"num_heads": unet[0].num_heads, "head_dim": unet[0].head_dim})
+            problems += _differences(unet[0], assumed, "stage_b.unet")
+        if autoencoder is not None:
+            problems += _differences(autoencoder[0], convert.autoencoder_config_from_ldm(autoencoder[1]), "stage_a.model")
+    if problems:
+        raise InteropError(
+            "--format sd-single-file: tools that read SD single files take GroupNorm groups and attention heads from "
+            f"SD's conventions, and would compute something else with this model: {'; '.join(problems)}; "
+            "export with --format diffusers (its config.json records them)")
+
+
 def export_autoencoder(model: AutoencoderKL, fmt: str, folder: Path) -> None:
     if fmt == "diffusers":
         write_diffusers_autoencoder(model, folder)
         return
     state, cfg = convert.autoencoder_to_state(model, "ldm")
     convert.autoencoder_config_to_diffusers(cfg, float(model.scale_factor))  # the same limits apply
+    check_sd_single_file(None, (cfg, state))
     _save(folder / "vae.safetensors", state, {
         "format": SINGLE_FILE_FORMAT, "autoencoder_config": cfg.model_dump_json(),
         "scale_factor": repr(float(model.scale_factor)),
@@ -174,6 +230,12 @@ def export_unet(bundle: UNetBundle, autoencoder: AutoencoderKL, fmt: str, folder
     links = convert.unet_links(cfg, "ldm", projection=_ldm_unet_projection(cfg))
     tensors = {convert.LDM_UNET_PREFIX + k: v for k, v in convert.export_state(bundle.unet.state_dict(), links).items()}
     vae, vae_cfg = convert.autoencoder_to_state(autoencoder, "ldm")
+    check_sd_single_file((cfg, {k[len(convert.LDM_UNET_PREFIX):]: v for k, v in tensors.items()}), (vae_cfg, vae))
+    if bundle.scale_factor != convert.SD1_SCALE_FACTOR or bundle.diffusion.prediction != "eps":
+        # Sampling settings, not the network: the same weights, but a tool must be told them (our metadata does).
+        log.warning("latent scale %s, %s prediction: tools that read SD 1.x single files assume %s and eps; set them "
+                    "there, or export with --format diffusers (its configs record them)", bundle.scale_factor,
+                    bundle.diffusion.prediction, convert.SD1_SCALE_FACTOR)
     tensors |= {convert.LDM_VAE_PREFIX + k: v for k, v in vae.items()}
     if clip is not None:  # SD 1.x names: cond_stage_model.transformer.text_model.* (transformers 5 drops "text_model.")
         tensors |= {f"cond_stage_model.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}": v.detach().cpu()

@@ -323,12 +323,24 @@ def import_unet(
 # ----------------------------------------------------------------------------------------------------
 
 
+def _use_tracking_store(cfg: PipelineConfig, *uris: str | None) -> None:
+    """Point MLflow at the pipeline's store when a source is an MLflow URI (entry points read init_from before they
+    set up tracking, and MLflow's default store is ./mlruns, not the configured one)."""
+    if any(uri and _scheme(uri) in MLFLOW_SCHEMES for uri in uris):
+        import mlflow
+
+        from pipelines.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri(cfg.mlflow))
+
+
 def adopt_init_architectures(cfg: PipelineConfig) -> PipelineConfig:
     """The pipeline config with `stage_a.model` / `stage_b.unet` replaced by the architecture of their
     `init_from` (keeping the configured dropout and gradient checkpointing). Driver side, before the config
     goes to the workers; a config without init_from comes back unchanged. Reads configs, not weights."""
     updates = {}
     sa, sb = cfg.stage_a, cfg.stage_b
+    _use_tracking_store(cfg, sa.init_from, sb.init_from)
     if sa.init_from:
         model = _with_training_options(import_autoencoder(sa.init_from, cfg.storage, config_only=True), sa.model)
         if model != sa.model:
@@ -340,6 +352,27 @@ def adopt_init_architectures(cfg: PipelineConfig) -> PipelineConfig:
             log.info("stage_b.unet: the architecture of %s", sb.init_from)
         updates["stage_b"] = sb.model_copy(update={"unet": unet})
     return cfg.model_copy(update=updates) if updates else cfg
+
+
+def init_from_run_ids(cfg: PipelineConfig, stage: str) -> tuple[str, ...]:
+    """Lineage: the MLflow run that produced `stage`'s `init_from` when that is a `runs:/` or `models:/` URI (a
+    model of this pipeline, or one logged to MLflow), as one more of the stage's `upstream_run_ids`; () otherwise
+    (a path, s3://, or a URI whose run cannot be told, which is logged)."""
+    section = getattr(cfg, stage, None)
+    uri = getattr(section, "init_from", None)
+    if not uri or _scheme(uri) not in ("runs", "models"):
+        return ()
+    from pipelines.models import run_id_of
+
+    _use_tracking_store(cfg, uri)
+    ref = uri.partition(":/")[2]
+    if _scheme(uri) == "models" and "@" in ref and "/" not in ref:  # models:/name@alias: the registry's models:/name/alias
+        uri = "models:/" + ref.replace("@", "/", 1)
+    try:
+        return (run_id_of(uri),)
+    except ConfigError as e:
+        log.warning("%s.init_from=%s: no MLflow run to record as its upstream (%s)", stage, uri, e)
+        return ()
 
 
 def _as_configured(imported, configured, field: str, uri: str):

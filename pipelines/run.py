@@ -50,6 +50,7 @@ from pipelines import lease, storage, tracking
 from pipelines.cluster import ClusterError, autoscaler_running, check_cluster_paths, cluster_resources
 from pipelines.config import PipelineConfig, parse_cli
 from pipelines.data import DatasetError, check_cpu_budget
+from pipelines.interop import adopt_init_architectures, init_from_run_ids
 from pipelines.memory_budget import check_memory_budget
 from pipelines.latents import LatentsError, read_latents_manifest
 from pipelines import lineage
@@ -138,8 +139,10 @@ class Context:
     forced: bool = False
 
     def upstream(self) -> tuple[str, ...]:
-        """The run ids this node consumes (its `upstream_run_ids` tag), from this invocation's outcomes."""
-        return tuple(o.run_id for s in self.node.inputs if (o := self.outcomes.get(s)) and o.run_id)
+        """The run ids this node consumes (its `upstream_run_ids` tag), from this invocation's outcomes, then the run
+        of its `init_from` when that is an MLflow URI (Stage A / B started from a published model)."""
+        consumed = tuple(o.run_id for s in self.node.inputs if (o := self.outcomes.get(s)) and o.run_id)
+        return consumed + init_from_run_ids(self.cfg, self.node.stage)
 
     def tags(self) -> dict:
         return {tracking.TAG_CACHE_KEY: self.key}
@@ -305,8 +308,9 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: s
 
     if first == 0 and not cfg.data.source and not storage.exists(storage.resolve(cfg.data.uri, cfg.storage).join("manifest.json")):
         raise ConfigError(f"data.uri={cfg.data.uri} has no manifest.json and data.source is not set, so there is nothing to prepare")
+    adopted = adopt_init_architectures(cfg)  # init_from: the imported architecture is what trains (each stage adopts it)
     for section in (s for s in ("stage_a", "stage_b") if first <= order.index(s) <= last):
-        check_memory_budget(cfg, section)  # a GPU stage that cannot fit its GPU fails here, before any stage runs
+        check_memory_budget(adopted, section)  # a GPU stage that cannot fit its GPU fails here, before any stage runs
     init_ray(cfg.ray)
     check_cluster_paths(cfg)
     if not autoscaler_running():  # an autoscaling cluster is asked for the CPUs by each stage (pipelines/cluster.py)

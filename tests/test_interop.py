@@ -365,6 +365,52 @@ def test_init_from_adopts_the_architecture_and_loads_the_weights(tmp_path):
         interop.load_init_autoencoder(_pipeline_config(f"stage_a.init_from={path}").stage_a)
 
 
+def test_pipeline_checks_the_gpu_budget_of_the_imported_architecture(tmp_path):
+    """run.py's up-front memory check sees the U-Net that will train: stage_b.init_from's (here SD 1.x's shape,
+    ~19 GiB), not the quickstart's configured one (~0.1 GiB) that it replaces. A diffusers config is all it reads."""
+    from pipelines.run import run_pipeline
+
+    (tmp_path / "sd1-unet").mkdir()
+    (tmp_path / "sd1-unet" / "config.json").write_text(json.dumps({
+        "_class_name": "UNet2DConditionModel", "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
+        "attention_head_dim": 8, "sample_size": 64}))
+    gpu = ["stage_b.scaling.use_gpu=true", "stage_b.scaling.gpu_memory_gib=4", f"run.output_uri={tmp_path / 'out'}"]
+    from pipelines.memory_budget import check_memory_budget
+
+    assert check_memory_budget(_pipeline_config(*gpu), "stage_b").fits  # the configured U-Net alone would pass
+    with pytest.raises(ConfigError, match=r"^stage_b: estimated peak 1\d\.\d GiB per GPU .* exceeds the configured GPU's 4 GiB"):
+        run_pipeline(_pipeline_config(*gpu, f"stage_b.init_from={tmp_path / 'sd1-unet'}"), from_stage="stage_b")
+
+
+def test_init_from_an_mlflow_model_is_in_the_stage_runs_upstream_run_ids(mlflow_uri, tmp_path):
+    """Lineage: a stage started from runs:/ or models:/ (also models:/name@alias) lists the run that made that model
+    after the runs of its DAG inputs; a path or s3:// source adds nothing."""
+    import mlflow
+
+    from pipelines.models import publish_autoencoder
+    from pipelines.run import DAG, Context, NodeOutcome
+
+    mlflow.set_experiment("interop-tests")
+    with mlflow.start_run() as source:
+        uri, version = publish_autoencoder(AutoencoderKL(AutoencoderConfig(base_channels=8, channel_mult=[1, 2], num_res_blocks=1,
+                                                                           norm_groups=4)), tmp_path / "pub", "ldm-autoencoder")
+    mlflow.MlflowClient().set_registered_model_alias("ldm-autoencoder", "champion", version)
+    source_run = source.info.run_id
+    outcomes = {stage: NodeOutcome(stage, "ran", f"{stage}-run", "key") for stage in ("prepare", "stage_a", "encode")}
+    nodes = {node.stage: node for node in DAG}
+
+    def upstream(stage: str, *overrides: str) -> tuple[str, ...]:
+        cfg = _pipeline_config(f"mlflow.tracking_uri={mlflow_uri}", *overrides)
+        return Context(cfg, "0", "parent", outcomes, nodes[stage], "key").upstream()
+
+    assert uri.startswith("models:/ldm-autoencoder/")
+    assert upstream("stage_a", f"stage_a.init_from={uri}") == ("prepare-run", source_run)
+    assert upstream("stage_a", "stage_a.init_from=models:/ldm-autoencoder@champion") == ("prepare-run", source_run)
+    assert upstream("stage_b", f"stage_b.init_from=runs:/{source_run}/unet") == ("encode-run", "stage_a-run", source_run)
+    assert upstream("encode", f"stage_a.init_from={uri}") == ("stage_a-run",)  # its input is Stage A's run, not the source
+    assert upstream("stage_b", f"stage_b.init_from={tmp_path / 'unet'}") == ("encode-run", "stage_a-run")
+
+
 def test_decoder_only_without_weights_is_a_config_error():
     with pytest.raises(ConfigError, match="train_decoder_only needs init_from"):
         _pipeline_config("stage_a.train_decoder_only=true")
@@ -414,6 +460,91 @@ def test_unet_with_our_default_norm_eps_is_not_exported_inexactly(tmp_path):
         write_diffusers_unet(UNet(cfg), tmp_path / "unet")
 
 
+# What an SD single-file reader assumes (CompVis' v1 / v2 inference configs), written into the diffusers config it
+# builds: 32 GroupNorm groups; 8 heads with conv projections (SD 1.x), 64-channel heads with linear ones (SD 2.x).
+SD_READER_UNET = {
+    "sd1": lambda chans: {"norm_num_groups": 32, "attention_head_dim": 8, "use_linear_projection": False},
+    "sd2": lambda chans: {"norm_num_groups": 32, "attention_head_dim": [c // 64 for c in chans], "use_linear_projection": True},
+}
+SD_HEADS = {"sd1": dict(num_heads=8), "sd2": dict(head_dim=64)}
+
+
+def _bundle_on_tiny_clip(unet: UNet, tmp_path: Path, scale_factor: float):
+    from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
+    from pipelines.models import UNetBundle
+    from pipelines.text_encoders import TextEncoderConfig
+
+    diffusion = DiffusionConfig()
+    return UNetBundle(
+        unet=unet, unet_config=unet.config, diffusion=diffusion, schedule=NoiseSchedule(diffusion),
+        text_encoder=TextEncoderConfig(name_or_path=str(tiny_clip(tmp_path / "clip")), max_length=16), hidden_size=32,
+        null_context=torch.zeros(16, 32), null_mask=torch.zeros(16, dtype=torch.bool), latent_shape=(4, UNET_LATENT, UNET_LATENT),
+        scale_factor=scale_factor, autoencoder_uri="", encode_run_id=None, stage_a_run_id=None, stage_b_run_id=None,
+        use_ema=True)
+
+
+@pytest.mark.parametrize("convention", ["sd1", "sd2"])
+def test_sd_single_file_export_is_read_by_diffusers_from_single_file_with_sds_conventions(tmp_path, convention):
+    """Another tool's reading of our single file: diffusers' from_single_file, offline, given the config an SD reader
+    builds (the file's shapes plus SD's conventions, not our config): the same outputs as ours."""
+    from pipelines.export import export_unet, write_diffusers_autoencoder, write_diffusers_unet
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(model_channels=64, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[0, 1], norm_groups=32,
+                     context_dim=32, transformer_norm_eps=convert.SD_TRANSFORMER_NORM_EPS, **SD_HEADS[convention])
+    unet = _perturbed(UNet(cfg), 7)
+    vae = _perturbed(AutoencoderKL(AutoencoderConfig(base_channels=32, channel_mult=[1, 2], num_res_blocks=1)), 8)
+    export_unet(_bundle_on_tiny_clip(unet, tmp_path, convert.SD1_SCALE_FACTOR), vae, "sd-single-file", tmp_path / "single")
+    single = str(tmp_path / "single" / "model.safetensors")
+
+    write_diffusers_unet(unet, tmp_path / "unet-config", sample_size=UNET_LATENT)
+    config = json.loads((tmp_path / "unet-config" / "config.json").read_text())
+    config |= SD_READER_UNET[convention](config["block_out_channels"])
+    (tmp_path / "unet-config" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "unet-config" / "diffusion_pytorch_model.safetensors").unlink()  # the config only: weights from the file
+    write_diffusers_autoencoder(vae, tmp_path / "vae-config")
+    (tmp_path / "vae-config" / "diffusion_pytorch_model.safetensors").unlink()
+
+    ref_unet = diffusers.UNet2DConditionModel.from_single_file(single, config=str(tmp_path / "unet-config"),
+                                                               local_files_only=True).eval()
+    ref_vae = diffusers.AutoencoderKL.from_single_file(single, config=str(tmp_path / "vae-config"), local_files_only=True).eval()
+    gap, gaps = unet_gap(ref_unet, unet), vae_gaps(ref_vae, vae)
+    print(f"from_single_file {convention}: unet {gap:.3g}, vae {gaps}")
+    assert gap <= TOL and max(gaps.values()) <= TOL
+    assert ref_vae.config.norm_num_groups == 32 and ref_unet.config.use_linear_projection == (convention == "sd2")
+
+
+def test_sd_single_file_export_refuses_a_model_sd_readers_would_misread(tmp_path):
+    """The quickstart's U-Net (4 heads, 8 groups) and autoencoder (8 groups): an SD reader would build 8 heads and 32
+    groups and compute something else (diffusers' from_single_file: max-abs 0.2 for 2 heads). Refused, naming each
+    field and the format that records them; nothing is written."""
+    from pipelines.config import load_config
+    from pipelines.export import export_autoencoder, export_unet
+
+    quick = load_config(REPO / "configs" / "quickstart.yaml", [])
+    assert quick.stage_b.unet.num_heads != 8 and quick.stage_b.unet.norm_groups != 32 and quick.stage_a.model.norm_groups != 32
+    unet_cfg = UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], num_heads=4,
+                          norm_groups=8, context_dim=32, transformer_norm_eps=convert.SD_TRANSFORMER_NORM_EPS)
+    vae = AutoencoderKL(AutoencoderConfig(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, norm_groups=8))
+    with pytest.raises(interop.InteropError) as e:
+        export_unet(_bundle_on_tiny_clip(UNet(unet_cfg), tmp_path, convert.SD1_SCALE_FACTOR), vae, "sd-single-file",
+                    tmp_path / "single")
+    message = str(e.value)
+    assert "\n" not in message and message.endswith("export with --format diffusers (its config.json records them)")
+    for field in ("stage_b.unet.num_heads=4 (read as SD 1.x's 8 heads)", "stage_b.unet.norm_groups=8 (read as 32)",
+                  "stage_a.model.norm_groups=8 (read as 32)"):
+        assert field in message, field
+    with pytest.raises(interop.InteropError, match=r"stage_b\.unet\.head_dim=32 \(read as SD 2\.x's 64-channel heads\)"):
+        sd2_narrow = unet_cfg.model_copy(update={"head_dim": 32, "norm_groups": 32})
+        export_unet(_bundle_on_tiny_clip(UNet(sd2_narrow), tmp_path / "b", convert.SD1_SCALE_FACTOR),
+                    AutoencoderKL(AutoencoderConfig(base_channels=32, channel_mult=[1, 2], num_res_blocks=1)),
+                    "sd-single-file", tmp_path / "single")
+    with pytest.raises(interop.InteropError, match=r"stage_a\.model\.mid_attention=False"):
+        export_autoencoder(AutoencoderKL(AutoencoderConfig(base_channels=32, channel_mult=[1, 2], num_res_blocks=1,
+                                                           mid_attention=False)), "sd-single-file", tmp_path / "vae")
+    assert not (tmp_path / "single").exists() and not (tmp_path / "vae").exists()
+
+
 def test_scheduler_config_is_sds_ddim_and_matches_our_schedule():
     from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
     from pipelines.export import sd_scheduler_config
@@ -438,14 +569,15 @@ def test_scheduler_config_is_sds_ddim_and_matches_our_schedule():
     assert sched.timesteps.tolist() == sample_timesteps(zero.num_timesteps, 25, "trailing")
 
 
-def _publish_tiny_autoencoder(tmp_path, seed: int = 5) -> tuple[AutoencoderKL, str, str]:
+def _publish_tiny_autoencoder(tmp_path, seed: int = 5, sd_conventions: bool = False) -> tuple[AutoencoderKL, str, str]:
+    """`sd_conventions`: 32 GroupNorm groups (32 channels), so that it can also be exported as an SD single file."""
     import mlflow
 
     from pipelines.models import publish_autoencoder
 
     torch.manual_seed(seed)
-    model = _perturbed(AutoencoderKL(AutoencoderConfig(base_channels=8, channel_mult=[1, 2], num_res_blocks=1,
-                                                        norm_groups=4)), seed)
+    width = dict(base_channels=32, norm_groups=32) if sd_conventions else dict(base_channels=8, norm_groups=4)
+    model = _perturbed(AutoencoderKL(AutoencoderConfig(channel_mult=[1, 2], num_res_blocks=1, **width)), seed)
     model.scale_factor.fill_(0.8)
     mlflow.set_experiment("interop-tests")  # not whichever experiment an earlier test left active
     with mlflow.start_run() as run:
@@ -464,7 +596,7 @@ def _export_cli(tmp_path, mlflow_uri, *args: str):
 def test_export_cli_diffusers_local_and_single_file_to_s3(tmp_path, mlflow_uri, s3_bucket):
     import mlflow
 
-    model, uri, source_run = _publish_tiny_autoencoder(tmp_path)
+    model, uri, source_run = _publish_tiny_autoencoder(tmp_path, sd_conventions=True)
     result = _export_cli(tmp_path, mlflow_uri, "--model-uri", uri, "--format", "diffusers", "--out", str(tmp_path / "vae"))
     ref = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "vae")).eval()
     assert max(vae_gaps(ref, model).values()) <= TOL and ref.config.scaling_factor == pytest.approx(0.8)
@@ -492,6 +624,7 @@ def test_export_cli_refuses_bad_input_in_one_line_and_overwrites_nothing(tmp_pat
         ({"--model-uri": "runs:/0123456789abcdef/autoencoder"}, "cannot be read from MLflow"),
         ({"--out": "ftp://host/x"}, "unsupported storage URI"),
         ({"--out": str(tmp_path / "full")}, "already exists and is not an empty folder"),
+        ({"--format": "sd-single-file"}, "stage_a.model.norm_groups=4 (read as 32); export with --format diffusers"),
     ]
     for change, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -539,10 +672,10 @@ def test_unet_bundle_on_clip_exports_a_stable_diffusion_pipeline(tmp_path, mlflo
     from pipelines.models import publish_unet, save_unet_bundle
     from pipelines.text_encoders import TextEncoderConfig
 
-    autoencoder, ae_uri, _ = _publish_tiny_autoencoder(tmp_path)
+    autoencoder, ae_uri, _ = _publish_tiny_autoencoder(tmp_path, sd_conventions=True)
     factor = autoencoder.downsample_factor
-    cfg = UNetConfig(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], num_heads=2,
-                     norm_groups=8, context_dim=32, transformer_norm_eps=convert.SD_TRANSFORMER_NORM_EPS)
+    cfg = UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], num_heads=8,
+                     norm_groups=32, context_dim=32, transformer_norm_eps=convert.SD_TRANSFORMER_NORM_EPS)
     torch.manual_seed(1)
     unet = _perturbed(UNet(cfg), 6)
     text = TextEncoderConfig(name_or_path=str(tiny_clip(tmp_path / "clip")), max_length=16)
