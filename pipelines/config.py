@@ -62,7 +62,11 @@ class StageAEval(StrictConfig):
     scale_batches: int = Field(default=8, ge=1)
     """Batches (per worker) of sampled latents used to measure the latent scale factor 1/std."""
     max_batches: int = Field(default=8, ge=1)
-    """Held-out batches (per worker) for the final PSNR / SSIM / LPIPS evaluation."""
+    """Held-out batches (per worker) for each PSNR / SSIM / LPIPS evaluation (the final one and the periodic ones)."""
+    every: int = Field(default=0, ge=0)
+    """Also evaluate every this many steps during training (same metrics, same held-out batches, the weights
+    that would be published: EMA when on), logged at that step, so that MLflow draws held-out PSNR / SSIM as
+    a curve. Each costs `max_batches` held-out forward passes per worker. 0: only after training."""
     grid_images: int = Field(default=8, ge=1)
     """Images in each reconstruction grid (input row above reconstruction row)."""
 

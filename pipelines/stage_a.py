@@ -50,7 +50,7 @@ from pipelines.models import publish_autoencoder
 from pipelines.prepare_data import prepare_if_missing
 from pipelines.runtime import exit_on, init_ray, setup_logging
 from pipelines.run_logger import RunLogger
-from pipelines.train_loop import TrainLoop, TrainResult, Update, build_trainer, check_resumable, fingerprint_fields, fit_and_publish
+from pipelines.train_loop import TrainLoop, TrainResult, Update, build_trainer, fingerprint_fields, fit_and_publish, training_run
 from pipelines.training import all_reduce_sum
 
 log = logging.getLogger("stage_a")
@@ -75,13 +75,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if sa.train_decoder_only:
         freeze_encoder(model)  # SD's ft-MSE recipe: existing latents stay valid
     disc = NLayerDiscriminator(sa.discriminator).to(loop.device)
-    lpips_module, lpips_backbone = (None, "none")
-    if sa.loss.perceptual_weight > 0:
-        lpips_module, lpips_backbone = build_lpips(sa.lpips)
-        lpips_module = lpips_module.to(loop.device)
+    lpips_module, lpips_backbone = perceptual_network(sa, loop.device)
     disc_lr = sa.optim.disc_lr or sa.optim.lr
-    trained = [p for p in model.parameters() if p.requires_grad]
-    opt_g, opt_d = loop.adamw(trained, sa.optim.lr), loop.adamw(disc.parameters(), disc_lr)
+    opt_g = loop.adamw([p for p in model.parameters() if p.requires_grad], sa.optim.lr)
+    opt_d = loop.adamw(disc.parameters(), disc_lr)
     ema = EMA(model, decay=sa.train.ema_decay) if sa.train.ema_decay else None
     if loop.resume(modules={"autoencoder_state": model, "discriminator": disc},
                    optimizers={"opt_g": opt_g, "opt_d": opt_d}, ema=ema):
@@ -119,23 +116,51 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          extra_metrics=skip_counts):
         if loop.logger and step % sa.train.image_every == 0:
             log_reconstructions(loop.logger, loop.last_batch, sa.eval.grid_images, f"reconstructions/step_{step:07d}.png")
+        if sa.eval.every and step % sa.eval.every == 0 and step < sa.train.max_steps:
+            log_holdout_point(cfg, model, ema, lpips_module, loop, step)  # every rank: it all-reduces
 
     # --- after training: measure the latent scale and evaluate, both on the weights that are published
-    published = ema.average_parameters(model) if ema is not None else contextlib.nullcontext()
-    with published:
+    with published_weights(model, ema):
         final = finalize(cfg, model, lpips_module, lpips_backbone, batches, loop)
     final["eval/ema_weights"] = float(ema is not None)
+    loop.finish({**final, **loop.session_metrics()},
+                export=lambda directory: export_autoencoder(directory, sa, model, ema, final["scale_factor"]))
 
-    def export(directory: Path) -> None:
-        """The publishable autoencoder: the EMA weights when there are some, with the measured scale."""
-        published_model = AutoencoderKL(sa.model)
-        published_model.load_state_dict(model.state_dict())
-        if ema is not None:
-            ema.copy_to(published_model)
-        published_model.scale_factor.fill_(final["scale_factor"])
-        published_model.save_pretrained(directory / "autoencoder")
 
-    loop.finish({**final, **loop.session_metrics()}, export=export)
+def perceptual_network(sa, device: torch.device) -> tuple[torch.nn.Module | None, str]:
+    """The LPIPS network of the loss and the metrics, and which backbone it has (pretrained, random); (None,
+    "none") when the loss has no perceptual term."""
+    if sa.loss.perceptual_weight <= 0:
+        return None, "none"
+    module, backbone = build_lpips(sa.lpips)
+    return module.to(device), backbone
+
+
+def published_weights(model: AutoencoderKL, ema: EMA | None):
+    """Within it, `model` holds the weights that get published: the EMA average when there is one."""
+    return ema.average_parameters(model) if ema is not None else contextlib.nullcontext()
+
+
+def log_holdout_point(cfg: PipelineConfig, model: AutoencoderKL, ema: EMA | None, lpips_module, loop: TrainLoop,
+                      step: int) -> None:
+    """One point of the held-out curve during training (`stage_a.eval.every`): the published weights' metrics,
+    logged at `step` by rank 0; the model goes back to training mode."""
+    with published_weights(model, ema):
+        scores, _ = evaluate_holdout(cfg, model, lpips_module, loop.device)
+    model.train()
+    if loop.logger:
+        loop.logger.log_metrics(scores, step)
+
+
+def export_autoencoder(directory: Path, sa, model: AutoencoderKL, ema: EMA | None, scale_factor: float) -> None:
+    """The publishable autoencoder, written into the final checkpoint: the EMA weights when there are some,
+    with the measured latent scale."""
+    published_model = AutoencoderKL(sa.model)
+    published_model.load_state_dict(model.state_dict())
+    if ema is not None:
+        ema.copy_to(published_model)
+    published_model.scale_factor.fill_(scale_factor)
+    published_model.save_pretrained(directory / "autoencoder")
 
 
 def model_range(batches: Iterator[dict]) -> Iterator[dict]:
@@ -154,25 +179,13 @@ def log_reconstructions(logger: RunLogger, batch: dict, n: int, artifact_file: s
 
 
 @torch.no_grad()
-def finalize(cfg: PipelineConfig, model: AutoencoderKL, lpips_module, lpips_backbone: str, batches,
-             loop: TrainLoop) -> dict:
-    """Latent scale factor (LDM's scale_by_std: 1 / std of sampled latents, over all ranks) and held-out
-    PSNR / SSIM / LPIPS of the reconstructions next to the bicubic baseline at the same factor f, for the
-    weights `model` holds now (the caller loads the EMA weights first when those are what gets published).
-    LPIPS is left out when no LPIPS network was built (perceptual_weight = 0): absent, not a perfect 0."""
+def evaluate_holdout(cfg: PipelineConfig, model: AutoencoderKL, lpips_module, device: torch.device) -> tuple[dict, dict | None]:
+    """Held-out PSNR / SSIM (/ LPIPS) of the reconstructions (posterior mode) over all ranks, next to the bicubic
+    baseline at the same factor f, for the weights `model` holds now (sets it to eval mode). LPIPS is left out
+    when there is no LPIPS network (perceptual_weight = 0): absent, not a perfect 0. Returns the metrics and
+    this rank's first held-out batch with its reconstruction (for a grid; None when it had none)."""
     sa = cfg.stage_a
-    device = loop.device
     ae = model.eval()
-
-    moments = torch.zeros(3, dtype=torch.float64, device=device)  # count, sum, sum of squares
-    for _ in range(sa.eval.scale_batches):
-        z = ae.encode(next(batches)["image"]).sample().double()
-        moments += torch.stack([torch.tensor(z.numel(), dtype=torch.float64, device=device), z.sum(), z.pow(2).sum()])
-    n, s, ss = all_reduce_sum(moments).tolist()
-    std = max((ss / n - (s / n) ** 2), 1e-12) ** 0.5
-    # An imported SD VAE keeps its published scale (0.18215 for SD 1.x) unless asked to re-measure.
-    scale_factor = float(model.scale_factor) if keeps_published_scale(sa) else 1.0 / std
-
     f = sa.model.downsample_factor
     totals = torch.zeros(7, dtype=torch.float64, device=device)  # n, psnr, ssim, lpips, bicubic psnr/ssim/lpips
     first_batch = None
@@ -193,9 +206,7 @@ def finalize(cfg: PipelineConfig, model: AutoencoderKL, lpips_module, lpips_back
             first_batch = {"image": x, "recon": recon}
     totals = all_reduce_sum(totals).tolist()
     count = max(totals[0], 1.0)
-    final = {
-        "scale_factor": scale_factor,
-        "latent_std": std,
+    metrics = {
         "eval/holdout_images": totals[0],
         "eval/psnr": totals[1] / count,
         "eval/ssim": totals[2] / count,
@@ -203,10 +214,34 @@ def finalize(cfg: PipelineConfig, model: AutoencoderKL, lpips_module, lpips_back
         "eval/bicubic_ssim": totals[5] / count,
     }
     if lpips_module is not None:
-        final["eval/lpips"] = totals[3] / count
-        final["eval/bicubic_lpips"] = totals[6] / count
+        metrics["eval/lpips"] = totals[3] / count
+        metrics["eval/bicubic_lpips"] = totals[6] / count
     if totals[0] == 0:
         log.warning("the held-out split is empty: no evaluation metrics (raise data.holdout_fraction)")
+    return metrics, first_batch
+
+
+@torch.no_grad()
+def finalize(cfg: PipelineConfig, model: AutoencoderKL, lpips_module, lpips_backbone: str, batches,
+             loop: TrainLoop) -> dict:
+    """Latent scale factor (LDM's scale_by_std: 1 / std of sampled latents, over all ranks) and the held-out
+    evaluation (`evaluate_holdout`), for the weights `model` holds now (the caller loads the EMA weights first
+    when those are what gets published)."""
+    sa = cfg.stage_a
+    device = loop.device
+    ae = model.eval()
+
+    moments = torch.zeros(3, dtype=torch.float64, device=device)  # count, sum, sum of squares
+    for _ in range(sa.eval.scale_batches):
+        z = ae.encode(next(batches)["image"]).sample().double()
+        moments += torch.stack([torch.tensor(z.numel(), dtype=torch.float64, device=device), z.sum(), z.pow(2).sum()])
+    n, s, ss = all_reduce_sum(moments).tolist()
+    std = max((ss / n - (s / n) ** 2), 1e-12) ** 0.5
+    # An imported SD VAE keeps its published scale (0.18215 for SD 1.x) unless asked to re-measure.
+    scale_factor = float(model.scale_factor) if keeps_published_scale(sa) else 1.0 / std
+
+    metrics, first_batch = evaluate_holdout(cfg, model, lpips_module, device)
+    final = {"scale_factor": scale_factor, "latent_std": std, **metrics}
     if loop.logger:
         loop.logger.set_tag("lpips_backbone", lpips_backbone)
         loop.logger.set_tag("eval_weights", "ema" if sa.train.ema_decay else "raw")
@@ -242,22 +277,12 @@ def run_stage_a(
     trainer_name = f"{cfg.run.name}-{STAGE}"
     fields = fingerprint_fields({STAGE: sa.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json", include=TRAINED_DATA_FIELDS),
                                  "run": {"seed": cfg.run.seed}}, STAGE)
-    check_resumable(cfg.run.checkpoint_root, trainer_name, fields, storage_cfg=cfg.storage,
-                    allow_changed=cfg.run.resume_changed_config)
-    resume_id = tracking.unfinished_training_run(experiment_id, trainer_name)
-    tags = {"ray_train_name": trainer_name, "dataset_uri": cfg.data.uri, "dataset_digest": manifest["digest"], **(extra_tags or {})}
-
-    with tracking.stage_run(
-        experiment_id=experiment_id, stage=STAGE, run_name=trainer_name, upstream_run_ids=upstream_run_ids,
-        parent_run_id=parent_run_id, resume_run_id=resume_id, tags=tags,
-    ) as run:
-        run_id = run.info.run_id
-        if resume_id is None:
-            tracking.log_params(MlflowClient(), run_id, tracking.flatten(cfg.model_dump(mode="json")))
-            tracking.log_dataset_input(cfg.data.uri, manifest.get("name", "images"), manifest["digest"], "training")
-        else:
-            log.info("resuming MLflow run %s of %s", run_id, trainer_name)
-
+    tags = {"dataset_uri": cfg.data.uri, "dataset_digest": manifest["digest"], **(extra_tags or {})}
+    with training_run(
+        cfg, stage=STAGE, experiment_id=experiment_id, trainer_name=trainer_name, fields=fields,
+        upstream_run_ids=upstream_run_ids, parent_run_id=parent_run_id, tags=tags,
+        params=tracking.flatten(cfg.model_dump(mode="json")), dataset=(cfg.data.uri, manifest.get("name", "images"), manifest["digest"]),
+    ) as (run_id, resumed):
         train_ds, skip_counter = build_dataset(cfg.data, split="train", storage=cfg.storage, shuffle=True, seed=cfg.run.seed,
                                             columns=["image"])
         holdout_ds, _ = build_dataset(cfg.data, split="holdout", storage=cfg.storage, shuffle=False, seed=cfg.run.seed, skip_counter=skip_counter,
@@ -281,7 +306,7 @@ def run_stage_a(
                  final["scale_factor"], final["eval/psnr"], final["eval/bicubic_psnr"])
         backbone = MlflowClient().get_run(run_id).data.tags.get("lpips_backbone", "none")
         return StageAResult(run_id=run_id, model_uri=model_uri, model_version=version, metrics=final,
-                            resumed=resume_id is not None, lpips_backbone=backbone)
+                            resumed=resumed, lpips_backbone=backbone)
 
 
 def main(argv: list[str] | None = None) -> StageAResult:

@@ -32,7 +32,6 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from mlflow.tracking import MlflowClient
 from torchvision.utils import make_grid
 
 from ldm_core.config import ConfigError
@@ -53,7 +52,7 @@ from pipelines.runtime import exit_on, init_ray, setup_logging
 from pipelines.sample import digit_prompt_accuracy, generate
 from pipelines.text_encoders import TextEncoderConfig, encode_prompts_remote
 from pipelines.run_logger import RunLogger
-from pipelines.train_loop import TrainLoop, TrainResult, Update, build_trainer, check_resumable, fingerprint_fields, fit_and_publish
+from pipelines.train_loop import TrainLoop, TrainResult, Update, build_trainer, fingerprint_fields, fit_and_publish, training_run
 from pipelines.training import all_reduce_sum, world
 
 log = logging.getLogger("stage_b")
@@ -268,29 +267,19 @@ def run_stage_b(
     trainer_name = f"{cfg.run.name}-{STAGE}"
     fields = fingerprint_fields({STAGE: sb.model_dump(mode="json", exclude={"latents_uri"}),
                                  "latents": {"uri": latents_uri, "digest": manifest["digest"]}, "run": {"seed": cfg.run.seed}}, STAGE)
-    check_resumable(cfg.run.checkpoint_root, trainer_name, fields, storage_cfg=cfg.storage,
-                    allow_changed=cfg.run.resume_changed_config)
-    resume_id = tracking.unfinished_training_run(experiment_id, trainer_name)
     upstream = tuple(upstream_run_ids) or tuple(r for r in (manifest.get("encode_run_id"), manifest.get("stage_a_run_id")) if r)
     tags = {
-        "ray_train_name": trainer_name, TAG_LATENTS_URI: latents_uri, "latents_digest": manifest["digest"],
+        TAG_LATENTS_URI: latents_uri, "latents_digest": manifest["digest"],
         "encode_run_id": manifest.get("encode_run_id", ""), "autoencoder_uri": manifest["autoencoder_uri"],
         "text_encoder": text["name_or_path"], **(extra_tags or {}),
     }
-
-    with tracking.stage_run(
-        experiment_id=experiment_id, stage=STAGE, run_name=trainer_name, upstream_run_ids=upstream,
-        parent_run_id=parent_run_id, resume_run_id=resume_id, tags=tags,
-    ) as run:
-        run_id = run.info.run_id
-        if resume_id is None:
-            tracking.log_params(MlflowClient(), run_id, tracking.flatten(
-                {"stage_b": sb.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json"),
-                 "sample": {"prompts": cfg.sample.prompts, "guidance": cfg.sample.guidance}}))
-            tracking.log_dataset_input(latents_uri, "latents", manifest["digest"], "training")
-        else:
-            log.info("resuming MLflow run %s of %s", run_id, trainer_name)
-
+    params = tracking.flatten({"stage_b": sb.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json"),
+                               "sample": {"prompts": cfg.sample.prompts, "guidance": cfg.sample.guidance}})
+    with training_run(
+        cfg, stage=STAGE, experiment_id=experiment_id, trainer_name=trainer_name, fields=fields,
+        upstream_run_ids=upstream, parent_run_id=parent_run_id, tags=tags, params=params,
+        dataset=(latents_uri, "latents", manifest["digest"]),
+    ) as (run_id, resumed):
         encoded = ray.get(prompts) if prompts is not None else None
         condition = {
             "null_context": null_context.numpy(), "null_mask": null_mask.numpy(),
@@ -323,7 +312,7 @@ def run_stage_b(
             final = {**final, **accuracy}
         log.info("stage_b done: %s (held-out loss %s)", model_uri, final.get("eval/holdout_loss_ema", "n/a"))
         return StageBResult(run_id=run_id, model_uri=model_uri, model_version=version, metrics=final,
-                            resumed=resume_id is not None, latents_uri=latents_uri)
+                            resumed=resumed, latents_uri=latents_uri)
 
 
 def main(argv: list[str] | None = None) -> StageBResult:

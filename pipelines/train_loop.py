@@ -44,6 +44,7 @@ import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 import torch
+from mlflow.tracking import MlflowClient
 
 from ldm_core.config import ConfigError
 from ldm_core.ema import EMA
@@ -338,6 +339,7 @@ class TrainLoop:
             yield self.step
             if self.step % self.train.checkpoint_every == 0 and self.step < self.train.max_steps:
                 report({"step": self.step, **self.metrics}, self.write_checkpoint, self.rank)
+            self.timer.restart()  # the stage's periodic work and checkpoints count as neither compute nor data wait
 
     def _apply(self, update: Update, micro_batches: list[dict], step_sums: dict[str, torch.Tensor]) -> bool:
         """Accumulate the update's gradients over the micro-batches and take its guarded optimiser step.
@@ -459,6 +461,31 @@ def check_resumable(checkpoint_root: str, trainer_name: str, fields: Mapping[str
             f"({fingerprint_diff(old, fields)}): set a new run.name to start fresh, or run.resume_changed_config=true "
             f"to resume it with the new settings")
     return meta
+
+
+@contextlib.contextmanager
+def training_run(cfg, *, stage: str, experiment_id: str, trainer_name: str, fields: Mapping[str, Any],
+                 upstream_run_ids: tuple[str, ...], parent_run_id: str | None, tags: Mapping[str, str],
+                 params: Mapping[str, Any], dataset: tuple[str, str, str]) -> Iterator[tuple[str, bool]]:
+    """A training stage's MLflow run (driver side), yielding (run id, resumed).
+
+    First the checkpoints under `trainer_name` must fit this config (`check_resumable`). The unfinished run of
+    the same Ray Train name, when there is one, is resumed and keeps its params; a new run gets `params` and
+    `dataset` = (uri, name, digest) as its training input. Tagged `ray_train_name` (how a resume finds it)."""
+    check_resumable(cfg.run.checkpoint_root, trainer_name, fields, storage_cfg=cfg.storage,
+                    allow_changed=cfg.run.resume_changed_config)
+    resume_id = tracking.unfinished_training_run(experiment_id, trainer_name)
+    with tracking.stage_run(
+        experiment_id=experiment_id, stage=stage, run_name=trainer_name, upstream_run_ids=upstream_run_ids,
+        parent_run_id=parent_run_id, resume_run_id=resume_id, tags={"ray_train_name": trainer_name, **tags},
+    ) as run:
+        run_id = run.info.run_id
+        if resume_id is None:
+            tracking.log_params(MlflowClient(), run_id, params)
+            tracking.log_dataset_input(*dataset, "training")
+        else:
+            log.info("resuming MLflow run %s of %s", run_id, trainer_name)
+        yield run_id, resume_id is not None
 
 
 def build_trainer(train_fn: Callable[[dict], None], cfg, section, *, trainer_name: str, run_id: str,

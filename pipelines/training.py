@@ -127,6 +127,11 @@ class StepTimer:
         self.samples += samples
         self._t = now
 
+    def restart(self) -> None:
+        """Start timing afresh: what ran since the last step (the stage's periodic work: checkpoints, grids,
+        evaluations) is no step's compute and no step's data wait."""
+        self._t = time.perf_counter()
+
     def pop(self) -> dict[str, float]:
         out = {
             "perf/samples_per_s_per_worker": self.samples / self.total_s if self.total_s else 0.0,

@@ -23,7 +23,8 @@ def _cfg(tmp_path: Path, data_uri: str, *extra: str):
 
 def test_two_worker_run_publishes_checkpoint_metrics_images_and_model(ray_local, mlflow_uri, tmp_path):
     data_uri = mnist_dataset(tmp_path)
-    cfg = _cfg(tmp_path, data_uri, "stage_a.loss.disc_start=2")  # both loss branches run
+    cfg = _cfg(tmp_path, data_uri, "stage_a.loss.disc_start=2",  # both loss branches run
+               "stage_a.eval.every=2")  # a held-out point mid-run: the curve in the MLflow UI
     result = run_stage_a(cfg)
 
     client = MlflowClient()
@@ -40,6 +41,11 @@ def test_two_worker_run_publishes_checkpoint_metrics_images_and_model(ray_local,
     history = client.get_metric_history(result.run_id, "train/rec")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     assert run.data.metrics["train/adaptive_weight"] > 0  # the GAN term was on by step 4
+    # Held-out PSNR as a curve: step 2 during training, step 4 at the end (the final evaluation).
+    curve = {m.step: m.value for m in client.get_metric_history(result.run_id, "eval/psnr")}
+    assert sorted(curve) == [2, 4] and all(5.0 < v < 60.0 for v in curve.values())
+    assert curve[4] == pytest.approx(result.metrics["eval/psnr"])
+    assert sorted(m.step for m in client.get_metric_history(result.run_id, "eval/bicubic_psnr")) == [2, 4]
 
     images = [a.path for a in client.list_artifacts(result.run_id, "reconstructions")]
     assert "reconstructions/holdout_final.png" in images and len(images) >= 2
