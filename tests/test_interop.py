@@ -411,6 +411,37 @@ def test_init_from_an_mlflow_model_is_in_the_stage_runs_upstream_run_ids(mlflow_
     assert upstream("stage_b", f"stage_b.init_from={tmp_path / 'unet'}") == ("encode-run", "stage_a-run")
 
 
+@pytest.mark.slow  # trains on a real local Ray with a real MLflow store (a minute on a loaded 2-core box)
+def test_stage_b_fine_tunes_an_imported_diffusers_unet(ray_local, mlflow_uri, tmp_path):
+    """stage_b.init_from a (tiny, random) diffusers UNet2DConditionModel folder: Stage B adopts its architecture,
+    starts from its weights and trains them; the published bundle is that architecture, a few optimiser steps away."""
+    from pipelines.encode_latents import run_encode
+    from pipelines.models import load_unet_bundle
+    from pipelines.stage_b import run_stage_b
+    from tests.test_encode import digits_dataset, publish_tiny_autoencoder, tiny_config
+
+    torch.manual_seed(0)
+    ref = _perturbed(diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, cross_attention_dim=384,
+        attention_head_dim=4, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"]), 9)
+    save_diffusers(ref, tmp_path / "unet")
+    cfg = tiny_config(tmp_path, digits_dataset(tmp_path), f"stage_b.init_from={tmp_path / 'unet'}", "stage_b.train.max_steps=2",
+                      "stage_b.optim.lr=0.001", "stage_b.optim.warmup_steps=0", "run.name=finetune-unet")
+    assert (cfg.stage_b.unet.model_channels, cfg.stage_b.unet.num_heads) == (8, 2)  # the tiny config's own U-Net
+    publish_tiny_autoencoder(cfg, tmp_path / "ae")
+    run_encode(cfg)
+    result = run_stage_b(cfg)
+
+    bundle = load_unet_bundle(result.model_uri, use_ema=False)
+    imported = interop.import_unet(str(tmp_path / "unet"))
+    assert bundle.step == 2 and bundle.unet_config == imported.config.model_copy(update={"gradient_checkpointing": False})
+    assert (bundle.unet_config.model_channels, bundle.unet_config.num_heads) == (16, 4)
+    steps = {k: (bundle.unet.state_dict()[k] - v).abs().max().item() for k, v in imported.state_dict().items()}
+    # Adam moves each weight by at most about lr per step: started from the import, and trained.
+    assert max(steps.values()) < 0.01 and sum(d > 0 for d in steps.values()) > len(steps) // 2
+
+
 def test_decoder_only_without_weights_is_a_config_error():
     with pytest.raises(ConfigError, match="train_decoder_only needs init_from"):
         _pipeline_config("stage_a.train_decoder_only=true")
