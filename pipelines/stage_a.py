@@ -45,7 +45,8 @@ from pipelines.cluster import ClusterError, check_cluster_paths, ensure_resource
 from pipelines.data import DatasetError, build_dataset, open_skip_counter, read_manifest, to_model_range
 from pipelines.lease import LeaseHeld, LeaseLost, stage_lease
 from pipelines.memory_budget import check_memory_budget
-from pipelines.interop import adopt_init_architectures, freeze_encoder, keeps_published_scale, load_init_autoencoder
+from pipelines.interop import (adopt_init_architectures, freeze_encoder, init_from_run_ids, keeps_published_scale,
+                               load_init_autoencoder)
 from pipelines.models import publish_autoencoder
 from pipelines.prepare_data import prepare_if_missing
 from pipelines.runtime import exit_on, init_ray, setup_logging
@@ -280,8 +281,8 @@ def run_stage_a(
     tags = {"dataset_uri": cfg.data.uri, "dataset_digest": manifest["digest"], **(extra_tags or {})}
     with training_run(
         cfg, stage=STAGE, experiment_id=experiment_id, trainer_name=trainer_name, fields=fields,
-        upstream_run_ids=upstream_run_ids, parent_run_id=parent_run_id, tags=tags,
-        params=tracking.flatten(cfg.model_dump(mode="json")), dataset=(cfg.data.uri, manifest.get("name", "images"), manifest["digest"]),
+        upstream_run_ids=tuple(dict.fromkeys((*upstream_run_ids, *init_from_run_ids(cfg, STAGE)))),  # + the init_from run
+        parent_run_id=parent_run_id, tags=tags, params=tracking.flatten(cfg.model_dump(mode="json")), dataset=(cfg.data.uri, manifest.get("name", "images"), manifest["digest"]),
     ) as (run_id, resumed):
         train_ds, skip_counter = build_dataset(cfg.data, split="train", storage=cfg.storage, shuffle=True, seed=cfg.run.seed,
                                             columns=["image"])

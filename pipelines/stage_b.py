@@ -46,7 +46,7 @@ from pipelines.encode_latents import STAGE as ENCODE_STAGE
 from pipelines.encode_latents import TAG_LATENTS_URI
 from pipelines.lease import LeaseHeld, LeaseLost, stage_lease
 from pipelines.memory_budget import check_memory_budget
-from pipelines.interop import adopt_init_architectures, load_init_unet
+from pipelines.interop import adopt_init_architectures, init_from_run_ids, load_init_unet
 from pipelines.models import load_autoencoder, publish_unet, save_unet_bundle
 from pipelines.runtime import exit_on, init_ray, setup_logging
 from pipelines.sample import digit_prompt_accuracy, generate
@@ -268,6 +268,7 @@ def run_stage_b(
     fields = fingerprint_fields({STAGE: sb.model_dump(mode="json", exclude={"latents_uri"}),
                                  "latents": {"uri": latents_uri, "digest": manifest["digest"]}, "run": {"seed": cfg.run.seed}}, STAGE)
     upstream = tuple(upstream_run_ids) or tuple(r for r in (manifest.get("encode_run_id"), manifest.get("stage_a_run_id")) if r)
+    upstream = tuple(dict.fromkeys((*upstream, *init_from_run_ids(cfg, STAGE))))  # + the run stage_b.init_from came from
     tags = {
         TAG_LATENTS_URI: latents_uri, "latents_digest": manifest["digest"],
         "encode_run_id": manifest.get("encode_run_id", ""), "autoencoder_uri": manifest["autoencoder_uri"],
