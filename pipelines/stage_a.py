@@ -56,7 +56,7 @@ from pipelines.training import all_reduce_sum
 
 log = logging.getLogger("stage_a")
 STAGE = "stage_a"
-TRAINED_DATA_FIELDS = {"uri", "resolution", "crop", "random_flip", "batch_size", "holdout_fraction"}
+TRAINED_DATA_FIELDS = {"uri", "resolution", "crop", "random_flip", "batch_size", "holdout_fraction", "holdout_by"}
 """The `data` fields that shape what Stage A trains on (part of its checkpoints' config fingerprint)."""
 
 

@@ -29,7 +29,7 @@ from pipelines.data import (
     read_manifest,
     to_model_range,
 )
-from pipelines.data.reader import in_split
+from pipelines.data.reader import in_split, source_of
 from pipelines.data.sources import SKIMAGE_PHOTOS
 from pipelines.settings import ScalingSection
 
@@ -107,6 +107,22 @@ def test_skimage_photos_become_captioned_random_crops(ray_local, tmp_path):
     # The crops depend on the seed: a different seed gives a different dataset digest.
     other = prepare_dataset("skimage", str(tmp_path / "other"), fmt="parquet", shard_size=64, resolution=48, limit=70, seed=4)
     assert other["digest"] != manifest["digest"]
+
+
+def test_holdout_by_source_keeps_every_crop_of_a_photograph_on_one_side(ray_local, tmp_path):
+    # The first 150 crops: 3 photographs (astronaut, coffee, cat). Held out by sample, crops of one photo land on both sides (the model is then
+    # scored on photos it trained on); held out by source, each photograph is wholly train or wholly held out.
+    uri = str(tmp_path / "photos")
+    prepare_dataset("skimage", uri, fmt="webdataset", shard_size=50, resolution=32, limit=150, seed=0)
+    def photos(split: str, by: str) -> set[str]:
+        rows, _ = _stream(DataConfig(uri=uri, resolution=32, holdout_fraction=0.2, holdout_by=by), split)
+        return {r["caption"] for r in rows}
+
+    assert photos("train", "sample") & photos("holdout", "sample")  # leaks: the same photographs on both sides
+    # By source the split is decided per photograph (hash of "skimage-<photo>"): coffee and the cat held out.
+    assert photos("train", "source") == {SKIMAGE_PHOTOS["astronaut"]}
+    assert photos("holdout", "source") == {SKIMAGE_PHOTOS["coffee"], SKIMAGE_PHOTOS["chelsea"]}
+    assert source_of("skimage-hubble_deep_field-017") == "skimage-hubble_deep_field" == source_of("skimage-hubble_deep_field")
 
 
 def test_train_and_holdout_splits_are_disjoint_and_cover_the_data(ray_local, tmp_path):

@@ -49,8 +49,14 @@ class DataConfig(StrictConfig):
     """Rows in each worker's local shuffle buffer (0: no local shuffle). Shard order is shuffled too (seeded by
     run.seed, different every epoch)."""
     holdout_fraction: float = Field(default=0.01, ge=0, lt=1)
-    """Fraction of samples held out for evaluation (split "holdout"); chosen by a hash of the key, so stable
-    across runs, shard layouts and formats."""
+    """Fraction of samples held out for evaluation (split "holdout"); chosen by a hash of the key (or of its
+    source, see `holdout_by`), so stable across runs, shard layouts and formats."""
+    holdout_by: Literal["sample", "source"] = "sample"
+    """What the held-out split is drawn over. "sample": each key on its own. "source": keys that differ only in
+    a trailing `-<number>` (crops or frames of one photograph or video, e.g. the bundled `skimage-<photo>-<n>`)
+    go to the same split, so no held-out image shares a source with a training one; the held-out fraction is
+    then one of sources, not of samples. Use it whenever samples are cut from common sources: a held-out crop
+    of a training photograph flatters the model."""
 
     # --- CPU budget
     cpus_per_task: float = Field(default=0.5, gt=0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 import tarfile
 import uuid
 from collections import Counter
@@ -163,11 +164,21 @@ def decode_sample(data: bytes | None, cfg: DataConfig, rng: np.random.Generator)
                         min_size=cfg.min_size, rng=rng)
 
 
-def in_split(key: str, split: str, holdout_fraction: float) -> bool:
-    """Stable train/holdout assignment from a hash of the key (independent of shard layout and order)."""
+_SOURCE_SUFFIX = re.compile(r"-\d+$")
+
+
+def source_of(key: str) -> str:
+    """The source a key was cut from: the key without a trailing `-<number>` (`skimage-coffee-017` -> `skimage-coffee`)."""
+    return _SOURCE_SUFFIX.sub("", key)
+
+
+def in_split(key: str, split: str, holdout_fraction: float, by: str = "sample") -> bool:
+    """Stable train/holdout assignment from a hash of the key, or of its source (`by="source"`, see
+    `DataConfig.holdout_by`): independent of shard layout and order."""
     if split == "all":
         return True
-    bucket = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
+    unit = source_of(key) if by == "source" else key
+    bucket = int.from_bytes(hashlib.blake2b(unit.encode(), digest_size=8).digest(), "big") / 2**64
     return (bucket < holdout_fraction) == (split == "holdout")
 
 
@@ -324,7 +335,7 @@ def decode_shards(batch: dict, *, cfg: DataConfig, split: str, seed: int, counte
         elif len(contents.samples) > n_expected:
             log.warning("shard %s holds %d samples, its manifest says %d", rel, len(contents.samples), n_expected)
         for sample in contents.samples:
-            if not in_split(sample.key, split, cfg.holdout_fraction):
+            if not in_split(sample.key, split, cfg.holdout_fraction, cfg.holdout_by):
                 continue
             if sample.image is None:
                 split_counts["corrupt_member" if contents.damaged else "missing_image"] += 1
