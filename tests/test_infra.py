@@ -852,6 +852,77 @@ def test_tracking_uri_with_credentials_is_refused_without_echoing_them():
         assert load_config(quickstart, [f"mlflow.tracking_uri={uri}"]).mlflow.tracking_uri == uri
 
 
+def namespace_of(path: Path) -> str:
+    """The namespace kustomize puts a manifest's objects in: that of the nearest kustomization above it."""
+    for folder in path.parents:
+        kustomization = folder / "kustomization.yaml"
+        if kustomization.is_file() and "namespace" in yaml.safe_load(kustomization.read_text()):
+            return yaml.safe_load(kustomization.read_text())["namespace"]
+    raise AssertionError(f"{path}: no kustomization names its namespace")
+
+
+def readme_commands() -> list[list[str]]:
+    """infra/README.md's shell commands, continuation lines joined, split into words."""
+    blocks = re.findall(r"```bash\n(.*?)```", (INFRA / "README.md").read_text(), re.S)
+    commands = []
+    for line in "\n".join(blocks).replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|()")
+        lexer.whitespace_split, lexer.commenters = True, "#"
+        words: list[str] = []
+        for word in [*lexer, ";"]:
+            if word.strip(";&|()"):
+                words.append(word)
+            elif words:
+                commands.append(words)
+                words = []
+    return commands
+
+
+def test_readme_creates_k8s_secrets_from_files_with_the_keys_the_manifests_read_and_binds_roles_per_namespace():
+    """Secrets reach kubectl as files (a --from-literal value is on a command line, readable by every user of the
+    machine) under the keys the manifests read, in the namespaces of the pods that read them; each Pod Identity
+    association names a service account in the namespace it lives in."""
+    def mappings(node):
+        if isinstance(node, dict):
+            yield node
+        for child in node.values() if isinstance(node, dict) else node if isinstance(node, list) else ():
+            yield from mappings(child)
+
+    wanted: dict[tuple[str, str], set[str]] = {}  # (namespace, secret) -> keys the manifests read
+    for path, docs in k8s_manifests().items():
+        for m in mappings(docs):
+            if "secretKeyRef" in m:
+                ref = m["secretKeyRef"]
+                wanted.setdefault((namespace_of(path), ref["name"]), set()).add(ref["key"])
+            if "secretName" in m:  # a secret volume (its items' keys), or KubeRay's authOptions
+                keys = {i["key"] for i in m.get("items", [])}
+                wanted.setdefault((namespace_of(path), m["secretName"]), set()).update(keys)
+    assert {("ldm-mlflow", "ldm-mlflow-db"), ("ldm", "ldm-mlflow-client"), ("ldm", "ldm-ray-auth")} <= wanted.keys()
+
+    created: dict[tuple[str, str], set[str]] = {}
+    associations = []
+    for words in readme_commands():
+        assert not any(w.startswith("--from-literal") for w in words), f"a secret on a command line: {words}"
+        if words[:1] == ["kubectl"] and "create" in words and "secret" in words:
+            namespace = words[words.index("-n") + 1]
+            kind, name = words[words.index("secret") + 1: words.index("secret") + 3]
+            if kind == "tls":
+                keys = {"tls.crt", "tls.key"}
+            else:
+                sources = [w.split("=", 1)[1] for w in words if w.startswith("--from-file=")]
+                keys = {s.split("=", 1)[0] if "=" in s else Path(s).name for s in sources}
+                assert keys, f"no --from-file in {words}"
+            created[(namespace, name)] = keys
+        if words[:3] == ["aws", "eks", "create-pod-identity-association"]:
+            associations.append((words[words.index("--namespace") + 1], words[words.index("--service-account") + 1]))
+    for (namespace, name), keys in wanted.items():
+        assert (namespace, name) in created, f"infra/README.md never creates Secret {name} in namespace {namespace}"
+        assert keys <= created[(namespace, name)], f"Secret {name}: the manifests read {keys - created[(namespace, name)]}"
+
+    accounts = {(namespace_of(p), d["metadata"]["name"]) for p, d in objects_of_kind("ServiceAccount")}
+    assert sorted(associations) == sorted(accounts), (associations, accounts)
+
+
 def test_docs_and_manifests_name_only_existing_repo_paths():
     docs = [INFRA / "README.md", CLUSTER_YAML, *K8S.rglob("*.yaml"), INFRA / "docker" / "Dockerfile"]
     named = {}
@@ -1145,15 +1216,18 @@ def mlflow_server(moto_server, s3_bucket, tmp_path):
             proc.wait(timeout=10)
 
 
-def add_mlflow_user(server: dict, username: str, tmp_path: Path) -> tuple[str, str]:
-    """Create a user with infra/mlflow/add_user.py, as the admin. Returns (username, password)."""
+def add_mlflow_user(server: dict, username: str, tmp_path: Path, *, experiments: tuple[str, ...] = (),
+                    models: tuple[str, ...] = ()) -> tuple[str, str]:
+    """Create a user with infra/mlflow/add_user.py, as the admin, handing it these experiments and registered models
+    (created by the admin first). Returns (username, password)."""
     password = f"pw-{uuid.uuid4().hex}"
     password_file = tmp_path / f"{username}-password"
     password_file.write_text(password)
     env = {**os.environ, "MLFLOW_TRACKING_URI": server["url"], "MLFLOW_TRACKING_SERVER_CERT_PATH": str(server["cert"]),
            "MLFLOW_TRACKING_USERNAME": server["admin"][0], "MLFLOW_TRACKING_PASSWORD": server["admin"][1]}
+    owns = [*(f"--experiment={e}" for e in experiments), *(f"--model={m}" for m in models)]
     done = subprocess.run([sys.executable, str(INFRA / "mlflow" / "add_user.py"), username, "--password-file",
-                           str(password_file)], env=env, capture_output=True, text=True)
+                           str(password_file), *owns], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert password not in done.stdout + done.stderr
     return username, password
@@ -1211,25 +1285,29 @@ def test_mlflow_server_requires_authentication_serves_tls_and_stores_artifacts_i
     assert http(search, method="POST", body={"max_results": 1}, cafile=cert, auth=admin, host=f"mlflow:{port}")[0] == 200
     assert http(search, method="POST", body={"max_results": 1}, cafile=cert, auth=admin, host="evil.example.com")[0] == 403
 
-    pipeline_user = add_mlflow_user(mlflow_server, "pipeline", tmp_path)
+    # The admin takes the pipeline's experiment and model names and hands them to its user, before anyone else
+    # can create (and so own) them.
+    experiment = f"infra-{uuid.uuid4().hex[:8]}"
+    pipeline_user = add_mlflow_user(mlflow_server, "pipeline", tmp_path, experiments=(experiment,),
+                                    models=("ldm-autoencoder", "ldm-unet"))
     viewer = add_mlflow_user(mlflow_server, "viewer", tmp_path)
 
-    # The pipeline's user logs a run, an artifact and a registered model through the server.
+    # The pipeline's user logs a run, an artifact and a registered model version through the server.
     artifact = tmp_path / "notes.txt"
     artifact.write_text(f"artifact {uuid.uuid4().hex}")
     with mlflow_as(mlflow_server, pipeline_user) as client:
         import mlflow
 
-        exp_id = mlflow.create_experiment(f"infra-{uuid.uuid4().hex[:8]}")
+        exp_id = mlflow.get_experiment_by_name(experiment).experiment_id
         assert mlflow.get_experiment(exp_id).artifact_location.startswith("mlflow-artifacts:")
         with mlflow.start_run(experiment_id=exp_id) as run:
             mlflow.log_metric("loss", 0.25, step=3)
             mlflow.log_artifact(str(artifact), artifact_path="reports")
         run_id = run.info.run_id
         assert client.get_run(run_id).data.metrics["loss"] == 0.25
-        client.create_registered_model("ldm-autoencoder")
         version = client.create_model_version("ldm-autoencoder", f"runs:/{run_id}/reports", run_id=run_id)
         client.set_registered_model_alias("ldm-autoencoder", "champion", version.version)
+        client.set_registered_model_tag("ldm-unet", "owner", "pipeline")
 
     # An unauthenticated client can neither read, log nor register.
     with mlflow_as(mlflow_server, None) as client:
@@ -1251,9 +1329,17 @@ def test_mlflow_server_requires_authentication_serves_tls_and_stores_artifacts_i
                         lambda: client.set_registered_model_alias("ldm-autoencoder", "champion", "1"),
                         lambda: client.delete_registered_model_alias("ldm-autoencoder", "champion"),
                         lambda: client.log_metric(run_id, "loss", 9.0),
-                        lambda: client.create_run(exp_id)):
+                        lambda: client.create_run(exp_id),
+                        lambda: client.create_model_version("ldm-unet", f"runs:/{run_id}/reports", run_id=run_id),
+                        lambda: client.set_registered_model_tag("ldm-unet", "owner", "viewer")):
             with pytest.raises(MlflowException, match="PERMISSION_DENIED|403"):
                 attempt()
+        # The pipeline's names are taken: the viewer cannot create them first and own them.
+        for name in ("ldm-unet", "ldm-autoencoder"):
+            with pytest.raises(MlflowException, match="RESOURCE_ALREADY_EXISTS|already exists"):
+                client.create_registered_model(name)
+        with pytest.raises(MlflowException, match="RESOURCE_ALREADY_EXISTS|already exists"):
+            client.create_experiment(experiment)
     with mlflow_as(mlflow_server, admin) as client:
         versions = client.search_model_versions("name = 'ldm-autoencoder'")
         assert [v.version for v in versions] == [version.version]
@@ -1285,24 +1371,100 @@ def find_secrets(blobs: dict[str, bytes], secrets: list[str]) -> list[str]:
     return [f"{where}: secret #{i}" for where, data in blobs.items() for i, s in enumerate(secrets) if s.encode() in data]
 
 
+def every_page(search, **kwargs) -> list:
+    """Every result of a paginated MlflowClient search."""
+    out, token = [], None
+    while True:
+        page = search(**kwargs, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
 def everything_logged(client, experiment_id: str, dst: Path) -> dict[str, bytes]:
-    """Every param, tag, metric key, dataset input and artifact file of every run of an experiment, and every
-    registered model version's fields, as blobs keyed by where they came from."""
+    """Every piece of text MLflow keeps for an experiment, as blobs keyed by where it came from: the experiment's
+    tags; every run's params, tags, metric keys, dataset inputs and artifact files; every logged model's (MLflow 3
+    keeps those of `log_model(name=...)` outside the run's artifacts) params, tags and artifact files; every
+    registered model's and model version's description, tags and other fields."""
+    import mlflow
+
     blobs: dict[str, bytes] = {}
-    for run in client.search_runs([experiment_id], max_results=1000):
+    for key, value in client.get_experiment(experiment_id).tags.items():
+        blobs[f"experiment tag {key}"] = f"{key}={value}".encode()
+
+    def files(where: str, local: Path) -> None:
+        for f in local.rglob("*"):
+            if f.is_file():
+                blobs[f"{where} artifact {f.relative_to(local)}"] = f.read_bytes()
+
+    for run in every_page(client.search_runs, experiment_ids=[experiment_id], max_results=1000):
         rid = run.info.run_id
         for kind, mapping in (("param", run.data.params), ("tag", run.data.tags), ("metric", run.data.metrics)):
             for key, value in mapping.items():
                 blobs[f"{rid} {kind} {key}"] = f"{key}={value}".encode()
         for inp in run.inputs.dataset_inputs:
             blobs[f"{rid} input {inp.dataset.name}"] = repr(inp).encode()
-        local = Path(client.download_artifacts(rid, "", str(dst / rid)))
-        for f in local.rglob("*"):
-            if f.is_file():
-                blobs[f"{rid} artifact {f.relative_to(local)}"] = f.read_bytes()
-    for mv in client.search_model_versions():
-        blobs[f"model version {mv.name}/{mv.version}"] = repr(mv).encode()
+        files(rid, Path(client.download_artifacts(rid, "", str(dst / rid))))
+    for model in every_page(client.search_logged_models, experiment_ids=[experiment_id], max_results=100):
+        where = f"logged model {model.model_id}"
+        for kind, mapping in (("param", model.params), ("tag", model.tags)):
+            for key, value in mapping.items():
+                blobs[f"{where} {kind} {key}"] = f"{key}={value}".encode()
+        blobs[f"{where} fields"] = repr({k: v for k, v in dict(model).items() if k not in {"params", "tags"}}).encode()
+        files(where, Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=model.artifact_location, dst_path=str(dst / model.model_id), tracking_uri=client.tracking_uri)))
+    for kind, entities in (("registered model", every_page(client.search_registered_models, max_results=100)),
+                           ("model version", every_page(client.search_model_versions, max_results=1000))):
+        for entity in entities:
+            where = f"{kind} {entity.name}" + (f"/{entity.version}" if kind == "model version" else "")
+            blobs[f"{where} description"] = (entity.description or "").encode()
+            for key, value in entity.tags.items():
+                blobs[f"{where} tag {key}"] = f"{key}={value}".encode()
+            blobs[f"{where} fields"] = repr({k: v for k, v in dict(entity).items()  # versions are scanned on their own
+                                             if k not in {"description", "tags", "latest_versions"}}).encode()
     return blobs
+
+
+def plant_secret(client, experiment_id: str, secret: str, tmp_path: Path) -> set[str]:
+    """Write `secret`, inside other text, into one place of each kind `everything_logged` reads, through the server.
+    Returns the blob keys the scan must then report."""
+    note = f"token = {secret} # planted"
+    (tmp_path / "planted").mkdir()
+    (tmp_path / "planted" / "notes.txt").write_text(note)
+    client.set_experiment_tag(experiment_id, "planted", note)
+    run = client.create_run(experiment_id)
+    rid = run.info.run_id
+    client.log_param(rid, "planted", note)
+    client.log_artifacts(rid, str(tmp_path / "planted"), "planted")
+    client.set_terminated(rid)
+    model = client.create_logged_model(experiment_id, name="planted", params={"planted": note},
+                                       tags={"planted": note})
+    client.log_model_artifacts(model.model_id, str(tmp_path / "planted"))
+    client.finalize_logged_model(model.model_id, "READY")
+    client.create_registered_model("planted-model", tags={"planted": note}, description=note)
+    version = client.create_model_version("planted-model", model.artifact_location, run_id=rid,
+                                          tags={"planted": note}, description=note, model_id=model.model_id)
+    mv = f"model version planted-model/{version.version}"
+    return {"experiment tag planted", f"{rid} param planted", f"{rid} artifact planted/notes.txt",
+            f"logged model {model.model_id} param planted", f"logged model {model.model_id} tag planted",
+            f"logged model {model.model_id} artifact notes.txt", "registered model planted-model tag planted",
+            "registered model planted-model description", f"{mv} tag planted", f"{mv} description"}
+
+
+def test_secret_scan_reads_every_place_mlflow_keeps_text(mlflow_server, tmp_path):
+    """The scan of the end-to-end test below finds a secret in each place MLflow 3 keeps text, the logged models
+    outside a run's artifacts included, and reports nothing before one is planted."""
+    pipeline_user = add_mlflow_user(mlflow_server, "pipeline", tmp_path)
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    with mlflow_as(mlflow_server, pipeline_user) as client:
+        exp_id = client.create_experiment(f"scan-{uuid.uuid4().hex[:8]}")
+        clean = client.create_run(exp_id).info.run_id
+        client.log_param(clean, "lr", "0.001")
+        assert find_secrets(everything_logged(client, exp_id, tmp_path / "before"), [secret]) == []
+        planted = plant_secret(client, exp_id, secret, tmp_path)
+        found = find_secrets(everything_logged(client, exp_id, tmp_path / "after"), [secret])
+    assert {f.rsplit(": ", 1)[0] for f in found} == planted
 
 
 @pytest.mark.slow
@@ -1311,13 +1473,15 @@ def test_pipeline_with_credentials_runs_end_to_end_through_the_authenticated_ser
     mlflow_server, moto_server, s3_bucket, tmp_path
 ):
     """A short `pipelines/run.py` (the tiny quickstart of tests/test_pipeline.py, the dataset on S3) as a job
-    runs it: MLflow credentials and S3 keys only in its environment. Its lineage is complete, and no secret
-    reaches a param, tag, metric, dataset input, artifact, registered model, output file or its console."""
+    runs it: MLflow credentials and S3 keys only in its environment, its experiment and model names taken for it by
+    the admin (infra/mlflow/add_user.py). Its lineage is complete, and no secret reaches a param, tag, metric,
+    dataset input, artifact, logged model, registered model or version, experiment tag, output file or its console."""
     import boto3
 
     from tests.helpers import tiny_later_stages, tiny_overrides
 
-    pipeline_user = add_mlflow_user(mlflow_server, "pipeline", tmp_path)
+    pipeline_user = add_mlflow_user(mlflow_server, "pipeline", tmp_path, experiments=("secure-e2e",),
+                                    models=("ldm-autoencoder", "ldm-unet"))
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
     fake_key_id = "AKIA" + "".join(alphabet[b % 32] for b in os.urandom(16))
     fake_secret_key = base64.b64encode(os.urandom(30)).decode()
@@ -1371,10 +1535,14 @@ def test_pipeline_with_credentials_runs_end_to_end_through_the_authenticated_ser
         if f.is_file():
             blobs[f"output {f.relative_to(tmp_path)}"] = f.read_bytes()
     assert sum(" param " in k for k in blobs) > 50 and sum(" artifact " in k for k in blobs) > 10, sorted(blobs)[:20]
+    # Stage A's and Stage B's models, logged with pyfunc.log_model(name=...), were read too.
+    assert len({k.split()[2] for k in blobs if k.startswith("logged model ") and " artifact " in k}) >= 2, sorted(blobs)
     assert find_secrets(blobs, secrets) == []
-    # The scan finds what it looks for.
-    planted = {"artifact x": b"...aws_secret_access_key = " + fake_secret_key.encode() + b"\n", "tag y": b"k=v"}
-    assert find_secrets(planted, secrets) == ["artifact x: secret #2"]
+    # The scan finds what it looks for: a secret planted in each kind of place it reads, through the same server.
+    with mlflow_as(mlflow_server, pipeline_user) as client:
+        planted = plant_secret(client, exp_id, fake_secret_key, tmp_path)
+        found = find_secrets(everything_logged(client, exp_id, tmp_path / "again"), secrets)
+    assert {f.rsplit(": ", 1)[0] for f in found} == planted and {f.rsplit(": ", 1)[1] for f in found} == {"secret #2"}
 
 
 # --------------------------------------------------------------------------------------------------------
