@@ -41,7 +41,7 @@ from pipelines.config import PipelineConfig, parse_cli
 from pipelines.data import DatasetError, build_dataset, read_manifest, to_model_range
 from pipelines.data.reader import in_split
 from pipelines.models import load_autoencoder, model_to_load, run_id_of
-from pipelines.progress import print_summary
+from pipelines.progress import print_summary, run_with_progress
 from pipelines.runtime import exit_on, init_ray, setup_logging
 from pipelines.text_encoders import TextEncoderConfig, encode_prompts_remote, load_text_encoder
 
@@ -57,10 +57,24 @@ LEASE = ".lease.json"
 # ----------------------------------------------------------------------------------------------------
 
 
+@ray.remote(num_cpus=0)
+class EncodedCount:
+    """Images encoded so far by the whole actor pool: what the driver's progress line shows."""
+
+    def __init__(self):
+        self.images = 0
+
+    def add(self, n: int) -> None:
+        self.images += n
+
+    def get(self) -> int:
+        return self.images
+
+
 class LatentEncoder:
     """Ray Data callable class: a batch of images + captions -> latent moments + text hidden states."""
 
-    def __init__(self, autoencoder: list, text_encoder: dict, holdout_fraction: float):
+    def __init__(self, autoencoder: list, text_encoder: dict, holdout_fraction: float, encoded: "ray.actor.ActorHandle"):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         weights = ray.get(autoencoder[0])  # {"config", "state", "scale_factor"} put in the object store by the driver
         self.autoencoder = AutoencoderKL(AutoencoderConfig.model_validate(weights["config"]))
@@ -68,6 +82,7 @@ class LatentEncoder:
         self.autoencoder.to(self.device).eval().requires_grad_(False)
         self.text = load_text_encoder(TextEncoderConfig.model_validate(text_encoder), self.device)
         self.holdout_fraction = holdout_fraction
+        self.encoded = encoded
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
@@ -81,6 +96,7 @@ class LatentEncoder:
         unique, inverse = np.unique(np.array(captions, dtype=object), return_inverse=True)
         hidden, mask, truncated = self.text.encode_numpy(list(unique))
         keys = [str(k) for k in batch["key"]]
+        self.encoded.add.remote(len(keys))
         return {
             "key": np.array(keys, dtype=object),
             "caption": np.array(captions, dtype=object),
@@ -223,6 +239,7 @@ def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: Autoencode
     data_cfg = cfg.data.model_copy(update={"crop": "center", "random_flip": False})
     images, skip_counter = build_dataset(data_cfg, split="all", storage=cfg.storage, shuffle=False, seed=cfg.run.seed)
     weights = ray.put({"config": autoencoder.config.model_dump(mode="json"), "state": autoencoder.state_dict()})
+    counter = EncodedCount.remote()
     encoded = images.map_batches(
         LatentEncoder,
         batch_size=ec.batch_size,
@@ -230,7 +247,7 @@ def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: Autoencode
         num_cpus=sc.cpus_per_actor,
         num_gpus=num_gpus,
         fn_constructor_kwargs={"autoencoder": [weights], "text_encoder": ec.text_encoder.model_dump(mode="json"),
-                               "holdout_fraction": cfg.data.holdout_fraction},
+                               "holdout_fraction": cfg.data.holdout_fraction, "encoded": counter},
     )
     folder = f"{latents.PARTS_PREFIX}{run_id}"
     # Part folders of earlier executions that ended without a manifest, handed over through the lease (a failed
@@ -240,7 +257,8 @@ def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: Autoencode
     held.note(parts=[*leftovers, folder])
     sink = latents.LatentParquetSink(root.uri, cfg.storage, folder, ec.rows_per_shard, fail_after_rows=ec.fail_after_rows)
     storage.makedirs(root)
-    encoded.write_datasink(sink)
+    run_with_progress(STAGE, read_manifest(cfg.data.uri, cfg.storage)["num_samples"], lambda: encoded.write_datasink(sink),
+                      lambda: ray.get(counter.get.remote(), timeout=5))
     seconds = time.monotonic() - started
     null = ray.get(null_ref)
     if not sink.files:

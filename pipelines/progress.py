@@ -7,13 +7,26 @@ On a terminal the progress line is rewritten in place (carriage return); anywher
 `ray job logs`, a Ray Train worker whose stdout Ray forwards to the driver) one line is printed every
 `every` steps and at the last step, with no control codes. Nothing here imports Ray or torch, so both the
 driver and the Train workers can call it.
+
+Run as a script, this file is the console filter a quiet driver puts on its stderr (pipelines/runtime.py): it
+passes everything through except Ray's core (C++) log records, which Ray's log files keep anyway.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import select
+import signal
 import sys
+import threading
 import time
-from typing import IO, Any
+from typing import IO, Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+"""A terminal control sequence (colour, cursor movement, line erase)."""
 
 
 def is_terminal(stream: IO[str] | None = None) -> bool:
@@ -132,8 +145,137 @@ class Progress:
         return line
 
 
+    def close(self) -> None:
+        """End an in-place progress line (for a stage whose summary is printed by other means)."""
+        if self._open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open_line = False
+
+
+def run_with_progress(stage: str, total: int, work: Callable[[], T], count: Callable[[], int | None], *,
+                      unit: str = "images", poll_s: float = 1.0, lines: int = 10, stream: IO[str] | None = None) -> T:
+    """`work()` in a background thread while `stage`'s progress line shows `count()` of `total` done (with the rate
+    and an ETA), polled every `poll_s`: in place on a terminal; elsewhere one line each time another 1/`lines` of
+    `total` is done, and one for the final count. `count` may return None or raise (not known right now): that poll
+    is skipped. Returns what `work` returns, or raises what it raised. For a job whose progress lives elsewhere
+    (a Ray Data pipeline writing through a datasink, counted by an actor)."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as e:  # re-raised in the caller's thread
+            outcome["error"] = e
+
+    progress = Progress(stage, total, every=1, unit=unit, stream=stream)
+    mark = max(1, -(-total // max(1, lines)))
+    started, next_line, shown = time.monotonic(), 0, None
+    thread = threading.Thread(target=target, name=f"{stage}-work", daemon=True)  # daemon: Ctrl-C still ends the process
+    thread.start()
+    while True:
+        thread.join(poll_s)
+        finished = not thread.is_alive()
+        try:
+            done = count()
+        except Exception:
+            done = None
+        if done and done != shown and (progress.in_place or done >= next_line or finished):
+            progress.update(done, images_per_s=done / max(time.monotonic() - started, 1e-9))
+            shown, next_line = done, (done // mark + 1) * mark
+        if finished:
+            break
+    progress.close()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def print_summary(stage: str, what: str = "", **fields: Any) -> str:
     """Print one summary line for a stage that has no step loop (prepare, encode, sample); returns it."""
     line = summary_line(stage, what, **fields)
     print(line, flush=True)
     return line
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ray's core log records on the console. Ray's C++ core worker writes its ERROR records to stderr as well as to its
+# log file (python-core-driver-*.log, python-core-worker-*.log in the session's logs/), and the driver forwards a
+# worker's stderr with a "(ActorName pid=N)" prefix: Ray's own notices such as `core_worker.cc:... Actor with class
+# name: 'PreemptionWatcher' ... has constructor arguments in the object store and max_restarts > 0`, logged at E
+# for every actor Ray Train or Ray Data makes. Fatal records (C, a crash) stay on the console.
+# ---------------------------------------------------------------------------------------------------
+
+RAY_CORE_RECORD = re.compile(
+    r"^(?P<source>\([^)]*\) )?\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<level>[TDIWEC]) \d+ \d+\] [\w./-]+:\d+: ")
+"""`[2026-11-26 03:32:08,163 E 11281 11311] core_worker.cc:2465: ...`, possibly behind a "(TrainController pid=N) "."""
+WORKER_SOURCE = re.compile(r"^\([^)]*pid=[^)]*\) ")
+
+
+class RayCoreRecords:
+    """A line filter: False for a Ray core log record below fatal and for the lines that continue it (indented, or
+    the traceback it opens up to its exception line), True for everything else."""
+
+    def __init__(self):
+        self._open: dict[str, str] = {}  # source ("" for this process) -> "record" | "traceback"
+
+    def keep(self, line: str) -> bool:
+        plain = ANSI.sub("", line)
+        record = RAY_CORE_RECORD.match(plain)
+        if record:
+            source = record["source"] or ""
+            if record["level"] == "C":
+                self._open.pop(source, None)
+                return True
+            self._open[source] = "traceback" if plain.rstrip().endswith("Traceback (most recent call last):") else "record"
+            return False
+        worker = WORKER_SOURCE.match(plain)
+        source = worker.group(0) if worker else ""
+        state = self._open.get(source)
+        if state is None:
+            return True
+        message = plain[len(source):]
+        if message[:1] in (" ", "\t") or message.startswith("***"):
+            return False
+        del self._open[source]
+        return state != "traceback"  # the exception line that ends the record's traceback goes with it
+
+
+def _write_all(fd: int, data: bytes) -> bool:
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+        return True
+    except OSError:  # the console is gone: keep reading, so the writer never blocks or sees a broken pipe
+        return False
+
+
+def filter_ray_core_records(src: int = 0, dst: int = 1, *, partial_after_s: float = 0.1) -> None:
+    """Copy `src` to `dst` line by line without Ray's core log records, until `src` ends. A partial line (a prompt,
+    a progress bar) goes out as it is once nothing more came for `partial_after_s`."""
+    records = RayCoreRecords()
+    pending = b""
+    console = True
+    while True:
+        ready, _, _ = select.select([src], [], [], partial_after_s if pending else None)
+        if not ready:
+            console = console and _write_all(dst, pending)
+            pending = b""
+            continue
+        chunk = os.read(src, 1 << 16)
+        if not chunk:
+            break
+        *lines, pending = (pending + chunk).split(b"\n")
+        out = b"".join(line + b"\n" for line in lines if records.keep(line.decode("utf-8", "replace")))
+        if out and console:
+            console = _write_all(dst, out)
+    if pending and console:
+        _write_all(dst, pending)
+
+
+if __name__ == "__main__":
+    # The driver's stderr filter: it must outlive whatever the driver's process group is sent (Ctrl-C) so that the
+    # driver's last lines still reach the console; it ends when the driver's side of the pipe closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    filter_ray_core_records()

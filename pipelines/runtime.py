@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import logging
 import os
-import re
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -16,7 +17,8 @@ from typing import Iterator
 
 import ray
 
-from pipelines.progress import is_terminal
+from pipelines import progress
+from pipelines.progress import ANSI, is_terminal
 from pipelines.settings import RaySection
 from pipelines.storage import outage_message
 
@@ -26,7 +28,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------------
 # Console noise. By default the console shows this project's lines (progress, summaries, warnings, errors);
 # Ray's own INFO chatter (Ray Train's per-report dumps, worker-group set-up, Ray Data's progress bars and
-# operator stats) goes only to the Ray session logs (/tmp/ray/session_latest/logs: ray-data.log, train/).
+# operator stats) goes only to the Ray session logs (/tmp/ray/session_latest/logs: ray-data.log, train/), and so do
+# the ERROR records Ray's C++ core workers copy to stderr (notices such as "actor has constructor arguments in the
+# object store", logged for every actor Ray Train and Ray Data make: a filter on the driver's stderr drops them).
 # `--verbose` (or LDM_VERBOSE=1, or LDM_LOG_LEVEL=DEBUG) brings all of it back. The settings are environment
 # variables, so they reach `ray job submit` drivers and, through init_ray's runtime_env, every Ray worker.
 # ---------------------------------------------------------------------------------------------------
@@ -107,6 +111,8 @@ def init_ray(cfg: RaySection) -> None:
     if ray.is_initialized():
         return
     quiet = not verbose()
+    if quiet:
+        atexit.register(_close_stderr_filter)  # before ray.init's own atexit (ray.shutdown): runs after it
     # Every worker of this job runs worker_setup first (merged into the job's runtime_env under `ray job submit`);
     # quiet, the "ray" logger shows warnings only.
     runtime_env = {"worker_process_setup_hook": worker_setup, **({} if quiet else {"env_vars": {VERBOSE_ENV: "1"}})}
@@ -123,6 +129,46 @@ def init_ray(cfg: RaySection) -> None:
         ray.init(address="local", num_cpus=cfg.num_cpus, **options)
     if quiet:
         _quiet_ray_data_in_this_process()
+        _filter_stderr()
+
+
+_stderr_filter: tuple[subprocess.Popen, int] | None = None
+"""The console filter process on this driver's stderr and a descriptor of the console it writes to."""
+
+
+def _filter_stderr() -> None:
+    """Route this process's stderr (fd 2: Python's writes, the worker lines Ray forwards, and the C++ core worker's
+    ERROR records) through `progress.filter_ray_core_records`, which drops Ray's core log records (they stay in
+    Ray's log files). Installed after ray.init, so the Ray processes it started keep the real stderr. A process
+    of its own, not a thread: whatever reached the pipe still gets out when the driver dies."""
+    global _stderr_filter
+    if _stderr_filter is not None:
+        return
+    sys.stderr.flush()
+    console = os.dup(2)
+    proc = subprocess.Popen([sys.executable, "-S", progress.__file__], stdin=subprocess.PIPE, stdout=console)
+    os.dup2(proc.stdin.fileno(), 2)
+    proc.stdin.close()  # fd 2 is the pipe's only write end in this process: restoring it ends the filter
+    _stderr_filter = (proc, console)
+
+
+def _close_stderr_filter() -> None:
+    """At exit, after ray.shutdown: give fd 2 back to the console and let the filter write out what it still holds."""
+    global _stderr_filter
+    if _stderr_filter is None:
+        return
+    proc, console = _stderr_filter
+    _stderr_filter = None
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os.dup2(console, 2)
+    os.close(console)
+    try:
+        proc.wait(timeout=5)  # longer only if a child process of the driver still holds the pipe
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def leave_unpacked_working_dir() -> None:
@@ -148,10 +194,6 @@ def train_logging_config():
     return ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")
 
 
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-"""A terminal control sequence (colour, cursor movement, line erase)."""
-
-
 class PlainText:
     """A text stream that drops terminal control sequences: what Ray (its "[repeated 2x across cluster]" notes,
     actor names in remote errors) and MLflow (its warnings) colour whatever the output reaches a file plain."""
@@ -175,7 +217,9 @@ def setup_logging() -> None:
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if not is_terminal(stream) and not isinstance(stream, PlainText):
-            setattr(sys, name, PlainText(stream))
+            plain = PlainText(stream)
+            setattr(sys, name, plain)
+            _repoint_handlers(stream, plain)
     logging.basicConfig(
         level=os.environ.get("LDM_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -195,6 +239,15 @@ def setup_logging() -> None:
     # cannot do it: MLflow re-enables its warnings inside the calls that give them.
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").addFilter(_drop_mlflow_advice)
+
+
+def _repoint_handlers(old, new) -> None:
+    """Log handlers made before setup_logging (Ray's, at `import ray`) hold the raw stream: give them `new`."""
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is old:
+                handler.setStream(new)
 
 
 def one_line(message: str) -> str:

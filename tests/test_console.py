@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from tests.helpers import REPO, tiny_later_stages, tiny_overrides
 
@@ -22,7 +24,10 @@ pytestmark = pytest.mark.slow
 
 STAGES = ("prepare", "stage_a", "encode", "stage_b", "sample")
 RAY_NOISE = ("Reporting training result", "TrainingReport(", "metrics={", "Running Dataset", "Execution plan of Dataset",
-             "execution finished in", "Total Progress", "Requesting resources", "Moving model to device")
+             "execution finished in", "Total Progress", "Requesting resources", "Moving model to device", "core_worker.cc",
+             "Started a local Ray instance")
+RAY_CORE_RECORD = r"\[\d{4}-\d\d-\d\d [\d:,]+ [IWE] \d+ \d+\] \S+:\d+:"
+"""A Ray core (C++) log record below fatal, e.g. `[2026-11-26 03:32:08,163 E 11281 11311] core_worker.cc:2465: ...`."""
 
 
 def _run(cmd_args: list[str], env: dict, log: Path, timeout: int = 1200) -> tuple[int, str]:
@@ -61,10 +66,14 @@ def test_console_has_progress_and_one_summary_per_stage_and_no_ray_dumps_or_cont
     assert "\r" not in console
     for noise in RAY_NOISE:
         assert noise not in console, _lines(console, re.escape(noise))[:3]
+    assert not _lines(console, RAY_CORE_RECORD) and not _lines(console, r" E \d+ \d+\] ")
     for stage in STAGES:
         assert len(_lines(console, rf"\[{stage}\] done\b")) == 1, (stage, _lines(console, rf"\[{stage}\]"))
     # Progress where the stage has a loop: shards written, training steps (rank 0 only), images sampled.
-    assert len(_lines(console, r"\[prepare\] shard \d+ ")) == 3
+    shards = _lines(console, r"\[prepare\] shard \d+/3 ")
+    assert len(shards) == 3 and all(re.search(r"images/s \S+  samples \d+/96  ETA \S+", s) for s in shards), shards
+    encoded = _lines(console, r"^\[encode\] images \d+/96 ")
+    assert encoded and all(re.search(r"images/s \S+  ETA \S+", s) for s in encoded), encoded
     for stage in ("stage_a", "stage_b"):
         steps = _lines(console, rf"\[{stage}\] step \d+/4 ")
         assert steps and all(re.search(r"loss \S+  images/s \S+  data-wait \d+%  ETA \S+", s) for s in steps), steps
@@ -73,6 +82,13 @@ def test_console_has_progress_and_one_summary_per_stage_and_no_ray_dumps_or_cont
     # ... and the DAG's own line per stage: what it decided and the MLflow run.
     for stage in STAGES:
         assert len(_lines(console, rf"^\[{stage}\] ran +\d")) == 1
+
+
+def test_the_sample_grid_of_a_grey_dataset_is_grey(dag):
+    grid = Path(re.search(r"\(grid: (\S+grid\.png)\)", dag.console).group(1))
+    rgb = np.asarray(Image.open(grid).convert("RGB")).astype(int)
+    assert rgb.std() > 0  # not a blank image
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
 
 
 def test_plan_reuses_everything_after_a_run_and_explains_a_changed_field(dag):
@@ -150,3 +166,39 @@ def test_a_failing_stage_ends_the_console_with_stage_run_cause_and_resume_comman
     assert "sample.steps=1000: more than the model's 100 diffusion timesteps" in last
     resume = last.split("  resume: ", 1)[1]
     assert resume.endswith("--set=sample.steps=1000 --from sample") and " pipelines/run.py --config " in resume
+
+
+def test_verbose_brings_rays_own_output_back(dag):
+    # Every stage is a cache hit: Ray starts, nothing trains. Quiet, Ray's start-up line stays off the console.
+    rc, quiet = _run(["pipelines/run.py", *dag.args], dag.env, dag.tmp / "reuse.log", timeout=600)
+    assert rc == 0, quiet
+    assert all(f"[{stage}] reused" in quiet for stage in STAGES[1:]), quiet
+    rc, verbose = _run(["pipelines/run.py", *dag.args, "--verbose"], dag.env, dag.tmp / "reuse_verbose.log", timeout=600)
+    assert rc == 0, verbose
+    for out in (quiet, verbose):
+        assert "\x1b" not in out
+    assert "Started a local Ray instance" not in quiet and "Started a local Ray instance" in verbose
+
+
+def test_a_failed_train_worker_ends_the_console_with_the_stage_run_and_resume_then_plan_resumes_it(dag):
+    # Stage B (its config changed) runs again; rank 0 dies at step 3, after the checkpoint of step 2, and
+    # max_failures=0 ends the run.
+    fail = ["--set=stage_b.train.fail_at_step=3"]
+    rc, out = _run(["pipelines/run.py", *dag.args, *fail], dag.env, dag.tmp / "train_fail.log", timeout=900)
+    assert rc == 1, out[-5000:]
+    assert not _lines(out, RAY_CORE_RECORD), _lines(out, RAY_CORE_RECORD)[:3]
+    experiment = dag.client.get_experiment_by_name("ldm-quickstart").experiment_id
+    failed = dag.client.search_runs([experiment], "tags.stage = 'stage_b' and attributes.status = 'FAILED'")
+    assert len(failed) == 1
+    run_id = failed[0].info.run_id
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"[stage_b] FAILED  MLflow run {run_id}  cause: "), last
+    resume = last.split("  resume: ", 1)[1]
+    assert " pipelines/run.py --config " in resume and resume.endswith("--set=stage_b.train.fail_at_step=3 --from stage_b")
+
+    rc, plan = _run(["pipelines/run.py", *dag.args, *fail, "--plan"], dag.env, dag.tmp / "plan_resume.log", timeout=300)
+    assert rc == 0, plan
+    lines = plan.splitlines()
+    assert f"[encode] reuse run {dag.runs['encode'].info.run_id}" in lines
+    assert f"[stage_b] resume run {run_id} from step 2" in lines, plan
+    assert lines[lines.index("[sample] run") + 1] == "    input changed: stage_b will resume"

@@ -121,12 +121,14 @@ def decodable(data: bytes) -> bool:
 
 def write_shards(samples: Iterable[Sample], output_uri: str, *, fmt: str = "webdataset", shard_size: int = 1000,
                  name: str = "images", source: str = "", storage_cfg: StorageConfig | None = None,
-                 max_undecodable_fraction: float = 1.0, **manifest_extra) -> dict:
+                 max_undecodable_fraction: float = 1.0, expected: int | None = None, **manifest_extra) -> dict:
     """Write samples as shards under `output_uri`, printing progress, then the manifest. Returns the manifest.
 
     Undecodable images are stored as they are (the reader counts them as `corrupt_image`/`empty_image`), but when
     more than `max_undecodable_fraction` of all images are, something is wrong with the source: DatasetError, the
-    shards written are removed and no manifest is written."""
+    shards written are removed and no manifest is written. `expected`: how many samples will come, when known in
+    advance (a `limit`): the progress lines then show the shard and sample totals and an ETA (a source shorter than
+    that simply ends early)."""
     if fmt not in SHARD_WRITERS:
         raise ValueError(f"format {fmt!r}: choose one of {', '.join(SHARD_WRITERS)}")
     if shard_size < 1:
@@ -135,6 +137,7 @@ def write_shards(samples: Iterable[Sample], output_uri: str, *, fmt: str = "webd
     _refuse_complete(root)
     storage.makedirs(root)
     shards, total, started = [], 0, time.monotonic()
+    shard_total = -(-expected // shard_size) if expected else None
     undecodable = 0
     for i, chunk in enumerate(_chunks(samples, shard_size)):
         undecodable += sum(not decodable(s.data) for s in chunk)
@@ -144,8 +147,9 @@ def write_shards(samples: Iterable[Sample], output_uri: str, *, fmt: str = "webd
         shards.append({"path": rel, "num_samples": len(chunk), "sha256": hashlib.sha256(payload).hexdigest()})
         total += len(chunk)
         elapsed = time.monotonic() - started
-        print(progress_line("prepare", i + 1, None, unit="shard", images_per_s=total / elapsed if elapsed > 0 else None,
-                            samples=total), flush=True)
+        print(progress_line("prepare", i + 1, shard_total, unit="shard", images_per_s=total / elapsed if elapsed > 0 else None,
+                            samples=f"{total}/{expected}" if expected else total,
+                            eta_s=elapsed / total * max(0, expected - total) if expected else None), flush=True)
     if total and undecodable / total > max_undecodable_fraction:
         for shard in shards:
             root.filesystem.delete_file(root.join(shard["path"]).path)
@@ -174,7 +178,7 @@ def prepare_dataset(source: str, output_uri: str, *, fmt: str = "webdataset", sh
         samples = islice(samples, limit)
     name = source if "/" not in source else source.rstrip("/").rsplit("/", 1)[-1]
     return write_shards(samples, output_uri, fmt=fmt, shard_size=shard_size, name=name, source=source,
-                        storage_cfg=storage, max_undecodable_fraction=max_undecodable_fraction,
+                        storage_cfg=storage, max_undecodable_fraction=max_undecodable_fraction, expected=limit,
                         prepare_resolution=resolution, seed=seed)
 
 
