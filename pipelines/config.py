@@ -92,6 +92,12 @@ class StageAConfig(StrictConfig):
     """Reconstruction + LPIPS + KL + adversarial loss weights and the discriminator start step."""
     lpips: LPIPSConfig = LPIPSConfig()
     """LPIPS network and which backbone weights to use."""
+    perceptual_weight_if_random: float | None = Field(default=None, ge=0)
+    """The perceptual loss weight when the LPIPS backbone turns out random (`lpips.backbone` auto without cached
+    torchvision weights, or random): an untrained backbone's distance is not perceptual, and on the photos it
+    slowed learning (benchmarks/README.md, photo recipes). The LPIPS metric is still logged, marked by the
+    run's `lpips_backbone` tag; the weight used is the run's `perceptual_weight_used` tag. None:
+    `loss.perceptual_weight` whatever the backbone."""
     optim: StageAOptim = StageAOptim()
     """Optimisers (autoencoder and discriminator)."""
     train: TrainLoopSection = TrainLoopSection()

@@ -74,7 +74,8 @@ class EncodedCount:
 class LatentEncoder:
     """Ray Data callable class: a batch of images + captions -> latent moments + text hidden states."""
 
-    def __init__(self, autoencoder: list, text_encoder: dict, holdout_fraction: float, encoded: "ray.actor.ActorHandle"):
+    def __init__(self, autoencoder: list, text_encoder: dict, holdout_fraction: float, encoded: "ray.actor.ActorHandle",
+                 holdout_by: str = "sample"):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         weights = ray.get(autoencoder[0])  # {"config", "state", "scale_factor"} put in the object store by the driver
         self.autoencoder = AutoencoderKL(AutoencoderConfig.model_validate(weights["config"]))
@@ -82,6 +83,7 @@ class LatentEncoder:
         self.autoencoder.to(self.device).eval().requires_grad_(False)
         self.text = load_text_encoder(TextEncoderConfig.model_validate(text_encoder), self.device)
         self.holdout_fraction = holdout_fraction
+        self.holdout_by = holdout_by  # the same split as Stage A's (DataConfig.holdout_by)
         self.encoded = encoded
 
     @torch.no_grad()
@@ -105,7 +107,7 @@ class LatentEncoder:
             "text_hidden": hidden[inverse],  # (B, L, D)
             "text_mask": mask[inverse],  # (B, L)
             "caption_truncated": truncated[inverse],
-            "holdout": np.array([in_split(k, "holdout", self.holdout_fraction) for k in keys], dtype=bool),
+            "holdout": np.array([in_split(k, "holdout", self.holdout_fraction, self.holdout_by) for k in keys], dtype=bool),
             "text_encoder": np.array([self.text.name] * len(keys), dtype=object),
         }
 
@@ -152,6 +154,7 @@ def encode_settings(cfg: PipelineConfig, autoencoder_uri: str, stage_a_run_id: s
         "dataset_digest": dataset_digest,
         "resolution": cfg.data.resolution,
         "holdout_fraction": cfg.data.holdout_fraction,
+        "holdout_by": cfg.data.holdout_by,
         "text_encoder": cfg.encode.text_encoder.name_or_path,
         "max_length": cfg.encode.text_encoder.max_length,
     }
@@ -247,7 +250,8 @@ def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: Autoencode
         num_cpus=sc.cpus_per_actor,
         num_gpus=num_gpus,
         fn_constructor_kwargs={"autoencoder": [weights], "text_encoder": ec.text_encoder.model_dump(mode="json"),
-                               "holdout_fraction": cfg.data.holdout_fraction, "encoded": counter},
+                               "holdout_fraction": cfg.data.holdout_fraction, "encoded": counter,
+                               "holdout_by": cfg.data.holdout_by},
     )
     folder = f"{latents.PARTS_PREFIX}{run_id}"
     # Part folders of earlier executions that ended without a manifest, handed over through the lease (a failed

@@ -240,7 +240,8 @@ def _sections(*paths: str) -> Callable[[PipelineConfig], dict]:
 # The data section matters to Stage A (resolution, crops, batch size), not to the later stages, which only
 # see the data through the nodes they consume. run.seed matters to every node that draws random numbers.
 DAG: tuple[Node, ...] = (
-    Node("prepare", (), _sections("data.source", "data.format", "data.shard_size", "data.prepare_resolution", "data.limit", "run.seed"), run_prepare),
+    Node("prepare", (), _sections("data.source", "data.format", "data.shard_size", "data.prepare_resolution", "data.crops_per_photo",
+                                   "data.limit", "run.seed"), run_prepare),
     Node("stage_a", ("prepare",), _sections("stage_a", "data", "run.seed"), run_stage_a_node),
     Node("encode", ("stage_a",), _sections("encode.text_encoder", "encode.output_uri", "data.resolution", "data.holdout_fraction", "data.holdout_by"), run_encode_node),
     Node("stage_b", ("encode", "stage_a"), _sections("stage_b", "sample.prompts", "sample.digit_classifier", "run.seed"), run_stage_b_node),

@@ -77,6 +77,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         freeze_encoder(model)  # SD's ft-MSE recipe: existing latents stay valid
     disc = NLayerDiscriminator(sa.discriminator).to(loop.device)
     lpips_module, lpips_backbone = perceptual_network(sa, loop.device)
+    loss_cfg = effective_loss(sa, lpips_backbone, loop.logger)
     disc_lr = sa.optim.disc_lr or sa.optim.lr
     opt_g = loop.adamw([p for p in model.parameters() if p.requires_grad], sa.optim.lr)
     opt_d = loop.adamw(disc.parameters(), disc_lr)
@@ -97,13 +98,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             recon, posterior = ddp_model(x)
         batch["recon"] = recon.detach()  # for the discriminator update and the image grids
         # Losses in fp32: the KL's exp(logvar) and LPIPS are what overflow in low precision.
-        return generator_loss(x, recon.float(), posterior, step=step, cfg=sa.loss, lpips=lpips_module,
+        return generator_loss(x, recon.float(), posterior, step=step, cfg=loss_cfg, lpips=lpips_module,
                               discriminator=ddp_disc, last_layer=model.last_layer)
 
     def discriminator_update_loss(batch: dict, step: int):
         # Real and fake in one forward: one DDP pass, one set of norm statistics.
         logits_real, logits_fake = ddp_disc(torch.cat([batch["image"], batch["recon"]]).float()).chunk(2)
-        loss, metrics = discriminator_loss(logits_real, logits_fake, step=step, cfg=sa.loss)
+        loss, metrics = discriminator_loss(logits_real, logits_fake, step=step, cfg=loss_cfg)
         return loss, {k: v for k, v in metrics.items() if k != "disc_factor"}  # the generator reports it
 
     updates = [
@@ -135,6 +136,19 @@ def perceptual_network(sa, device: torch.device) -> tuple[torch.nn.Module | None
         return None, "none"
     module, backbone = build_lpips(sa.lpips)
     return module.to(device), backbone
+
+
+def effective_loss(sa, lpips_backbone: str, logger: RunLogger | None):
+    """Stage A's loss settings for the LPIPS backbone actually built: `perceptual_weight_if_random` replaces the
+    perceptual weight when the backbone is random (no pretrained weights here). Rank 0 tags the weight used."""
+    cfg = sa.loss
+    if lpips_backbone == "random" and sa.perceptual_weight_if_random is not None:
+        cfg = cfg.model_copy(update={"perceptual_weight": sa.perceptual_weight_if_random})
+        log.warning("LPIPS backbone is random: perceptual weight %g instead of %g (stage_a.perceptual_weight_if_random)",
+                    cfg.perceptual_weight, sa.loss.perceptual_weight)
+    if logger:
+        logger.set_tag("perceptual_weight_used", f"{cfg.perceptual_weight:g}")
+    return cfg
 
 
 def published_weights(model: AutoencoderKL, ema: EMA | None):

@@ -21,7 +21,8 @@ import numpy as np
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from pipelines.settings import MlflowSection
+from ldm_core.config import ConfigError
+from pipelines.settings import _HTTP_USERINFO, MlflowSection, _mask_http_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,13 @@ _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
 
 
 def tracking_uri(cfg: MlflowSection) -> str:
-    """MLFLOW_TRACKING_URI when set, else the config's store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    """MLFLOW_TRACKING_URI when set, else the config's store. Credentials inside the variable's URI are refused
+    as they are in the config (the URI travels to every Train worker and into logs)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    if _HTTP_USERINFO.match(uri):
+        raise ConfigError(f"MLFLOW_TRACKING_URI={_mask_http_userinfo(uri)} must not carry credentials (user:password@): "
+                          "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
+    return uri
 
 
 def setup(cfg: MlflowSection, output_uri: str) -> str:

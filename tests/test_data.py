@@ -354,6 +354,15 @@ def test_uint8_images_reach_the_model_range_exactly():
         to_model_range(x)  # converting twice would be a silent bug
 
 
+def test_crops_per_photo_sets_the_skimage_sources_size_and_is_refused_elsewhere():
+    from pipelines.data.sources import open_source
+
+    samples = list(open_source("skimage", resolution=16, crops_per_photo=2))
+    assert len(samples) == 2 * len(SKIMAGE_PHOTOS) and samples[1].key == "skimage-astronaut-001"
+    with pytest.raises(ValueError, match="crops_per_photo"):
+        open_source("mnist", crops_per_photo=2)
+
+
 def test_cpu_budget_error_names_the_fields(tmp_path):
     data = DataConfig(uri=str(tmp_path), reserved_cpus=0.5)
     with pytest.raises(ValueError) as e:

@@ -852,6 +852,22 @@ def test_tracking_uri_with_credentials_is_refused_without_echoing_them():
         assert load_config(quickstart, [f"mlflow.tracking_uri={uri}"]).mlflow.tracking_uri == uri
 
 
+def test_tracking_uri_variable_with_credentials_is_refused_without_echoing_them(monkeypatch):
+    """The same rule for the MLFLOW_TRACKING_URI variable, which wins over the config."""
+    from ldm_core.config import ConfigError
+    from pipelines import tracking
+    from pipelines.config import load_config
+
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:s3cr3t-pw@mlflow.example:5000")
+    with pytest.raises(ConfigError) as e:
+        tracking.tracking_uri(cfg.mlflow)
+    assert "MLFLOW_TRACKING_PASSWORD" in str(e.value) and "***@" in str(e.value)
+    assert "s3cr3t-pw" not in str(e.value) and "alice" not in str(e.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example:5000")
+    assert tracking.tracking_uri(cfg.mlflow) == "https://mlflow.example:5000"
+
+
 def namespace_of(path: Path) -> str:
     """The namespace kustomize puts a manifest's objects in: that of the nearest kustomization above it."""
     for folder in path.parents:

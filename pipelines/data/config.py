@@ -27,6 +27,9 @@ class DataConfig(StrictConfig):
     prepare_resolution: int | None = Field(default=None, ge=8)
     """Side of stored images when building from a bundled source (None: MNIST's native 28 px, skimage crops
     at 128 px). Folders are stored as they are."""
+    crops_per_photo: int | None = Field(default=None, ge=1)
+    """The bundled "skimage" source only: random crops cut from each of its 15 photographs (None: 64). More
+    crops are more varied training data from the same photographs (configs/photos.yaml)."""
     limit: int | None = Field(default=None, ge=1)
     """Keep only the first N samples when building (quick experiments and tests)."""
     max_undecodable_fraction: float = Field(default=0.5, ge=0, le=1)

@@ -149,8 +149,14 @@ def image_folder(folder: str | Path, captions: str | Path | None = None) -> Iter
 BUNDLED: dict[str, Callable[..., Iterator[Sample]]] = {"mnist": mnist, "skimage": skimage_photos}
 
 
-def open_source(source: str, *, resolution: int | None = None, seed: int = 0, captions: str | None = None) -> Iterator[Sample]:
-    """The samples of a bundled dataset (by name) or of a local folder of images."""
+def open_source(source: str, *, resolution: int | None = None, seed: int = 0, captions: str | None = None,
+                crops_per_photo: int | None = None) -> Iterator[Sample]:
+    """The samples of a bundled dataset (by name) or of a local folder of images. `crops_per_photo`: the
+    bundled skimage source's crops per photograph (None: its default)."""
+    if crops_per_photo is not None and source != "skimage":
+        raise ValueError(f"crops_per_photo applies to the bundled 'skimage' source only, not {source!r}")
+    if source == "skimage" and crops_per_photo is not None:
+        return skimage_photos(resolution=resolution, seed=seed, crops_per_photo=crops_per_photo)
     if source in BUNDLED:
         return BUNDLED[source](resolution=resolution, seed=seed)
     if Path(source).is_dir():
