@@ -261,35 +261,63 @@ def cpu_minutes(step: int, recipe: dict, cpu: dict, factor: float) -> float:
     return (before * ae + (step - before) * gan) * factor / 60
 
 
-def plot(curves: Path, cpu_file: Path, out: Path, factor: float) -> None:
+CHOSEN = "l2_fresh_nogan"  # what configs/photos.yaml ships (with 256 crops per photograph for "fresh")
+LABELS = {"shipped": "previous photos.yaml (L1 + random LPIPS + GAN from 600)", CHOSEN: "chosen: L2, no LPIPS, no GAN, fresh crops"}
+
+
+def plot(curves: Path, cpu_file: Path | None, out: Path, factor: float) -> None:
+    """PSNR and SSIM against steps (or, with `cpu_file` and the pipeline `factor`, minutes of Stage A) for every
+    recipe, on the held-out photographs and on the independent ones, with bicubic as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in curves.read_text().splitlines() if line.strip()]
-    cpu = {r["recipe"]: r for r in (json.loads(line) for line in cpu_file.read_text().splitlines() if line.strip())}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    for ax, which, title in ((axes[0], "holdout", "held-out photographs (4 skimage, crops)"),
-                             (axes[1], "check", "independent photographs (china, flower, grace_hopper; 64 px tiles)")):
-        for name in dict.fromkeys(r["recipe"] for r in rows):
-            pts = [r for r in rows if r["recipe"] == name and r["step"] > 0]
-            if not pts or name not in cpu:
-                continue
-            x = [cpu_minutes(r["step"], r["recipe_fields"], cpu[name], factor) for r in pts]
-            ax.plot(x, [r[f"{which}_psnr"] for r in pts], label=name, lw=2 if name == "shipped" else 1)
-        bic = [r[f"{which}_bicubic_psnr"] for r in rows][0]
-        ax.axhline(bic, color="k", ls="--", label=f"bicubic x{FACTOR} ({bic:.1f} dB)")
-        for minutes in (5, 10, 20, 40, 60):
-            ax.axvline(minutes, color="0.85", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_xlabel(f"minutes of Stage A on the 2-core box (steps x one-process s/step x {factor:.2f})")
-        ax.set_title(title, fontsize=10)
-    axes[0].set_ylabel("PSNR (dB)")
-    axes[1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    cpu = {r["recipe"]: r for r in (json.loads(line) for line in cpu_file.read_text().splitlines() if line.strip())} \
+        if cpu_file else {}
+    fig, axes = plt.subplots(2, 2, figsize=(17, 9), sharex=True)
+    for col, (which, title) in enumerate((("holdout", "4 held-out skimage photographs (random crops)"),
+                                          ("check", "independent photographs (china, flower, grace_hopper; 64 px tiles)"))):
+        for row, metric in enumerate(("psnr", "ssim")):
+            ax = axes[row, col]
+            for name in dict.fromkeys(r["recipe"] for r in rows):
+                pts = sorted((r for r in rows if r["recipe"] == name and r["step"] > 0), key=lambda r: r["step"])
+                if not pts or (cpu and name not in cpu):
+                    continue
+                x = [cpu_minutes(r["step"], r["recipe_fields"], cpu[name], factor) if cpu else r["step"] for r in pts]
+                ax.plot(x, [r[f"{which}_{metric}"] for r in pts], label=LABELS.get(name, name),
+                        lw=3 if name == CHOSEN else (2 if name == "shipped" else 0.8),
+                        color="C3" if name == CHOSEN else ("k" if name == "shipped" else None))
+            bic = rows[0][f"{which}_bicubic_{metric}"]
+            ax.axhline(bic, color="k", ls="--", lw=1.5, label=f"bicubic x{FACTOR} ({bic:.2f})")
+            if cpu:
+                for minutes in (5, 10, 20, 40, 60):
+                    ax.axvline(minutes, color="0.85", lw=0.8)
+            ax.set_ylabel(f"{metric.upper()}" + (" (dB)" if metric == "psnr" else ""))
+            if row == 0:
+                ax.set_title(title, fontsize=10)
+            if row == 1:
+                ax.set_xlabel(f"minutes of Stage A (steps x one-process s/step x {factor:.2f})" if cpu
+                              else "steps (global batch 16)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.suptitle("f=8 photo autoencoder (configs/photos.yaml's network) vs bicubic: recipes, float32 on one H200 "
+                 "(curves per step carry over to CPUs)", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 0.78, 0.96))
+    fig.savefig(out, dpi=100)
     print(f"wrote {out}")
+
+
+def log_to_mlflow(tracking_uri: str, files: list[Path]) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("ldm-benchmarks")
+    with mlflow.start_run(run_name="photo-recipes", tags={"stage": "benchmark", "benchmark": "bench_photo_recipes.py"}) as run:
+        for f in files:
+            mlflow.log_artifact(str(f))
+    print(f"logged {', '.join(f.name for f in files)} to MLflow run {run.info.run_id} ({tracking_uri})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, help="curves .jsonl to plot (with --cpu and --out)")
     parser.add_argument("--cpu", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--mlflow", metavar="TRACKING_URI",
+                        help="with --plot: also log the plot and the curves as artifacts of an MLflow run (experiment ldm-benchmarks)")
     parser.add_argument("--pipeline-factor", type=float, default=1.0,
                         help="the pipeline's seconds per step over this script's one-process seconds per step")
     parser.add_argument("--json", type=Path, help="append rows to this .jsonl")
@@ -314,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         save_photos(args.save_photos)
         return 0
     if args.plot:
-        plot(args.plot, args.cpu, args.out, args.pipeline_factor)
+        plot(args.plot, args.cpu, args.out, args.pipeline_factor)  # without --cpu: against steps
+        if args.mlflow:
+            log_to_mlflow(args.mlflow, [args.out, args.plot] + ([args.cpu] if args.cpu else []))
         return 0
     device = torch.device(args.device)
     sets = load_sets(args.photos, device)
