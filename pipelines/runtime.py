@@ -134,6 +134,11 @@ def init_ray(cfg: RaySection) -> None:
 
 _stderr_filter: tuple[subprocess.Popen, int] | None = None
 """The console filter process on this driver's stderr and a descriptor of the console it writes to."""
+_FILTER_SOURCE = Path(progress.__file__).read_text()
+"""The filter process's code, read when this module is imported and passed with `python -c`, not as a path: under
+`ray job submit` on a cluster whose nodes share one temp dir, a node that joins later re-extracts the job's
+working_dir over the running driver's, and the file was seen missing at the moment the filter started (the
+driver's stderr then went nowhere)."""
 
 
 def _filter_stderr() -> None:
@@ -146,7 +151,10 @@ def _filter_stderr() -> None:
         return
     sys.stderr.flush()
     console = os.dup(2)
-    proc = subprocess.Popen([sys.executable, "-S", progress.__file__], stdin=subprocess.PIPE, stdout=console)
+    proc = subprocess.Popen([sys.executable, "-S", "-c", _FILTER_SOURCE], stdin=subprocess.PIPE, stdout=console)
+    if proc.poll() is not None:  # it could not even start: keep the real stderr
+        os.close(console)
+        return
     os.dup2(proc.stdin.fileno(), 2)
     proc.stdin.close()  # fd 2 is the pipe's only write end in this process: restoring it ends the filter
     _stderr_filter = (proc, console)
