@@ -220,7 +220,8 @@ def run_encode(
                 print_summary(STAGE, f"reused {existing['num_rows']} rows already at {root.uri}")
                 return EncodeResult(run_id, root.uri, existing["num_rows"], existing, metrics, reused=True)
 
-            manifest, metrics = _encode(cfg, root, autoencoder, autoencoder_uri, latent_shape, settings, run_id, held)
+            manifest, metrics = _encode(cfg, root, autoencoder, autoencoder_uri, latent_shape, settings, run_id, held,
+                                        num_images=data_manifest["num_samples"])
             tracking.log_metrics(client, run_id, metrics, 0)
             mlflow.set_tags({TAG_LATENTS_URI: root.uri, "latents_digest": manifest["digest"]})
             tracking.log_dataset_input(cfg.data.uri, data_manifest.get("name", "images"), data_manifest["digest"], "encode")
@@ -230,7 +231,8 @@ def run_encode(
 
 
 def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: AutoencoderKL, autoencoder_uri: str,
-            latent_shape: tuple[int, int, int], settings: dict, run_id: str, held: lease.Lease) -> tuple[dict, dict]:
+            latent_shape: tuple[int, int, int], settings: dict, run_id: str, held: lease.Lease, *,
+            num_images: int) -> tuple[dict, dict]:
     ec = cfg.encode
     sc = ec.scaling
     num_gpus = sc.gpus_per_actor if sc.use_gpu else 0
@@ -261,7 +263,7 @@ def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: Autoencode
     held.note(parts=[*leftovers, folder])
     sink = latents.LatentParquetSink(root.uri, cfg.storage, folder, ec.rows_per_shard, fail_after_rows=ec.fail_after_rows)
     storage.makedirs(root)
-    run_with_progress(STAGE, read_manifest(cfg.data.uri, cfg.storage)["num_samples"], lambda: encoded.write_datasink(sink),
+    run_with_progress(STAGE, num_images, lambda: encoded.write_datasink(sink),
                       lambda: ray.get(counter.get.remote(), timeout=5))
     seconds = time.monotonic() - started
     null = ray.get(null_ref)

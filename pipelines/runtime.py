@@ -152,9 +152,6 @@ def _filter_stderr() -> None:
     sys.stderr.flush()
     console = os.dup(2)
     proc = subprocess.Popen([sys.executable, "-S", "-c", _FILTER_SOURCE], stdin=subprocess.PIPE, stdout=console)
-    if proc.poll() is not None:  # it could not even start: keep the real stderr
-        os.close(console)
-        return
     os.dup2(proc.stdin.fileno(), 2)
     proc.stdin.close()  # fd 2 is the pipe's only write end in this process: restoring it ends the filter
     _stderr_filter = (proc, console)
