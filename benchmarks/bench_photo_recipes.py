@@ -50,7 +50,7 @@ MODEL = dict(base_channels=32, channel_mult=[1, 2, 2, 4], num_res_blocks=1, norm
 DISC = dict(base_channels=32, num_layers=3, norm_groups=8)
 # The recipe configs/photos.yaml shipped before this benchmark; every other recipe changes a few fields of it.
 BASE = dict(batch=16, lr=5e-4, warmup=50, clip=1.0, pixel_loss="l1", perceptual_weight=1.0, kl_weight=1e-6,
-            disc_start=600, disc_weight=0.5, width=32, fresh_crops=False)
+            disc_start=600, disc_weight=0.5, width=32, fresh_crops=False, shortcut=False)
 RECIPES: dict[str, dict] = {
     "shipped": {},
     "no_lpips": dict(perceptual_weight=0.0),
@@ -71,6 +71,11 @@ RECIPES: dict[str, dict] = {
     "l2_fresh_wide48": dict(perceptual_weight=0.0, pixel_loss="l2", fresh_crops=True, width=48),
     "l2_fresh_lr1e-3_nogan": dict(perceptual_weight=0.0, pixel_loss="l2", fresh_crops=True, lr=1e-3, disc_start=10**9),
     "l2_fresh_noclip_lr2e-4": dict(perceptual_weight=0.0, pixel_loss="l2", fresh_crops=True, clip=None, lr=2e-4),
+    # Third round (CPU): the chosen recipe learning the residual over bicubic (AutoencoderConfig.bicubic_shortcut).
+    "l2_fresh_nogan_shortcut": dict(perceptual_weight=0.0, pixel_loss="l2", fresh_crops=True, disc_start=10**9,
+                                    shortcut=True),
+    "l2_fresh_nogan_shortcut_lr2e-4": dict(perceptual_weight=0.0, pixel_loss="l2", fresh_crops=True, disc_start=10**9,
+                                           shortcut=True, lr=2e-4),
 }
 
 
@@ -140,7 +145,8 @@ def load_sets(path: Path, device) -> tuple[list[torch.Tensor], torch.Tensor, tor
 
 def build(recipe: dict, device):
     torch.manual_seed(0)
-    model = AutoencoderKL(AutoencoderConfig(**{**MODEL, "base_channels": recipe["width"]})).to(device)
+    model = AutoencoderKL(AutoencoderConfig(**{**MODEL, "base_channels": recipe["width"],
+                                                        "bicubic_shortcut": recipe.get("shortcut", False)})).to(device)
     disc = NLayerDiscriminator(DiscriminatorConfig(**DISC)).to(device)
     loss_cfg = AutoencoderLossConfig(pixel_loss=recipe["pixel_loss"], perceptual_weight=recipe["perceptual_weight"],
                                      kl_weight=recipe["kl_weight"], disc_start=recipe["disc_start"],

@@ -46,6 +46,8 @@ FORMAT_NAME = "ldm_core.AutoencoderKL"
 FORMAT_VERSION = 1
 NORM_EPS = 1e-6
 """GroupNorm epsilon of every norm layer (the LDM autoencoder value)."""
+SHORTCUT_INIT_LOGVAR = -10.0
+"""The posterior log-variance a bicubic-shortcut autoencoder starts at (see AutoencoderConfig.bicubic_shortcut)."""
 
 
 class AutoencoderConfig(StrictConfig):
@@ -81,9 +83,23 @@ class AutoencoderConfig(StrictConfig):
     """Upper clamp of the posterior log-variance."""
     gradient_checkpointing: bool = False
     """Recompute ResnetBlock / attention activations in the backward pass (less memory, ~30% more compute)."""
+    bicubic_shortcut: bool = False
+    """Learn the residual over bicubic resampling: the encoder's latent mean gets the image shrunk by f (antialiased
+    bicubic) added to its first `in_channels` channels, the decoder's image gets those channels enlarged back
+    (bicubic) added to its output, and both networks' output convs start at zero, so training starts from the
+    bicubic codec and the networks learn what it misses (the residual autoencoding of Chen et al. 2024, "Deep
+    Compression Autoencoder", across the whole network). Much faster to beat bicubic on a small budget (issue 15);
+    Stable Diffusion's and diffusers' autoencoders have no such path, so such a model does not export to them."""
 
     @model_validator(mode="after")
     def _check(self) -> AutoencoderConfig:
+        if self.bicubic_shortcut and (self.grey_output or self.in_channels != self.out_channels
+                                      or self.in_channels > self.latent_channels):
+            raise ValueError(
+                "bicubic_shortcut needs in_channels == out_channels <= latent_channels and grey_output false, got "
+                f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+                f"latent_channels={self.latent_channels}, grey_output={self.grey_output}"
+            )
         if not self.channel_mult:
             raise ValueError("channel_mult must list at least one level")
         if any(m < 1 for m in self.channel_mult):
@@ -347,6 +363,17 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.decoder = Decoder(config)
         self.register_buffer("scale_factor", torch.tensor(1.0))
+        if config.bicubic_shortcut:  # start as the bicubic codec: the learned paths add nothing until trained
+            for conv in (self.encoder.conv_out, self.decoder.conv_out):
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
+            # quant_conv's weight stays random (the encoder's gradient flows through it); its bias starts the mean at
+            # the thumbnail and, for the KL kind, the posterior nearly deterministic (std e^-5, log-variance -10): with std 1 the
+            # decoder first learns from thumbnails drowned in noise, and Adam moves a log-variance bias only about
+            # the learning rate per step.
+            nn.init.zeros_(self.quant_conv.bias)
+            if config.kind == "kl":
+                nn.init.constant_(self.quant_conv.bias[config.latent_channels:], SHORTCUT_INIT_LOGVAR)
 
     @property
     def downsample_factor(self) -> int:
@@ -365,13 +392,22 @@ class AutoencoderKL(nn.Module):
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the downsampling factor f={f}")
         moments = self.quant_conv(self.encoder(x))
+        if self.config.bicubic_shortcut:  # the mean's first in_channels channels = learned + bicubic thumbnail
+            k = self.config.in_channels
+            thumb = F.interpolate(x, size=(x.shape[-2] // f, x.shape[-1] // f), mode="bicubic", antialias=True,
+                                  align_corners=False)
+            moments = torch.cat([moments[:, :k] + thumb.to(moments.dtype), moments[:, k:]], dim=1)
         if self.config.kind == "deterministic":
             return DiagonalGaussian(moments, deterministic=True)
         return DiagonalGaussian.from_moments(moments, logvar_min=self.config.logvar_min, logvar_max=self.config.logvar_max)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Image (B, out, h*f, w*f) from an unscaled latent z (B, c, h, w)."""
-        return self.decoder(self.post_quant_conv(z))
+        x = self.decoder(self.post_quant_conv(z))
+        if self.config.bicubic_shortcut:
+            k = self.config.in_channels
+            x = x + F.interpolate(z[:, :k], size=x.shape[-2:], mode="bicubic", align_corners=False).to(x.dtype)
+        return x
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
         posterior = self.encode(x)

@@ -413,6 +413,9 @@ def autoencoder_config_to_diffusers(cfg: AutoencoderConfig, scale_factor: float,
         raise ConfigError(f"logvar_min/logvar_max = {cfg.logvar_min}/{cfg.logvar_max}: diffusers clamps to -30/20")
     if cfg.grey_output:
         raise ConfigError("grey_output=true: diffusers' AutoencoderKL has no one-channel decoder head to export it to")
+    if cfg.bicubic_shortcut:
+        raise ConfigError("bicubic_shortcut=true: Stable Diffusion's and diffusers' AutoencoderKL have no bicubic "
+                          "shortcut, so they would decode this model's latents wrongly (train without it to export)")
     n = len(cfg.channel_mult)
     return {
         "_class_name": "AutoencoderKL",

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import random
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -144,8 +146,8 @@ class StepTimer:
         return out
 
 
-def batches_forever(shard, *, batch_size: int, shuffle_buffer: int, seed: int, device: torch.device) -> Iterator[dict]:
-    """Endless iterator over this worker's dataset shard, epoch after epoch, reshuffled each epoch."""
+def _epochs(shard, *, batch_size: int, shuffle_buffer: int, seed: int, device: torch.device) -> Iterator[dict]:
+    """This worker's dataset shard, epoch after epoch, reshuffled each epoch."""
     epoch = 0
     while True:
         produced = 0
@@ -164,6 +166,48 @@ def batches_forever(shard, *, batch_size: int, shuffle_buffer: int, seed: int, d
                 "the dataset is smaller than num_workers x batch_size (or everything was skipped)"
             )
         epoch += 1
+
+
+def batches_forever(shard, *, batch_size: int, shuffle_buffer: int, seed: int, device: torch.device,
+                    ahead: int = 8) -> Iterator[dict]:
+    """Endless iterator over this worker's dataset shard, epoch after epoch, reshuffled each epoch.
+
+    A background thread reads the epochs and keeps up to `ahead` batches ready. Ray Data prefetches within an
+    epoch, not across: each epoch's split iterator starts its read plan anew (about half a second on the
+    quickstart's latents), and a loop that asked for the next epoch only when it needed the next batch stood
+    still for that long at every epoch boundary. The thread starts the next epoch while the loop trains on the
+    batches it holds. An error in the reader is raised here, in the training loop.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for batch in _epochs(shard, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed, device=device):
+                if not put(("batch", batch)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the training loop, which raises it
+            put(("error", e))
+
+    reader = threading.Thread(target=read, name="batches-forever", daemon=True)
+    reader.start()
+    try:
+        while True:
+            kind, item = ready.get()
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def report(metrics: dict[str, Any], write_checkpoint: Callable[[Path], None] | None, rank: int) -> None:

@@ -235,3 +235,45 @@ def test_from_pretrained_errors_name_the_file_and_field(tmp_path):
 def test_bad_config_names_the_field(fields, named):
     with pytest.raises(ValidationError, match=named):
         AutoencoderConfig(**fields)
+
+
+# --- the bicubic shortcut (issue 15) -----------------------------------------------------------------
+
+
+def test_bicubic_shortcut_starts_as_the_bicubic_codec_and_learns_past_it():
+    """At initialisation the model is bicubic down/up-sampling exactly (the learned paths add zero); after one
+    optimiser step every parameter gets a gradient, and a few dozen steps on one batch beat bicubic on it."""
+    from ldm_core.metrics import bicubic_baseline, psnr
+
+    torch.manual_seed(0)
+    model = AutoencoderKL(tiny_config(bicubic_shortcut=True))
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = model.encode(x).mode()
+        assert torch.allclose(model.decode(z).clamp(-1, 1), bicubic_baseline(x, 8), atol=1e-5)
+        assert torch.allclose(z[:, :3], torch.nn.functional.interpolate(x, size=(8, 8), mode="bicubic", antialias=True), atol=1e-6)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(40):
+        recon, posterior = model(x)
+        loss = (recon - x).pow(2).mean() + 1e-6 * posterior.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        if step == 1:
+            assert [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0] == []
+        opt.step()
+    with torch.no_grad():
+        learned = psnr(model.decode(model.encode(x).mode()), x).mean()
+    assert learned > psnr(bicubic_baseline(x, 8), x).mean() + 0.5
+
+
+@pytest.mark.parametrize("fields", [{"grey_output": True}, {"latent_channels": 2}, {"out_channels": 1}])
+def test_bicubic_shortcut_refuses_shapes_it_cannot_add(fields):
+    with pytest.raises(ValidationError, match="bicubic_shortcut needs"):
+        tiny_config(bicubic_shortcut=True, **fields)
+
+
+def test_bicubic_shortcut_models_do_not_export_to_diffusers_or_sd():
+    from ldm_core.convert import autoencoder_config_to_diffusers
+
+    with pytest.raises(ConfigError, match="bicubic_shortcut=true"):
+        autoencoder_config_to_diffusers(tiny_config(bicubic_shortcut=True), 1.0)

@@ -25,3 +25,55 @@ def test_linear_warmup():
     factor = warmup_schedule(OptimSection(warmup_steps=4))
     assert [factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_schedule(OptimSection(warmup_steps=0))(0) == 1.0
+
+
+class _CountingShard:
+    """A real Ray DataIterator that counts how often an epoch was started (no behaviour changed)."""
+
+    def __init__(self, iterator):
+        self.iterator, self.epochs_started = iterator, 0
+
+    def iter_torch_batches(self, **kwargs):
+        self.epochs_started += 1
+        return self.iterator.iter_torch_batches(**kwargs)
+
+
+def _wait_for(condition, timeout_s: float = 60.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_batches_forever_starts_the_next_epoch_before_the_loop_asks_for_it(ray_local):
+    """Issue 17: an epoch boundary must not stall the training loop. After the loop took one batch of a 3-batch
+    epoch, the reader has started epoch 2 on its own; the batches keep every row once per epoch, reshuffled."""
+    import ray
+
+    from pipelines.training import batches_forever
+
+    shard = _CountingShard(ray.data.range(12, override_num_blocks=3).iterator())
+    stream = batches_forever(shard, batch_size=4, shuffle_buffer=12, seed=0, device=torch.device("cpu"), ahead=8)
+    first = next(stream)
+    assert _wait_for(lambda: shard.epochs_started >= 2), "the next epoch was not started ahead of the loop"
+    epochs = [torch.cat([first["id"]] + [next(stream)["id"] for _ in range(2)])]
+    epochs += [torch.cat([next(stream)["id"] for _ in range(3)]) for _ in range(2)]
+    stream.close()
+    for ids in epochs:
+        assert sorted(ids.tolist()) == list(range(12))
+    assert len({tuple(ids.tolist()) for ids in epochs}) > 1  # reshuffled per epoch
+
+
+def test_batches_forever_raises_the_readers_error_in_the_loop(ray_local):
+    import ray
+
+    from pipelines.training import batches_forever
+
+    stream = batches_forever(ray.data.range(3).iterator(), batch_size=4, shuffle_buffer=0, seed=0,
+                             device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="yielded no full batch of 4"):
+        next(stream)
