@@ -4,6 +4,8 @@
     python benchmarks/bench_photo_recipes.py --photos photos.npz --steps 3000 --json curves.jsonl [--device cuda]
     .venv/bin/python benchmarks/bench_photo_recipes.py --photos photos.npz --cpu-seconds --json cpu.jsonl
     .venv/bin/python benchmarks/bench_photo_recipes.py --plot curves.jsonl --cpu cpu.jsonl --out curves.png
+    .venv/bin/python benchmarks/bench_photo_recipes.py --run-curve TRACKING_URI RUN_ID LABEL --json runs.jsonl
+    .venv/bin/python benchmarks/bench_photo_recipes.py --plot-runs runs.jsonl --out runs.png [--mlflow URI]
 
 The Stage A step of pipelines/stage_a.py, in one process without Ray (ldm_core only, so it runs wherever torch
 does): configs/photos.yaml's autoencoder, PatchGAN, LPIPS-squeeze (random backbone unless the torchvision weights
@@ -315,6 +317,77 @@ def plot(curves: Path, cpu_file: Path | None, out: Path, factor: float) -> None:
     print(f"wrote {out}")
 
 
+def evaluate_model(uri: str, tracking_uri: str | None, sets) -> None:
+    """A trained autoencoder (any source pipelines.interop reads: models:/, runs:/, a folder) on this script's
+    held-out crops and on the independent photographs, next to bicubic."""
+    if tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+    from pipelines.interop import import_autoencoder
+
+    model = import_autoencoder(uri)
+    _, held, check = sets
+    for name, images in (("held-out crops (4 skimage photographs)", held), ("independent tiles (china, flower, grace_hopper)", check)):
+        r = evaluate(model, images)
+        print(f"{uri}: {name}: PSNR {r['psnr']:.2f} dB / SSIM {r['ssim']:.3f}; "
+              f"bicubic {r['bicubic_psnr']:.2f} dB / {r['bicubic_ssim']:.3f}")
+
+
+RUN_METRICS = ("eval/psnr", "eval/ssim", "eval/lpips", "eval/bicubic_psnr", "eval/bicubic_ssim")
+
+
+def run_curve(tracking_uri: str, run_id: str, label: str, out: Path) -> None:
+    """A Stage A run's held-out curve from its MLflow metrics, one row per evaluation, with the minutes since the
+    run started (MLflow's own timestamps: start-up, evaluations and checkpoints included)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    start_ms = run.info.start_time
+    rows: dict[int, dict] = {}
+    for key in RUN_METRICS:
+        for m in client.get_metric_history(run_id, key):
+            row = rows.setdefault(m.step, {"step": m.step})
+            row[key] = m.value
+            row["minutes"] = max(row.get("minutes", 0.0), (m.timestamp - start_ms) / 60000)
+    with out.open("a") as f:
+        for step in sorted(rows):
+            f.write(json.dumps({**rows[step], "run": label, "mlflow_run_id": run_id}) + "\n")
+    print(f"{len(rows)} evaluations of run {run_id} -> {out}")
+
+
+def plot_runs(files: list[Path], out: Path) -> None:
+    """Held-out PSNR and SSIM of whole Stage A runs (rows from `run_curve`) against steps and, where the rows
+    carry them, minutes; bicubic on the same crops as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    for ax, metric in zip(axes, ("psnr", "ssim")):
+        for i, label in enumerate(dict.fromkeys(r["run"] for r in rows)):
+            pts = sorted((r for r in rows if r["run"] == label), key=lambda r: r["step"])
+            ax.plot([r["step"] for r in pts], [r[f"eval/{metric}"] for r in pts], color=f"C{i}", lw=2, label=label)
+            ax.axhline(pts[0][f"eval/bicubic_{metric}"], color=f"C{i}", ls="--", lw=1,
+                       label=f"bicubic x{FACTOR} on the same crops ({pts[0][f'eval/bicubic_{metric}']:.2f})")
+            for r in pts:
+                if "minutes" in r and r["step"] % 500 == 0:
+                    ax.annotate(f"{r['minutes']:.0f} min", (r["step"], r[f"eval/{metric}"]), fontsize=7,
+                                textcoords="offset points", xytext=(0, 6), ha="center", color=f"C{i}")
+        ax.set_xlabel("Stage A step (2 DDP workers x batch 8)")
+        ax.set_ylabel(f"held-out {metric.upper()}" + (" (dB)" if metric == "psnr" else ""))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("configs/photos.yaml's Stage A as run by the pipeline (2-core box): held-out photographs vs bicubic",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+
+
 def log_to_mlflow(tracking_uri: str, files: list[Path]) -> None:
     import mlflow
 
@@ -345,7 +418,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline-factor", type=float, default=1.0,
                         help="the pipeline's seconds per step over this script's one-process seconds per step")
     parser.add_argument("--json", type=Path, help="append rows to this .jsonl")
+    parser.add_argument("--run-curve", nargs=3, metavar=("TRACKING_URI", "RUN_ID", "LABEL"),
+                        help="append a pipeline Stage A run's held-out curve (MLflow metrics) to --json, and stop")
+    parser.add_argument("--evaluate", metavar="MODEL_URI",
+                        help="a trained autoencoder (models:/NAME/VERSION with --mlflow URI, or a folder) on the held-out "
+                             "crops and the independent photographs (with --photos)")
+    parser.add_argument("--plot-runs", type=Path, nargs="+", help="plot pipeline run curves (from --run-curve) to --out")
     args = parser.parse_args(argv)
+    if args.evaluate:
+        evaluate_model(args.evaluate, args.mlflow, load_sets(args.photos, torch.device("cpu")))
+        return 0
+    if args.run_curve:
+        run_curve(*args.run_curve, args.json)
+        return 0
+    if args.plot_runs:
+        plot_runs(args.plot_runs, args.out)
+        if args.mlflow:
+            log_to_mlflow(args.mlflow, [args.out, *args.plot_runs])
+        return 0
     if args.save_photos:
         save_photos(args.save_photos)
         return 0

@@ -85,6 +85,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if loop.resume(modules={"autoencoder_state": model, "discriminator": disc},
                    optimizers={"opt_g": opt_g, "opt_d": opt_d}, ema=ema):
         return  # this run name had finished: its result was reported again
+    # The reader starts now (a background thread), so Ray Data's start-up overlaps DDP's.
+    batches = model_range(loop.batches(ray.train.get_dataset_shard("train"), batch_size=cfg.data.batch_size,
+                                       shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.run.seed))
     ddp_model = loop.prepare(model)
     # The discriminator runs twice per step (inside the generator loss, then on its own update): keep its
     # buffers out of DDP's per-forward broadcast, which would modify them in place between the two passes.
@@ -111,8 +114,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         Update(ddp_model, opt_g, sa.optim.lr, autoencoder_loss),
         Update(ddp_disc, opt_d, disc_lr, discriminator_update_loss, starts_at=sa.loss.disc_start, name="disc"),
     ]
-    batches = model_range(loop.batches(ray.train.get_dataset_shard("train"), batch_size=cfg.data.batch_size,
-                                       shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.run.seed))
     skip_counts = lambda: {f"data/skipped_{k}": v for k, v in skips.snapshot().items()}  # noqa: E731
     for step in loop.run(updates, batches, samples_per_batch=cfg.data.batch_size, ema_model=model,
                          extra_metrics=skip_counts):

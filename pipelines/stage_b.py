@@ -85,6 +85,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     schedule = NoiseSchedule(sb.diffusion, device)
     if loop.resume(modules={"unet": model}, optimizers={"opt": opt}, ema=ema):
         return  # this run name had finished: its result was reported again
+    # The reader starts now (a background thread), so Ray Data's start-up overlaps DDP's and the grid sampler's.
+    batches = loop.batches(ray.train.get_dataset_shard("train"), batch_size=sb.batch_size,
+                           shuffle_buffer=sb.shuffle_buffer, seed=cfg.run.seed)
     ddp_model = loop.prepare(model)
     loop.record_nodes()
     grids = GridSampler(cfg, loop_config, device) if loop.logger and len(cond["prompt_context"]) else None
@@ -102,8 +105,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             return training_loss(ddp_model, x0, context, context_mask, schedule, generator=generator,
                                  **sb.diffusion.loss_options())
 
-    batches = loop.batches(ray.train.get_dataset_shard("train"), batch_size=sb.batch_size,
-                           shuffle_buffer=sb.shuffle_buffer, seed=cfg.run.seed)
     for step in loop.run([Update(ddp_model, opt, sb.optim.lr, denoising_loss)], batches,
                          samples_per_batch=sb.batch_size, ema_model=model):
         if grids is not None and (step % sb.train.image_every == 0 or step == sb.train.max_steps):

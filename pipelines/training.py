@@ -169,18 +169,14 @@ def _epochs(shard, *, batch_size: int, shuffle_buffer: int, seed: int, device: t
 
 
 def batches_forever(shard, *, batch_size: int, shuffle_buffer: int, seed: int, device: torch.device,
-                    ahead: int = 8) -> Iterator[dict]:
-    """Endless iterator over this worker's dataset shard, epoch after epoch, reshuffled each epoch.
+                    ahead: int = 8) -> "ReadAhead":
+    """Endless iterator over this worker's dataset shard, epoch after epoch, reshuffled each epoch, read ahead
+    by a background thread that starts now (`ReadAhead`)."""
+    return ReadAhead(_epochs(shard, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed, device=device),
+                     ahead=ahead)
 
-    A background thread reads the epochs and keeps up to `ahead` batches ready. Ray Data prefetches within an
-    epoch, not across: each epoch's split iterator starts its read plan anew (about half a second on the
-    quickstart's latents), and a loop that asked for the next epoch only when it needed the next batch stood
-    still for that long at every epoch boundary. The thread starts the next epoch while the loop trains on the
-    batches it holds. An error in the reader is raised here, in the training loop.
-    """
-    ready: queue.Queue = queue.Queue(maxsize=ahead)
-    stop = threading.Event()
 
+def _read_into(source: Iterator[Any], ready: queue.Queue, stop: threading.Event) -> None:
     def put(item: tuple[str, Any]) -> bool:
         while not stop.is_set():
             try:
@@ -190,24 +186,50 @@ def batches_forever(shard, *, batch_size: int, shuffle_buffer: int, seed: int, d
                 continue
         return False
 
-    def read() -> None:
-        try:
-            for batch in _epochs(shard, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed, device=device):
-                if not put(("batch", batch)):
-                    return
-        except BaseException as e:  # noqa: BLE001 - handed to the training loop, which raises it
-            put(("error", e))
-
-    reader = threading.Thread(target=read, name="batches-forever", daemon=True)
-    reader.start()
     try:
-        while True:
-            kind, item = ready.get()
-            if kind == "error":
-                raise item
-            yield item
-    finally:
-        stop.set()
+        for item in source:
+            if not put(("item", item)):
+                return
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+        put(("error", e))
+
+
+class ReadAhead:
+    """An iterator whose items a background thread fetches from `source`, keeping up to `ahead` ready.
+
+    Ray Data prefetches within an epoch, not across: each epoch's split iterator starts its read plan anew
+    (about half a second on the quickstart's latents), and a loop that asked for the next epoch only when it
+    needed the next batch stood still for that long at every epoch boundary. The thread starts the next epoch
+    while the loop trains on the batches it holds, and, started before the model is wrapped in DDP, overlaps
+    Ray Data's start-up with the stage's. An error in the reader is raised in the consumer; `close()` (or
+    dropping the iterator) stops the thread.
+    """
+
+    def __init__(self, source: Iterator[Any], ahead: int = 8):
+        self._ready: queue.Queue = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        # The thread holds the queue and the event, not this object, so dropping the iterator stops it.
+        self._thread = threading.Thread(target=_read_into, args=(source, self._ready, self._stop), name="read-ahead",
+                                        daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> "ReadAhead":
+        return self
+
+    def __next__(self) -> Any:
+        if self._stop.is_set():
+            raise StopIteration
+        kind, item = self._ready.get()
+        if kind == "error":
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def __del__(self) -> None:
+        self._stop.set()
 
 
 def report(metrics: dict[str, Any], write_checkpoint: Callable[[Path], None] | None, rank: int) -> None:

@@ -50,19 +50,20 @@ def _wait_for(condition, timeout_s: float = 60.0) -> bool:
 
 
 def test_batches_forever_starts_the_next_epoch_before_the_loop_asks_for_it(ray_local):
-    """Issue 17: an epoch boundary must not stall the training loop. After the loop took one batch of a 3-batch
-    epoch, the reader has started epoch 2 on its own; the batches keep every row once per epoch, reshuffled."""
+    """Issue 17: an epoch boundary must not stall the training loop, nor Ray Data's start-up the first step. The
+    reader starts when the stream is made and, with 8 batches of room, has begun epoch 2 of a 3-batch epoch before
+    the loop took anything; every row comes once per epoch, reshuffled; close() stops the reader."""
     import ray
 
     from pipelines.training import batches_forever
 
     shard = _CountingShard(ray.data.range(12, override_num_blocks=3).iterator())
     stream = batches_forever(shard, batch_size=4, shuffle_buffer=12, seed=0, device=torch.device("cpu"), ahead=8)
-    first = next(stream)
     assert _wait_for(lambda: shard.epochs_started >= 2), "the next epoch was not started ahead of the loop"
-    epochs = [torch.cat([first["id"]] + [next(stream)["id"] for _ in range(2)])]
-    epochs += [torch.cat([next(stream)["id"] for _ in range(3)]) for _ in range(2)]
+    epochs = [torch.cat([next(stream)["id"] for _ in range(3)]) for _ in range(3)]
     stream.close()
+    stream._thread.join(timeout=30)
+    assert not stream._thread.is_alive()
     for ids in epochs:
         assert sorted(ids.tolist()) == list(range(12))
     assert len({tuple(ids.tolist()) for ids in epochs}) > 1  # reshuffled per epoch
