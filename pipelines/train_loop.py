@@ -217,7 +217,7 @@ class TrainLoop:
         self._modules: dict[str, Any] = {}
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
         self._ema: EMA | None = None
-        self._loop_started = time.perf_counter()
+        self._created = self._loop_started = time.perf_counter()
         self._first_step = 0
         self._samples_per_step = 0
         self._fingerprint = loop_config.get("fingerprint", {})
@@ -300,6 +300,10 @@ class TrainLoop:
         counts: dict[str, int] = {}  # steps that produced each metric (the discriminator's start mid-interval)
         self._loop_started, self._first_step = time.perf_counter(), self.step
         self._samples_per_step = samples_per_batch * accum
+        # The stage's set-up (models, resume, DDP, its own helpers) is its own number, not the first steps' data wait.
+        self.timer.restart()
+        if self.logger:
+            self.logger.log_metrics({"perf/setup_s": self._loop_started - self._created}, self.step)
         while self.step < self.train.max_steps:
             maybe_inject_fault(self.train, self.step, self.rank, self.world_size, self._fault_marker)
             for update in updates:

@@ -35,9 +35,10 @@ def test_two_worker_run_publishes_checkpoint_metrics_images_and_model(ray_local,
     assert run.data.params["stage_a.model.base_channels"] == "8"
     assert run.data.params["stage_a.scaling.num_workers"] == "2"
     for key in ("train/rec", "train/kl", "train/g_adv", "train/disc_loss", "train/adaptive_weight", "train/lr",
-                "perf/images_per_s", "perf/data_wait_fraction", "eval/psnr", "eval/ssim", "eval/lpips",
+                "perf/images_per_s", "perf/data_wait_fraction", "perf/setup_s", "eval/psnr", "eval/ssim", "eval/lpips",
                 "eval/bicubic_psnr", "final/scale_factor"):
         assert key in run.data.metrics, key
+    assert run.data.metrics["perf/setup_s"] > 0  # the stage's set-up, kept out of the first steps' data wait
     history = client.get_metric_history(result.run_id, "train/rec")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     assert run.data.metrics["train/adaptive_weight"] > 0  # the GAN term was on by step 4

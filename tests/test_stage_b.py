@@ -61,8 +61,8 @@ def test_encode_to_s3_then_two_worker_stage_b_with_crash_resume_and_published_bu
     history = client.get_metric_history(result.run_id, "train/loss")
     assert {m.step for m in history} == {1, 2, 3, 4} and all(np.isfinite(m.value) for m in history)
     assert [m.value for m in client.get_metric_history(result.run_id, "train/resumed_from_step")] == [2.0]
-    for key in ("train/grad_norm", "train/lr", "perf/images_per_s", "perf/data_wait_fraction", "eval/holdout_loss",
-                "eval/holdout_loss_ema"):
+    for key in ("train/grad_norm", "train/lr", "perf/images_per_s", "perf/data_wait_fraction", "perf/setup_s",
+                "eval/holdout_loss", "eval/holdout_loss_ema"):
         assert np.isfinite(metrics[key]), key
     grids = {a.path for a in client.list_artifacts(result.run_id, "samples")}
     assert {"samples/step_0000002.png", "samples/step_0000004.png"} <= grids
