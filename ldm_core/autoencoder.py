@@ -86,8 +86,8 @@ class AutoencoderConfig(StrictConfig):
     bicubic_shortcut: bool = False
     """Learn the residual over bicubic resampling: the encoder's latent mean gets the image shrunk by f (antialiased
     bicubic) added to its first `in_channels` channels, the decoder's image gets those channels enlarged back
-    (bicubic) added to its output, and both networks' output convs start at zero, so training starts from the
-    bicubic codec and the networks learn what it misses (the residual autoencoding of Chen et al. 2024, "Deep
+    (bicubic) added to its output, and both networks' output convs start at zero (the posterior's log-variance at
+    SHORTCUT_INIT_LOGVAR), so training starts from the bicubic codec and the networks learn what it misses (the residual autoencoding of Chen et al. 2024, "Deep
     Compression Autoencoder", across the whole network). Much faster to beat bicubic on a small budget (issue 15);
     Stable Diffusion's and diffusers' autoencoders have no such path, so such a model does not export to them."""
 
@@ -367,10 +367,10 @@ class AutoencoderKL(nn.Module):
             for conv in (self.encoder.conv_out, self.decoder.conv_out):
                 nn.init.zeros_(conv.weight)
                 nn.init.zeros_(conv.bias)
-            # quant_conv's weight stays random (the encoder's gradient flows through it); its bias starts the mean at
-            # the thumbnail and, for the KL kind, the posterior nearly deterministic (std e^-5, log-variance -10): with std 1 the
-            # decoder first learns from thumbnails drowned in noise, and Adam moves a log-variance bias only about
-            # the learning rate per step.
+            # quant_conv's weight stays random (the encoder's gradient flows through it); its bias starts the mean
+            # at the thumbnail and, for the KL kind, the posterior nearly deterministic (log-variance -10, std e^-5):
+            # with std 1 the decoder first learns from thumbnails drowned in noise, and Adam moves a log-variance
+            # bias only about the learning rate per step.
             nn.init.zeros_(self.quant_conv.bias)
             if config.kind == "kl":
                 nn.init.constant_(self.quant_conv.bias[config.latent_channels:], SHORTCUT_INIT_LOGVAR)

@@ -192,6 +192,8 @@ def _read_into(source: Iterator[Any], ready: queue.Queue, stop: threading.Event)
                 return
     except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
         put(("error", e))
+    else:
+        put(("end", None))
 
 
 class ReadAhead:
@@ -220,9 +222,11 @@ class ReadAhead:
         if self._stop.is_set():
             raise StopIteration
         kind, item = self._ready.get()
-        if kind == "error":
+        if kind != "item":
             self.close()
-            raise item
+            if kind == "error":
+                raise item
+            raise StopIteration
         return item
 
     def close(self) -> None:

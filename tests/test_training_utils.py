@@ -78,3 +78,9 @@ def test_batches_forever_raises_the_readers_error_in_the_loop(ray_local):
                              device=torch.device("cpu"))
     with pytest.raises(RuntimeError, match="yielded no full batch of 4"):
         next(stream)
+
+
+def test_read_ahead_ends_with_its_source():
+    from pipelines.training import ReadAhead
+
+    assert list(ReadAhead(iter(range(20)), ahead=3)) == list(range(20))
