@@ -148,7 +148,7 @@ def load_sets(path: Path, device) -> tuple[list[torch.Tensor], torch.Tensor, tor
 def build(recipe: dict, device):
     torch.manual_seed(0)
     model = AutoencoderKL(AutoencoderConfig(**{**MODEL, "base_channels": recipe["width"],
-                                                        "bicubic_shortcut": recipe.get("shortcut", False)})).to(device)
+                                                        "bicubic_shortcut": recipe["shortcut"]})).to(device)
     disc = NLayerDiscriminator(DiscriminatorConfig(**DISC)).to(device)
     loss_cfg = AutoencoderLossConfig(pixel_loss=recipe["pixel_loss"], perceptual_weight=recipe["perceptual_weight"],
                                      kl_weight=recipe["kl_weight"], disc_start=recipe["disc_start"],

@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm_core.config import ConfigError, StrictConfig, format_validation_error
+from ldm_core.metrics import bicubic_enlarge, bicubic_shrink
 
 __all__ = ["AutoencoderConfig", "DiagonalGaussian", "Encoder", "Decoder", "AutoencoderKL"]
 
@@ -394,9 +395,7 @@ class AutoencoderKL(nn.Module):
         moments = self.quant_conv(self.encoder(x))
         if self.config.bicubic_shortcut:  # the mean's first in_channels channels = learned + bicubic thumbnail
             k = self.config.in_channels
-            thumb = F.interpolate(x, size=(x.shape[-2] // f, x.shape[-1] // f), mode="bicubic", antialias=True,
-                                  align_corners=False)
-            moments = torch.cat([moments[:, :k] + thumb.to(moments.dtype), moments[:, k:]], dim=1)
+            moments = torch.cat([moments[:, :k] + bicubic_shrink(x, f).to(moments.dtype), moments[:, k:]], dim=1)
         if self.config.kind == "deterministic":
             return DiagonalGaussian(moments, deterministic=True)
         return DiagonalGaussian.from_moments(moments, logvar_min=self.config.logvar_min, logvar_max=self.config.logvar_max)
@@ -406,7 +405,7 @@ class AutoencoderKL(nn.Module):
         x = self.decoder(self.post_quant_conv(z))
         if self.config.bicubic_shortcut:
             k = self.config.in_channels
-            x = x + F.interpolate(z[:, :k], size=x.shape[-2:], mode="bicubic", align_corners=False).to(x.dtype)
+            x = x + bicubic_enlarge(z[:, :k], tuple(x.shape[-2:])).to(x.dtype)
         return x
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:

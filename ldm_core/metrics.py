@@ -49,8 +49,18 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = 11, sigma: float =
     return ssim_map.flatten(1).mean(1)
 
 
-def bicubic_baseline(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """Downsample by `factor` (antialiased bicubic), upsample back (bicubic): the no-learning baseline."""
+def bicubic_shrink(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, H/factor, W/factor), antialiased bicubic."""
     h, w = x.shape[-2:]
-    small = F.interpolate(x.float(), size=(h // factor, w // factor), mode="bicubic", antialias=True, align_corners=False)
-    return F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False).clamp(-1, 1)
+    return F.interpolate(x, size=(h // factor, w // factor), mode="bicubic", antialias=True, align_corners=False)
+
+
+def bicubic_enlarge(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, *size), bicubic."""
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+
+
+def bicubic_baseline(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Downsample by `factor` (antialiased bicubic), upsample back (bicubic): the no-learning baseline (and what
+    an autoencoder with `bicubic_shortcut` starts as: it uses the same two resamplings)."""
+    return bicubic_enlarge(bicubic_shrink(x.float(), factor), tuple(x.shape[-2:])).clamp(-1, 1)

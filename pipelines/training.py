@@ -232,8 +232,7 @@ class ReadAhead:
     def close(self) -> None:
         self._stop.set()
 
-    def __del__(self) -> None:
-        self._stop.set()
+    __del__ = close
 
 
 def report(metrics: dict[str, Any], write_checkpoint: Callable[[Path], None] | None, rank: int) -> None:
