@@ -15,13 +15,14 @@ Inputs are random tensors made once on the GPU (the data path is measured by ben
 compute of one rank. LPIPS uses a randomly initialised VGG (the same FLOPs as the pretrained one; no weights
 are downloaded). Each row: `--warmup` steps (compilation included), then `--steps` timed steps between two
 `torch.cuda.synchronize()`; the peak is `torch.cuda.max_memory_allocated` over the timed steps, to compare with
-`python -m pipelines.memory_budget`. Configurations still waiting when `--deadline-s` has passed are skipped
+`python pipelines/run.py --memory`. Configurations still waiting when `--deadline-s` has passed are skipped
 and reported as such. Without a CUDA device it says so and exits with status 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -37,8 +38,9 @@ sys.path.insert(0, str(REPO))
 from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL  # noqa: E402
 from ldm_core.discriminator import DiscriminatorConfig, NLayerDiscriminator  # noqa: E402
 from ldm_core.ema import EMA  # noqa: E402
-from ldm_core.losses import AutoencoderLossConfig, discriminator_loss, generator_loss  # noqa: E402
+from ldm_core.losses import AutoencoderLossConfig  # noqa: E402
 from ldm_core.unet import UNet, UNetConfig  # noqa: E402
+from pipelines.train.steps import autoencoder_loss, denoising_loss, discriminator_update_loss  # noqa: E402
 
 # configs/sd_f8.yaml's autoencoder (without gradient checkpointing: one 80 GB GPU holds it) and loss.
 SD_F8_AE = AutoencoderConfig(base_channels=128, channel_mult=[1, 2, 4, 4], num_res_blocks=2, norm_groups=32,
@@ -132,18 +134,18 @@ def stage_a_step(model: torch.nn.Module, batch: int, compiled: bool) -> tuple[Ca
     last_layer = model.last_layer
     x = torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=device) * 2 - 1
 
+    autocast = functools.partial(torch.autocast, DEVICE.type, dtype=torch.bfloat16)
+
     def step() -> None:
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-            recon, posterior = run_model(x)
-        loss, _ = generator_loss(x, recon.float(), posterior, step=1, cfg=SD_F8_LOSS, lpips=lpips,
-                                 discriminator=disc, last_layer=last_layer)
+        batch = {"image": x}
+        loss, _ = autoencoder_loss(run_model, disc, batch, 1, cfg=SD_F8_LOSS, lpips=lpips, last_layer=last_layer,
+                                   autocast=autocast)
         opt_g.zero_grad(set_to_none=True)
         opt_d.zero_grad(set_to_none=True)  # the generator's adversarial term reached the discriminator too
         loss.backward()
         opt_g.step()
         ema.update(model)
-        logits_real, logits_fake = disc(torch.cat([x, recon.detach().float()])).chunk(2)
-        d_loss, _ = discriminator_loss(logits_real, logits_fake, step=1, cfg=SD_F8_LOSS)
+        d_loss, _ = discriminator_update_loss(disc, batch, 1, cfg=SD_F8_LOSS)
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
@@ -171,7 +173,7 @@ class DiffusersUNet(torch.nn.Module):
 
 
 def stage_b_step(model: torch.nn.Module, batch: int, compiled: bool) -> tuple[Callable[[], None], list[torch.nn.Module]]:
-    from ldm_core.diffusion import DiffusionConfig, NoiseSchedule, training_loss
+    from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
 
     device = DEVICE
     model = model.to(device)
@@ -180,12 +182,19 @@ def stage_b_step(model: torch.nn.Module, batch: int, compiled: bool) -> tuple[Ca
     run_model = torch.compile(model) if compiled else model
     schedule = NoiseSchedule(DiffusionConfig(), device=device)
     generator = torch.Generator(device=device).manual_seed(0)
-    x0 = torch.randn(batch, 4, LATENT_SIZE, LATENT_SIZE, device=device)
-    context = torch.randn(batch, CONTEXT_LEN, SD2_UNET.context_dim, device=device)
+    rows = {  # a batch as the Parquet reader yields it: posterior mean and std, caption states and mask
+        "latent_mean": torch.randn(batch, 4, LATENT_SIZE, LATENT_SIZE, device=device),
+        "latent_std": torch.full((batch, 4, LATENT_SIZE, LATENT_SIZE), 0.1, device=device),
+        "text_hidden": torch.randn(batch, CONTEXT_LEN, SD2_UNET.context_dim, device=device),
+        "text_mask": torch.ones(batch, CONTEXT_LEN, dtype=torch.bool, device=device),
+    }
+    null_context = torch.zeros(CONTEXT_LEN, SD2_UNET.context_dim, device=device)
+    null_mask = torch.ones(CONTEXT_LEN, dtype=torch.bool, device=device)
+    autocast = functools.partial(torch.autocast, DEVICE.type, dtype=torch.bfloat16)
 
     def step() -> None:
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-            loss, _ = training_loss(run_model, x0, context, None, schedule, prediction="eps", generator=generator)
+        loss, _ = denoising_loss(run_model, rows, schedule, null_context=null_context, null_mask=null_mask,
+                                 cond_drop_prob=0.1, generator=generator, autocast=autocast, prediction="eps")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -41,9 +41,10 @@ sys.path.insert(0, str(REPO))
 
 from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL  # noqa: E402
 from ldm_core.discriminator import DiscriminatorConfig, NLayerDiscriminator  # noqa: E402
-from ldm_core.losses import AutoencoderLossConfig, discriminator_loss, generator_loss  # noqa: E402
+from ldm_core.losses import AutoencoderLossConfig  # noqa: E402
 from ldm_core.metrics import bicubic_baseline, psnr, ssim  # noqa: E402
 from ldm_core.perceptual import LPIPSConfig, build_lpips  # noqa: E402
+from pipelines.train.steps import autoencoder_loss, discriminator_update_loss  # noqa: E402
 
 SIZE, FACTOR = 64, 8
 HELD_OUT = ("coins", "chelsea", "gravel", "coffee")  # configs/photos.yaml: hash("skimage-<photo>") < 0.2
@@ -167,17 +168,15 @@ def train_step(step: int, x: torch.Tensor, recipe: dict, model, disc, loss_cfg, 
     for opt in (opt_g, opt_d):
         for group in opt.param_groups:
             group["lr"] = recipe["lr"] * factor
-    recon, posterior = model(x)
-    loss, _ = generator_loss(x, recon, posterior, step=step, cfg=loss_cfg, lpips=lpips, discriminator=disc,
-                             last_layer=model.last_layer)
+    batch = {"image": x}
+    loss, _ = autoencoder_loss(model, disc, batch, step, cfg=loss_cfg, lpips=lpips, last_layer=model.last_layer)
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
     if recipe["clip"]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip"])
     opt_g.step()
     if step >= loss_cfg.disc_start:
-        logits_real, logits_fake = disc(torch.cat([x, recon.detach()])).chunk(2)
-        d_loss, _ = discriminator_loss(logits_real, logits_fake, step=step, cfg=loss_cfg)
+        d_loss, _ = discriminator_update_loss(disc, batch, step, cfg=loss_cfg)
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         if recipe["clip"]:
@@ -318,13 +317,13 @@ def plot(curves: Path, cpu_file: Path | None, out: Path, factor: float) -> None:
 
 
 def evaluate_model(uri: str, tracking_uri: str | None, sets) -> None:
-    """A trained autoencoder (any source pipelines.interop reads: models:/, runs:/, a folder) on this script's
+    """A trained autoencoder (any source pipelines.models.interop reads: models:/, runs:/, a folder) on this script's
     held-out crops and on the independent photographs, next to bicubic."""
     if tracking_uri:
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri)
-    from pipelines.interop import import_autoencoder
+    from pipelines.models.interop import import_autoencoder
 
     model = import_autoencoder(uri)
     _, held, check = sets

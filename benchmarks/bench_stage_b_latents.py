@@ -49,9 +49,11 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL  # noqa: E402
 from ldm_core.diffusion import NoiseSchedule, training_loss  # noqa: E402
 from ldm_core.unet import UNet, UNetConfig  # noqa: E402
-from pipelines.config import PipelineConfig, add_config_args, config_from_args  # noqa: E402
-from pipelines.digits import DIGIT_WORDS, load_mnist  # noqa: E402
-from pipelines.text_encoders import load_text_encoder  # noqa: E402
+from pipelines.config import PipelineConfig  # noqa: E402
+from pipelines.platform.cli import config_from_args  # noqa: E402
+from pipelines.platform.cli import add_config_args
+from pipelines.models.judge import DIGIT_WORDS, load_mnist  # noqa: E402
+from pipelines.data.text_encoders import load_text_encoder  # noqa: E402
 
 
 @dataclass

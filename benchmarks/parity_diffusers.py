@@ -6,7 +6,7 @@ The same comparisons the tests assert (tests/test_interop.py, tests/test_sampler
 seeds and helpers are imported from there), measured and printed in one place for benchmarks/README.md:
 
 - import: randomly initialised (and perturbed) diffusers `AutoencoderKL` / `UNet2DConditionModel` of several
-  configs, read by `pipelines/interop.py` from a diffusers folder or an SD single file; the encoder's posterior
+  configs, read by `pipelines/models/interop.py` from a diffusers folder or an SD single file; the encoder's posterior
   mean / logvar, the decoder output and the U-Net output against diffusers' own (float32, CPU);
 - export: our models written by `pipelines/export.py` and read back by diffusers, `from_pretrained` for the
   diffusers layout, `from_single_file` (offline, with the config an SD reader builds: SD's conventions) for the
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _import_rows(tmp: Path) -> list[tuple[str, str, float]]:
-    from pipelines import interop
+    from pipelines.models import interop
     from safetensors.torch import save_file
     from tests.test_interop import (UNET_CONFIGS, VAE_CONFIGS, diffusers_unet, diffusers_vae, save_diffusers,
                                     sd_single_file, unet_gap, vae_gaps)

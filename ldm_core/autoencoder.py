@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from ldm_core.config import ConfigError, StrictConfig, format_validation_error
 from ldm_core.metrics import bicubic_enlarge, bicubic_shrink
 
-__all__ = ["AutoencoderConfig", "DiagonalGaussian", "Encoder", "Decoder", "AutoencoderKL"]
+__all__ = ["AutoencoderConfig", "DiagonalGaussian", "Encoder", "Decoder", "AutoencoderKL", "sample_latents"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -194,6 +194,12 @@ class DiagonalGaussian:
         mu, logvar = self.mean.float(), self.logvar.float()
         log_two_pi = math.log(2.0 * math.pi)
         return 0.5 * torch.sum(log_two_pi + logvar + (x.float() - mu).pow(2) / logvar.exp(), dim=tuple(range(1, mu.ndim)))
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A fresh z ~ N(mean, std^2) (the reparameterised posterior sample, Kingma & Welling 2014, Sec. 2.4)."""
+    eps = torch.randn(mean.shape, generator=generator, device=generator.device if generator is not None else mean.device)
+    return mean + std * eps.to(mean.device)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -35,19 +35,22 @@ from mlflow.tracking import MlflowClient
 
 from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_core.config import ConfigError
-from pipelines import latents, lease, storage, tracking
-from pipelines.cluster import ClusterError, check_cluster_paths
-from pipelines.config import PipelineConfig, parse_cli
+from pipelines.data import latents
+from pipelines.platform import lease, storage, tracking
+from pipelines.platform.cluster import ClusterError, connect
+from pipelines.config import PipelineConfig
+from pipelines.dag.stage import Stage
+from pipelines.platform.cli import parse_cli
 from pipelines.data import DatasetError, build_dataset, read_manifest, to_model_range
 from pipelines.data.reader import in_split
-from pipelines.models import load_autoencoder, model_to_load, run_id_of
-from pipelines.progress import print_summary, run_with_progress
-from pipelines.runtime import exit_on, init_ray, setup_logging
-from pipelines.text_encoders import TextEncoderConfig, encode_prompts_remote, load_text_encoder
+from pipelines.models.registry import load_autoencoder, model_to_load, run_id_of
+from pipelines.platform.progress import print_summary, run_with_progress
+from pipelines.platform.runtime import exit_on, setup_logging
+from pipelines.data.text_encoders import TextEncoderConfig, encode_prompts_remote, load_text_encoder
 
 log = logging.getLogger("encode")
-STAGE = "encode"
-TAG_LATENTS_URI = "latents_uri"
+STAGE_NAME = latents.ENCODE_STAGE
+TAG_LATENTS_URI = latents.TAG_LATENTS_URI
 LEASE = ".lease.json"
 """The encode lease, inside the latents folder it guards."""
 
@@ -127,6 +130,14 @@ class EncodeResult:
     reused: bool = False
     """The folder was already complete for the same inputs: nothing was encoded again."""
 
+    @property
+    def status(self) -> str:
+        return "reused" if self.reused else "ran"
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        return {"latents_uri": self.latents_uri}
+
 
 def latest_autoencoder_uri(cfg: PipelineConfig) -> str:
     """models:/<autoencoder_model_name>/<latest version>."""
@@ -175,10 +186,13 @@ def check_resolution(cfg: PipelineConfig, autoencoder: AutoencoderKL) -> tuple[i
 
 
 def run_encode(
-    cfg: PipelineConfig, *, parent_run_id: str | None = None, upstream_run_ids: tuple[str, ...] = (), extra_tags: dict | None = None
+    cfg: PipelineConfig, *, parent_run_id: str | None = None, upstream_run_ids: tuple[str, ...] = (),
+    extra_tags: dict | None = None, checked: bool = False,
 ) -> EncodeResult:
-    init_ray(cfg.ray)
-    check_cluster_paths(cfg)
+    """Encode the dataset with the autoencoder and the text encoder into Parquet latents (or reuse a complete folder
+    made from the same inputs). `checked`: Ray is already started or joined for `cfg` (the DAG does it first)."""
+    if not checked:
+        connect(cfg)
     ec = cfg.encode
     experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
     autoencoder_uri = autoencoder_to_load(cfg)
@@ -205,7 +219,7 @@ def run_encode(
         if ec.autoencoder_alias and not ec.autoencoder_uri:
             tags["autoencoder_alias"] = ec.autoencoder_alias
         with tracking.stage_run(
-            experiment_id=experiment_id, stage=STAGE, run_name=f"{cfg.run.name}-{STAGE}",
+            experiment_id=experiment_id, stage=STAGE_NAME, run_name=f"{cfg.run.name}-{STAGE_NAME}",
             upstream_run_ids=tuple(upstream_run_ids) or (stage_a_run_id,), parent_run_id=parent_run_id, tags=tags,
         ) as run:
             run_id = run.info.run_id
@@ -217,7 +231,7 @@ def run_encode(
                                  "encode_run_id_of_latents": existing.get("encode_run_id", "")})
                 metrics = {"encode/rows": existing["num_rows"]}
                 mlflow.log_metrics(metrics)
-                print_summary(STAGE, f"reused {existing['num_rows']} rows already at {root.uri}")
+                print_summary(STAGE_NAME, f"reused {existing['num_rows']} rows already at {root.uri}")
                 return EncodeResult(run_id, root.uri, existing["num_rows"], existing, metrics, reused=True)
 
             manifest, metrics = _encode(cfg, root, autoencoder, autoencoder_uri, latent_shape, settings, run_id, held,
@@ -225,7 +239,7 @@ def run_encode(
             tracking.log_metrics(client, run_id, metrics, 0)
             mlflow.set_tags({TAG_LATENTS_URI: root.uri, "latents_digest": manifest["digest"]})
             tracking.log_dataset_input(cfg.data.uri, data_manifest.get("name", "images"), data_manifest["digest"], "encode")
-            print_summary(STAGE, f"{manifest['num_rows']} rows", seconds=metrics["perf/seconds"],
+            print_summary(STAGE_NAME, f"{manifest['num_rows']} rows", seconds=metrics["perf/seconds"],
                           images_per_s=metrics["perf/images_per_s"], to=root.uri)
             return EncodeResult(run_id, root.uri, manifest["num_rows"], manifest, metrics)
 
@@ -263,7 +277,7 @@ def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: Autoencode
     held.note(parts=[*leftovers, folder])
     sink = latents.LatentParquetSink(root.uri, cfg.storage, folder, ec.rows_per_shard, fail_after_rows=ec.fail_after_rows)
     storage.makedirs(root)
-    run_with_progress(STAGE, num_images, lambda: encoded.write_datasink(sink),
+    run_with_progress(STAGE_NAME, num_images, lambda: encoded.write_datasink(sink),
                       lambda: ray.get(counter.get.remote(), timeout=5))
     seconds = time.monotonic() - started
     null = ray.get(null_ref)
@@ -344,6 +358,31 @@ def _complete_manifest(root: storage.Location, cfg: PipelineConfig) -> dict | No
 
 def _diff(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} != {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k))
+
+
+def latents_lost(run, cfg: PipelineConfig) -> str:
+    """What a finished encode run's folder lacks ("" when its manifest, every part and the null condition are there)."""
+    uri = run.data.tags.get(TAG_LATENTS_URI, "")
+    try:
+        manifest = latents.read_latents_manifest(uri, cfg.storage)
+    except latents.LatentsError as e:
+        return str(e).splitlines()[0]
+    gone = storage.missing_files(storage.resolve(uri, cfg.storage),
+                                 [f["path"] for f in manifest["files"]] + [manifest["null_condition"]["path"]])
+    return f"{len(gone)} of the files of {uri}" if gone else ""
+
+
+STAGE = Stage(
+    name=STAGE_NAME,
+    run=run_encode,
+    inputs=("stage_a",),
+    sections=("encode.text_encoder", "encode.output_uri", "data.resolution", "data.holdout_fraction", "data.holdout_by"),
+    wiring={"encode.autoencoder_uri": ("stage_a", "model_uri")},
+    consumes=("autoencoder_uri", "dataset_uri"),
+    produces=(TAG_LATENTS_URI,),
+    key_metrics=("encode/rows", "perf/images_per_s"),
+    lost_outputs=latents_lost,
+)
 
 
 def main(argv: list[str] | None = None) -> EncodeResult:

@@ -15,7 +15,7 @@
 `--format sd-single-file`: the original CompVis layout ComfyUI / A1111 read: `vae.safetensors` (a standalone
 VAE, keys `encoder.*`, `decoder.*`) for an autoencoder; `model.safetensors` (`model.diffusion_model.*`,
 `first_stage_model.*` and, for CLIP, `cond_stage_model.transformer.*`) for a U-Net bundle. Its metadata
-records our configs, so `pipelines/interop.py` reads it back exactly; other tools read only the weights and assume
+records our configs, so `pipelines/models/interop.py` reads it back exactly; other tools read only the weights and assume
 SD's conventions for the rest (32 GroupNorm groups, SD 1.x's 8 heads or SD 2.x's 64-channel heads), so a model
 that differs from them is refused in one line that names the field (export it with `--format diffusers`).
 
@@ -50,11 +50,12 @@ from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_core.config import ConfigError
 from ldm_core.diffusion import DiffusionConfig
 from ldm_core.unet import UNet, UNetConfig
-from pipelines import storage, tracking
-from pipelines.config import PipelineConfig, parse_cli
-from pipelines.interop import SINGLE_FILE_FORMAT, TRAINING_OPTIONS, InteropError
-from pipelines.models import UNetBundle, load_autoencoder, read_unet_bundle, run_id_of
-from pipelines.runtime import exit_on, setup_logging
+from pipelines.platform import storage, tracking
+from pipelines.config import PipelineConfig
+from pipelines.platform.cli import parse_cli
+from pipelines.models.interop import SINGLE_FILE_FORMAT, TRAINING_OPTIONS, InteropError
+from pipelines.models.registry import UNetBundle, load_autoencoder, read_unet_bundle, run_id_of
+from pipelines.platform.runtime import exit_on, setup_logging
 
 log = logging.getLogger("export")
 STAGE = "export"
@@ -126,7 +127,7 @@ def write_diffusers_unet(unet: UNet, folder: Path, sample_size: int | None = Non
 
 def _clip_text_encoder(bundle: UNetBundle):
     """The bundle's text encoder when it is a CLIP text model (what StableDiffusionPipeline takes), else None."""
-    from pipelines.text_encoders import load_text_encoder
+    from pipelines.data.text_encoders import load_text_encoder
 
     encoder = load_text_encoder(bundle.text_encoder)
     return encoder if encoder.model_type in CLIP_MODEL_TYPES else None

@@ -22,48 +22,79 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable,
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import hashlib
+from dataclasses import dataclass, field
 
-from pipelines import lease
+from pipelines.dag.stage import Stage
 from pipelines.data import DatasetError, index_shards, prepare_dataset
-from pipelines.runtime import setup_logging
-from pipelines.storage import StorageConfig, resolve
+from pipelines.data.prepare import missing_shards, prepare_tracked
+from pipelines.platform import lease
+from pipelines.platform.runtime import setup_logging
+from pipelines.platform.storage import StorageConfig, exists, resolve
 
 
-def prepare_tracked(cfg, experiment_id: str, *, parent_run_id: str | None = None,
-                    tags: dict | None = None) -> tuple[str, dict]:
-    """Build the dataset that `cfg` (a PipelineConfig) names, from `data.source` to `data.uri`, inside an MLflow
-    run tagged `stage=prepare` (the DAG's prepare node, and Stage A run alone on a dataset not yet built).
-    Returns the run's id and the new manifest."""
-    import mlflow
-
-    from pipelines import tracking
-
-    with lease.hold(lease.output_lease_uri(cfg.data.uri), what=f"prepare {cfg.data.uri}", settings=cfg.run.lease,
-                    storage_cfg=cfg.storage), \
-            tracking.stage_run(experiment_id=experiment_id, stage="prepare", run_name=f"{cfg.run.name}-prepare",
-                               parent_run_id=parent_run_id, tags=tags or {}) as run:
-        manifest = prepare_dataset(
-            cfg.data.source, cfg.data.uri, fmt=cfg.data.format, shard_size=cfg.data.shard_size,
-            resolution=cfg.data.prepare_resolution, limit=cfg.data.limit, seed=cfg.run.seed, storage=cfg.storage,
-            max_undecodable_fraction=cfg.data.max_undecodable_fraction, crops_per_photo=cfg.data.crops_per_photo,
-        )
-        mlflow.set_tags({"dataset_uri": cfg.data.uri, "dataset_digest": manifest["digest"]})
-        mlflow.log_metrics({"samples": manifest["num_samples"], "shards": len(manifest["shards"])})
-        return run.info.run_id, manifest
+@dataclass
+class PrepareResult:
+    run_id: str | None
+    status: str
+    """"ran" (the dataset was built) or "skipped" (it was already complete)."""
+    outputs: dict[str, str]
+    metrics: dict = field(default_factory=dict)
 
 
-def prepare_if_missing(cfg) -> tuple[str, ...]:
-    """For a stage run on its own: when `data.uri` has no manifest and `data.source` names one, prepare it as the
-    DAG's prepare node would. Returns the prepare run's id as the stage's upstream (empty when nothing ran;
-    a dataset that is missing and has no source is left for the stage to report)."""
-    from pipelines import tracking
-    from pipelines.storage import exists, resolve
+def run_prepare(cfg, *, parent_run_id: str | None = None, upstream_run_ids: tuple[str, ...] = (),
+                extra_tags: dict | None = None, checked: bool = False) -> PrepareResult:
+    """The DAG's prepare node: nothing to do when `data.uri` holds a complete dataset (its prepare run, if MLflow
+    knows it, is linked); a dataset with lost shards is rebuilt from `data.source`; else it is built."""
+    from ldm_core.config import ConfigError
+    from pipelines.data import read_manifest
+    from pipelines.platform import tracking
 
-    if not cfg.data.source or exists(resolve(cfg.data.uri, cfg.storage).join("manifest.json")):
-        return ()
-    print(f"[prepare] {cfg.data.uri} has no manifest.json: preparing it from data.source={cfg.data.source}", flush=True)
-    run_id, _ = prepare_tracked(cfg, tracking.setup(cfg.mlflow, cfg.run.output_uri))
-    return (run_id,)
+    experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
+    manifest_loc = resolve(cfg.data.uri, cfg.storage).join("manifest.json")
+    if exists(manifest_loc):
+        manifest = read_manifest(cfg.data.uri, cfg.storage)
+        gone = missing_shards(cfg.data.uri, manifest, cfg.storage)
+        if not gone:
+            prior = tracking.find_runs(
+                experiment_id, f"tags.stage = '{STAGE_NAME}' and tags.dataset_digest = '{manifest['digest']}'"
+            )
+            return PrepareResult(prior[0].info.run_id if prior else None, "skipped",
+                                 {"dataset_uri": cfg.data.uri, "digest": manifest["digest"]})
+        if not cfg.data.source:
+            raise DatasetError(f"dataset {cfg.data.uri}: {len(gone)} of the {len(manifest['shards'])} shards its manifest "
+                               f"lists are gone (e.g. {gone[0]}) and data.source is not set to rebuild them")
+        print(f"[prepare] {len(gone)} shard(s) of {cfg.data.uri} are gone: rebuilding the dataset from {cfg.data.source}",
+              flush=True)
+        manifest_loc.filesystem.delete_file(manifest_loc.path)  # it lists what is not there; the shards are rewritten
+    if not cfg.data.source:
+        raise ConfigError(f"data.uri={cfg.data.uri} has no manifest.json and data.source is not set, so there is nothing to prepare")
+    run_id, manifest = prepare_tracked(cfg, experiment_id, parent_run_id=parent_run_id, tags=extra_tags)
+    return PrepareResult(run_id, "ran", {"dataset_uri": cfg.data.uri, "digest": manifest["digest"]})
+
+
+def existing_dataset(cfg) -> dict[str, str]:
+    """The dataset as it is (`--from` a later stage: prepare does not run)."""
+    from pipelines.data import read_manifest
+
+    return {"dataset_uri": cfg.data.uri, "digest": read_manifest(cfg.data.uri, cfg.storage)["digest"]}
+
+
+STAGE_NAME = "prepare"
+STAGE = Stage(
+    name=STAGE_NAME,
+    run=run_prepare,
+    sections=("data.source", "data.format", "data.shard_size", "data.prepare_resolution", "data.crops_per_photo",
+              "data.limit", "run.seed"),
+    produces=("dataset_uri",),
+    key_metrics=("samples", "shards"),
+    cached=False,
+    provides_dataset=True,
+    lineage_checked=False,
+    existing=existing_dataset,
+    # keyed by the dataset URI (its cache key does not know it): two drivers building the same dataset contend
+    lease_name=lambda cfg, key: f"prepare-{hashlib.sha256(cfg.data.uri.encode()).hexdigest()[:16]}",
+)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -11,7 +11,7 @@ ancestral DDPM with classifier-free guidance (Ho & Salimans 2022); the initial n
 from `seed` and shared by every prompt, so the same seed gives the same images, and a prompt's images do
 not depend on which other prompts are rendered with it. Writes one PNG per sample, `grid.png` (a row per
 prompt) and `samples.json`, and logs the grid and metrics to an MLflow run tagged `stage=sample`. With
-`sample.evaluate_digits` the samples are scored by the MNIST digit classifier of `pipelines/digits.py`.
+`sample.evaluate_digits` the samples are scored by the MNIST digit classifier of `pipelines/models/judge.py`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import io
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,18 +39,18 @@ from pydantic import ValidationError
 from torchvision.utils import make_grid
 
 from ldm_core.config import ConfigError, format_validation_error
-from ldm_core.sampling import SAMPLERS, sample_timesteps
-from pipelines import lease, storage, tracking
-from pipelines.config import PipelineConfig, SampleConfig, add_config_args, config_from_args
-from pipelines.digits import load_or_train_classifier, prompt_adherence, prompt_digit
-from pipelines.models import UNetBundle, load_autoencoder, load_unet_bundle, model_to_load
-from pipelines.progress import Progress
-from pipelines.runtime import exit_on, setup_logging
-from pipelines.text_encoders import load_text_encoder
-from pipelines.training import autocast
+from pipelines.platform import lease, storage, tracking
+from pipelines.config import PipelineConfig
+from pipelines.dag.stage import Stage
+from pipelines.platform.cli import add_config_args, config_from_args
+from pipelines.config.prompts import prompt_digit
+from pipelines.models.inference import output_dir, render, score_digits
+from pipelines.models.registry import model_to_load
+from pipelines.platform.progress import Progress
+from pipelines.platform.runtime import exit_on, setup_logging
 
 log = logging.getLogger("sample")
-STAGE = "sample"
+STAGE_NAME = "sample"
 UPSTREAM_STAGE = "stage_b"
 GRID_ARTIFACT = "samples/grid.png"
 
@@ -70,6 +69,11 @@ class SampleResult:
     model_uri: str = ""
     images: torch.Tensor | None = None
     """(P * N, C, H, W) float32 in [-1, 1], prompt-major (the N samples of prompt 0 first)."""
+    status: str = "ran"
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        return {"out_dir": self.out_dir}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -97,89 +101,6 @@ def unet_to_load(cfg: PipelineConfig) -> str:
     sc = cfg.sample
     return model_to_load(sc.unet_uri, sc.unet_alias, cfg.mlflow.unet_model_name, "sample.unet_alias",
                          lambda: latest_stage_b_model(cfg))
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("sample.device=cuda: no CUDA device is visible")
-    return torch.device(name)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Generation (pure: tensors in, tensors out)
-# ---------------------------------------------------------------------------------------------------
-
-
-def initial_noise(seed: int, num: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
-    """x_T for the `num` columns of the grid, (num, C, h, w), drawn on the CPU from `seed`."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((num, *latent_shape), generator=g, dtype=torch.float32)
-
-
-@torch.no_grad()
-def generate(
-    unet: torch.nn.Module,
-    autoencoder: torch.nn.Module,
-    schedule,
-    *,
-    context: torch.Tensor,
-    context_mask: torch.Tensor | None,
-    null_context: torch.Tensor,
-    null_mask: torch.Tensor | None,
-    latent_shape: tuple[int, ...],
-    scale_factor: float,
-    num_per_prompt: int,
-    steps: int,
-    guidance: float,
-    seed: int,
-    sampler: str = "ddim",
-    eta: float = 0.0,
-    prediction: str = "eps",
-    batch_size: int = 64,
-    mixed_precision: str = "no",
-    timestep_spacing: str = "trailing",
-    steps_offset: int = 0,
-    set_alpha_to_one: bool = True,
-    progress: Progress | None = None,
-) -> torch.Tensor:
-    """Images (P * N, C, H, W) in [-1, 1] for P prompt conditions context (P, L, D) / mask (P, L).
-
-    Sample j of every prompt starts from the same x_T[j] (see `initial_noise`); the latents are divided
-    by `scale_factor` (the one the U-Net was trained with, LDM Sec. 4.3.2) and decoded. Batches of `batch_size` samples (2x that through the
-    U-Net with guidance); samplers that add noise (eta > 0, ddpm) draw it from a generator seeded with
-    `seed + 1 + batch index`, so results do not depend on anything but the arguments. `schedule` is the one the
-    U-Net was trained with (rebuilt from its diffusion config, zero-terminal-SNR rescaling included).
-    """
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"sample.sampler: unknown {sampler!r}; choose one of {sorted(SAMPLERS)}")
-    device = context.device
-    p, n = context.shape[0], num_per_prompt
-    x_T = initial_noise(seed, n, latent_shape).repeat(p, 1, 1, 1)  # (N, C, h, w) -> (P * N, C, h, w)
-    cond = context.repeat_interleave(n, 0)  # (P, L, D) -> (P * N, L, D), prompt-major
-    cond_mask = None if context_mask is None else context_mask.repeat_interleave(n, 0)
-    kwargs = {"eta": eta} if sampler == "ddim" else {}
-    out = []
-    for b, i in enumerate(range(0, p * n, batch_size)):
-        sl = slice(i, i + batch_size)
-        g = torch.Generator().manual_seed(seed + 1 + b)
-        with autocast(device, mixed_precision):
-            z = SAMPLERS[sampler](
-                unet, tuple(x_T[sl].shape), schedule=schedule, context=cond[sl],
-                context_mask=None if cond_mask is None else cond_mask[sl], null_context=null_context, null_mask=null_mask,
-                steps=steps, guidance_scale=guidance, generator=g, prediction=prediction, x_T=x_T[sl].to(device),
-                spacing=timestep_spacing, steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one, **kwargs,
-            )
-        out.append(autoencoder.decode(z.float() / scale_factor).float().clamp(-1, 1).cpu())
-        if progress is not None:
-            progress.update(min(i + batch_size, p * n))
-    return torch.cat(out)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------------------------------
 
 
 def slug(prompt: str, max_len: int = 40) -> str:
@@ -219,84 +140,6 @@ def write_samples(images: torch.Tensor, prompts: list[str], num_per_prompt: int,
 # ---------------------------------------------------------------------------------------------------
 
 
-def output_dir(cfg: PipelineConfig, bundle: UNetBundle) -> str:
-    """`sample.out_dir`, else `<run.output_uri>/samples/<stage B run id>`."""
-    return cfg.sample.out_dir or f"{cfg.run.output_uri.rstrip('/')}/samples/{bundle.stage_b_run_id}"
-
-
-def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
-           progress: Progress | None = None) -> tuple[torch.Tensor, UNetBundle]:
-    """Images (P * N, C, H, W) in [-1, 1] for `prompts` with the U-Net at `model_uri` and `cfg.sample`'s settings,
-    decoded by the autoencoder of its lineage; and the loaded bundle. `progress` counts the images done."""
-    sc = cfg.sample
-    device = pick_device(sc.device)
-    bundle = load_unet_bundle(model_uri, use_ema=sc.use_ema)
-    try:  # fail before sampling, not after
-        storage.check_writable(storage.resolve(output_dir(cfg, bundle), cfg.storage))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"sample.out_dir: {e}") from None
-    T = bundle.diffusion.num_timesteps
-    if sc.steps > T:
-        raise ConfigError(f"sample.steps={sc.steps}: more than the model's {T} diffusion timesteps")
-    try:
-        first = sample_timesteps(T, sc.steps, sc.timestep_spacing, sc.steps_offset)[0]
-    except ValueError as e:
-        raise ConfigError(f"sample.timestep_spacing/steps_offset: {e}") from None
-    if bundle.diffusion.zero_terminal_snr and first != T - 1:
-        raise ConfigError(f"sample.timestep_spacing={sc.timestep_spacing!r} (steps_offset={sc.steps_offset}) starts at t={first}, "
-                          f"but {model_uri} was trained with zero terminal SNR: sampling must start from pure noise at "
-                          f"t={T - 1} (Lin et al. 2024, Sec. 3.3); use sample.timestep_spacing=trailing")
-    unet = bundle.unet.to(device).eval()
-    autoencoder = load_autoencoder(bundle.autoencoder_uri).to(device)
-    if not math.isclose(float(autoencoder.scale_factor), bundle.scale_factor, rel_tol=1e-5):
-        log.warning("autoencoder %s has scale_factor %.6g but the U-Net was trained on latents scaled by %.6g: using the U-Net's",
-                    bundle.autoencoder_uri, float(autoencoder.scale_factor), bundle.scale_factor)
-    text_encoder = load_text_encoder(bundle.text_encoder, device)
-    if text_encoder.hidden_size != bundle.hidden_size:
-        raise ConfigError(f"text encoder {bundle.text_encoder.name_or_path!r} has hidden size {text_encoder.hidden_size}, "
-                          f"but the U-Net {model_uri} was trained on {bundle.hidden_size}")
-    context, mask = text_encoder.encode(prompts)
-    log.info("sampling %d x %d images with %s (autoencoder %s, text encoder %s) on %s",
-             len(prompts), sc.num_per_prompt, model_uri, bundle.autoencoder_uri, bundle.text_encoder.name_or_path, device)
-    images = generate(
-        unet, autoencoder, bundle.schedule.to(device),
-        context=context.to(device), context_mask=mask.to(device),
-        null_context=bundle.null_context.to(device), null_mask=bundle.null_mask.to(device),
-        latent_shape=tuple(bundle.latent_shape), scale_factor=bundle.scale_factor, num_per_prompt=sc.num_per_prompt,
-        steps=sc.steps, guidance=sc.guidance, seed=sc.seed, sampler=sc.sampler, eta=sc.eta,
-        prediction=bundle.diffusion.prediction, batch_size=sc.batch_size, mixed_precision=sc.mixed_precision,
-        timestep_spacing=sc.timestep_spacing, steps_offset=sc.steps_offset, set_alpha_to_one=sc.set_alpha_to_one,
-        progress=progress,
-    )
-    return images, bundle
-
-
-def score_digits(cfg: PipelineConfig, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
-    """The MNIST judge's prompt adherence for `render`'s images (`cfg.sample.num_per_prompt` per prompt)."""
-    sc = cfg.sample
-    clf = load_or_train_classifier(sc.digit_classifier, cache_uri=f"{cfg.run.output_uri.rstrip('/')}/cache/digit_classifier",
-                                   storage_cfg=cfg.storage)
-    metrics = prompt_adherence(images, [p for p in prompts for _ in range(sc.num_per_prompt)], clf)
-    log.info("prompt adherence %.4f (classifier held-out accuracy %.4f)",
-             metrics["eval/prompt_accuracy"], metrics["eval/classifier_holdout_accuracy"])
-    return metrics
-
-
-def digit_prompt_accuracy(cfg: PipelineConfig, model_uri: str) -> dict[str, float]:
-    """Stage B's own quality number: the MNIST judge's prompt accuracy for `sample.prompts` rendered by the U-Net
-    at `model_uri` with the fixed budget of `stage_b.prompt_eval` (DDIM, eta 0, trailing steps, EMA weights; no
-    other `sample.*` setting takes part), so Stage B runs with different training options compare in MLflow."""
-    budget = cfg.stage_b.prompt_eval
-    settings = SampleConfig(
-        prompts=cfg.sample.prompts, num_per_prompt=budget.num_per_prompt, steps=budget.steps, guidance=budget.guidance,
-        seed=budget.seed, evaluate_digits=True, digit_classifier=cfg.sample.digit_classifier, batch_size=cfg.sample.batch_size,
-        device=cfg.sample.device, mixed_precision=cfg.sample.mixed_precision,
-    )
-    eval_cfg = cfg.model_copy(update={"sample": settings})
-    images, _ = render(eval_cfg, settings.prompts, model_uri)
-    return score_digits(eval_cfg, images, settings.prompts)
-
-
 def run_sample(
     cfg: PipelineConfig,
     *,
@@ -305,6 +148,7 @@ def run_sample(
     upstream_run_ids: tuple[str, ...] = (),
     log_to_mlflow: bool = True,
     extra_tags: dict | None = None,
+    checked: bool = False,
 ) -> SampleResult:
     """Render `prompts` (default `cfg.sample.prompts`) with the configured (or latest) Stage B U-Net."""
     sc = cfg.sample
@@ -316,7 +160,7 @@ def run_sample(
                           f"(expected e.g. 'a handwritten digit seven'): {prompts}")
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg.mlflow))
     model_uri = unet_to_load(cfg)
-    progress = Progress(STAGE, total=len(prompts) * sc.num_per_prompt, every=sc.batch_size, unit="images")
+    progress = Progress(STAGE_NAME, total=len(prompts) * sc.num_per_prompt, every=sc.batch_size, unit="images")
     images, bundle = render(cfg, prompts, model_uri, progress)
     metrics = score_digits(cfg, images, prompts) if sc.evaluate_digits else {}
     out_dir = output_dir(cfg, bundle)
@@ -326,7 +170,7 @@ def run_sample(
     upstream = tuple(upstream_run_ids) or tuple(r for r in (bundle.stage_b_run_id,) if r)
 
     run_context = contextlib.nullcontext() if not log_to_mlflow else tracking.stage_run(
-        experiment_id=tracking.setup(cfg.mlflow, cfg.run.output_uri), stage=STAGE, run_name=f"{cfg.run.name}-sample",
+        experiment_id=tracking.setup(cfg.mlflow, cfg.run.output_uri), stage=STAGE_NAME, run_name=f"{cfg.run.name}-sample",
         upstream_run_ids=upstream, parent_run_id=parent_run_id, tags=extra_tags)
     with run_context as run:
         run_id = manifest["run_id"] = run.info.run_id if run is not None else None
@@ -352,6 +196,26 @@ def run_sample(
 # ---------------------------------------------------------------------------------------------------
 
 # flag -> SampleConfig field
+def samples_lost(run, cfg: PipelineConfig) -> str:
+    """What a finished sample run's folder lacks ("" when its samples.json is there)."""
+    out = run.data.tags.get("out_dir", "")
+    return "" if out and storage.exists(storage.resolve(out, cfg.storage).join("samples.json")) else f"{out}/samples.json"
+
+
+STAGE = Stage(
+    name=STAGE_NAME,
+    run=run_sample,
+    inputs=(UPSTREAM_STAGE,),
+    sections=("sample",),
+    wiring={"sample.unet_uri": (UPSTREAM_STAGE, "model_uri")},
+    consumes=("unet_uri", "autoencoder_uri"),
+    produces=("out_dir",),
+    key_metrics=("eval/prompt_accuracy", "eval/classifier_holdout_accuracy"),
+    summary_artifact=GRID_ARTIFACT,
+    lost_outputs=samples_lost,
+)
+
+
 _FLAGS = {"prompt": "prompts", "num": "num_per_prompt", "steps": "steps", "guidance": "guidance", "eta": "eta",
           "sampler": "sampler", "seed": "seed", "out": "out_dir", "model_uri": "unet_uri", "model_alias": "unet_alias",
           "device": "device"}

@@ -36,26 +36,28 @@ from ldm_core.autoencoder import AutoencoderKL
 from ldm_core.config import ConfigError
 from ldm_core.discriminator import NLayerDiscriminator
 from ldm_core.ema import EMA
-from ldm_core.losses import discriminator_loss, generator_loss
 from ldm_core.metrics import bicubic_baseline, psnr, ssim
 from ldm_core.perceptual import build_lpips
-from pipelines import tracking
-from pipelines.config import PipelineConfig, parse_cli
-from pipelines.cluster import ClusterError, check_cluster_paths, ensure_resources
+from pipelines.dag.stage import Stage
+from pipelines.platform import tracking
+from pipelines.config import PipelineConfig
+from pipelines.platform.cli import parse_cli
+from pipelines.platform.cluster import ClusterError, connect, ensure_resources
 from pipelines.data import DatasetError, build_dataset, open_skip_counter, read_manifest, to_model_range
-from pipelines.lease import LeaseHeld, LeaseLost, stage_lease
-from pipelines.memory_budget import check_memory_budget
-from pipelines.interop import (adopt_init_architectures, freeze_encoder, init_from_run_ids, keeps_published_scale,
+from pipelines.platform.lease import LeaseHeld, LeaseLost, stage_lease
+from pipelines.train.memory import check_memory_budget, estimate_stage_a
+from pipelines.models.interop import (adopt_init_architectures, freeze_encoder, init_from_run_ids, keeps_published_scale,
                                load_init_autoencoder)
-from pipelines.models import publish_autoencoder
-from pipelines.prepare_data import prepare_if_missing
-from pipelines.runtime import exit_on, init_ray, setup_logging
-from pipelines.run_logger import RunLogger
-from pipelines.train_loop import TrainLoop, TrainResult, Update, build_trainer, fingerprint_fields, fit_and_publish, training_run
-from pipelines.training import all_reduce_sum
+from pipelines.models.registry import publish_autoencoder, registered_model_lost
+from pipelines.data.prepare import prepare_if_missing
+from pipelines.platform.runtime import exit_on, setup_logging
+from pipelines.train.run_logger import RunLogger
+from pipelines.train.loop import TrainLoop, TrainResult, Update, build_trainer, fingerprint_fields, fit_and_publish, training_run
+from pipelines.train.rank import all_reduce_sum
+from pipelines.train.steps import autoencoder_loss, discriminator_update_loss
 
 log = logging.getLogger("stage_a")
-STAGE = "stage_a"
+STAGE_NAME = "stage_a"
 TRAINED_DATA_FIELDS = {"uri", "resolution", "crop", "random_flip", "batch_size", "holdout_fraction", "holdout_by"}
 """The `data` fields that shape what Stage A trains on (part of its checkpoints' config fingerprint)."""
 
@@ -68,7 +70,7 @@ TRAINED_DATA_FIELDS = {"uri", "resolution", "crop", "random_flip", "batch_size",
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = PipelineConfig.model_validate(loop_config["config"])
     sa = cfg.stage_a
-    loop = TrainLoop(loop_config, sa.train, sa.optim, stage=STAGE, seed=cfg.run.seed, scaling=sa.scaling)
+    loop = TrainLoop(loop_config, sa.train, sa.optim, stage=STAGE_NAME, seed=cfg.run.seed, scaling=sa.scaling)
     skips = open_skip_counter(loop_config["skip_counter"])
 
     # --- models, losses, optimisers
@@ -95,24 +97,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     loop.record_nodes()
 
     # --- one step: an autoencoder update, then (from disc_start on) a discriminator update on the same images
-    def autoencoder_loss(batch: dict, step: int):
-        x = batch["image"]
-        with loop.autocast():
-            recon, posterior = ddp_model(x)
-        batch["recon"] = recon.detach()  # for the discriminator update and the image grids
-        # Losses in fp32: the KL's exp(logvar) and LPIPS are what overflow in low precision.
-        return generator_loss(x, recon.float(), posterior, step=step, cfg=loss_cfg, lpips=lpips_module,
-                              discriminator=ddp_disc, last_layer=model.last_layer)
+    def autoencoder_update(batch: dict, step: int):
+        return autoencoder_loss(ddp_model, ddp_disc, batch, step, cfg=loss_cfg, lpips=lpips_module,
+                                last_layer=model.last_layer, autocast=loop.autocast)
 
-    def discriminator_update_loss(batch: dict, step: int):
-        # Real and fake in one forward: one DDP pass, one set of norm statistics.
-        logits_real, logits_fake = ddp_disc(torch.cat([batch["image"], batch["recon"]]).float()).chunk(2)
-        loss, metrics = discriminator_loss(logits_real, logits_fake, step=step, cfg=loss_cfg)
-        return loss, {k: v for k, v in metrics.items() if k != "disc_factor"}  # the generator reports it
+    def discriminator_update(batch: dict, step: int):
+        return discriminator_update_loss(ddp_disc, batch, step, cfg=loss_cfg)
 
     updates = [
-        Update(ddp_model, opt_g, sa.optim.lr, autoencoder_loss),
-        Update(ddp_disc, opt_d, disc_lr, discriminator_update_loss, starts_at=sa.loss.disc_start, name="disc"),
+        Update(ddp_model, opt_g, sa.optim.lr, autoencoder_update),
+        Update(ddp_disc, opt_d, disc_lr, discriminator_update, starts_at=sa.loss.disc_start, name="disc"),
     ]
     skip_counts = lambda: {f"data/skipped_{k}": v for k, v in skips.snapshot().items()}  # noqa: E731
     for step in loop.run(updates, batches, samples_per_batch=cfg.data.batch_size, ema_model=model,
@@ -277,26 +271,36 @@ class StageAResult(TrainResult):
     """Which LPIPS network the LPIPS metrics used: pretrained, random (an untrained backbone) or none."""
 
 
-@stage_lease(STAGE)  # one live driver per checkpoint folder (pipelines/lease.py)
+def check_stage_a(cfg: PipelineConfig) -> PipelineConfig:
+    """Before any cluster work: stage_a.init_from's architecture replaces stage_a.model, and on GPUs the estimated
+    peak per GPU must fit scaling.gpu_type."""
+    cfg = adopt_init_architectures(cfg, ("stage_a",))
+    check_memory_budget(cfg, STAGE)
+    return cfg
+
+
+@stage_lease(STAGE_NAME)  # one live driver per checkpoint folder (pipelines/platform/lease.py)
 def run_stage_a(
-    cfg: PipelineConfig, *, parent_run_id: str | None = None, upstream_run_ids: tuple[str, ...] = (), extra_tags: dict | None = None
+    cfg: PipelineConfig, *, parent_run_id: str | None = None, upstream_run_ids: tuple[str, ...] = (),
+    extra_tags: dict | None = None, checked: bool = False,
 ) -> StageAResult:
-    cfg = adopt_init_architectures(cfg)  # stage_a.init_from: the imported model's architecture replaces stage_a.model
-    check_memory_budget(cfg, STAGE)  # GPU runs: the estimated peak per GPU must fit scaling.gpu_type, before any cluster work
-    init_ray(cfg.ray)
-    check_cluster_paths(cfg)
+    """Train, evaluate and publish the autoencoder. `checked`: `check_stage_a` and `connect` already ran on `cfg`
+    (the DAG runs every stage's checks first)."""
+    if not checked:
+        cfg = check_stage_a(cfg)
+        connect(cfg)
     sa = cfg.stage_a
     manifest = read_manifest(cfg.data.uri, cfg.storage)  # fails clearly on a missing/empty dataset
-    ensure_resources(sa.scaling, cfg.data, cfg.ray, section=STAGE)  # waits for an autoscaler to add them
+    ensure_resources(sa.scaling, cfg.data, cfg.ray, section=STAGE_NAME)  # waits for an autoscaler to add them
 
     experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
-    trainer_name = f"{cfg.run.name}-{STAGE}"
-    fields = fingerprint_fields({STAGE: sa.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json", include=TRAINED_DATA_FIELDS),
-                                 "run": {"seed": cfg.run.seed}}, STAGE)
+    trainer_name = f"{cfg.run.name}-{STAGE_NAME}"
+    fields = fingerprint_fields({STAGE_NAME: sa.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json", include=TRAINED_DATA_FIELDS),
+                                 "run": {"seed": cfg.run.seed}}, STAGE_NAME)
     tags = {"dataset_uri": cfg.data.uri, "dataset_digest": manifest["digest"], **(extra_tags or {})}
     with training_run(
-        cfg, stage=STAGE, experiment_id=experiment_id, trainer_name=trainer_name, fields=fields,
-        upstream_run_ids=tuple(dict.fromkeys((*upstream_run_ids, *init_from_run_ids(cfg, STAGE)))),  # + the init_from run
+        cfg, stage=STAGE_NAME, experiment_id=experiment_id, trainer_name=trainer_name, fields=fields,
+        upstream_run_ids=tuple(dict.fromkeys((*upstream_run_ids, *init_from_run_ids(cfg, STAGE_NAME)))),  # + the init_from run
         parent_run_id=parent_run_id, tags=tags, params=tracking.flatten(cfg.model_dump(mode="json")), dataset=(cfg.data.uri, manifest.get("name", "images"), manifest["digest"]),
     ) as (run_id, resumed):
         train_ds, skip_counter = build_dataset(cfg.data, split="train", storage=cfg.storage, shuffle=True, seed=cfg.run.seed,
@@ -325,12 +329,29 @@ def run_stage_a(
                             resumed=resumed, lpips_backbone=backbone)
 
 
+STAGE = Stage(
+    name=STAGE_NAME,
+    run=run_stage_a,
+    inputs=("prepare",),
+    # The data section matters to Stage A (resolution, crops, batch size); later stages see the data only
+    # through what they consume. run.seed matters to every stage that draws random numbers.
+    sections=("stage_a", "data", "run.seed"),
+    consumes=("dataset_uri",),
+    produces=("model_uri",),
+    key_metrics=("eval/psnr", "eval/ssim", "eval/lpips", "eval/bicubic_psnr", "eval/bicubic_ssim", "perf/images_per_s"),
+    summary_artifact="reconstructions/holdout_final.png",
+    check=check_stage_a,
+    lost_outputs=registered_model_lost,
+    memory=estimate_stage_a,
+    trains=True,
+    lineage_checked=False,  # its input, the dataset, is in every key as its digest; its prepare run may be recreated
+)
+
+
 def main(argv: list[str] | None = None) -> StageAResult:
     setup_logging()
     cfg, _ = parse_cli(argv, argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     with exit_on(ConfigError, DatasetError, ClusterError, LeaseHeld, LeaseLost):
-        init_ray(cfg.ray)
-        check_cluster_paths(cfg)
         # Alone (not in the DAG), Stage A builds a dataset that data.source names and data.uri lacks.
         result = run_stage_a(cfg, upstream_run_ids=prepare_if_missing(cfg))
     print(f"stage_a finished: run {result.run_id}, model {result.model_uri}")

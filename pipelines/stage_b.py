@@ -35,28 +35,30 @@ import torch
 from torchvision.utils import make_grid
 
 from ldm_core.config import ConfigError
-from ldm_core.diffusion import NoiseSchedule, drop_condition, training_loss
+from ldm_core.diffusion import NoiseSchedule, training_loss
 from ldm_core.ema import EMA
 from ldm_core.unet import UNet
-from pipelines import latents, tracking
-from pipelines.config import PipelineConfig, parse_cli
-from pipelines.cluster import ClusterError, check_cluster_paths, ensure_resources
+from pipelines.data import latents
+from pipelines.platform import tracking
+from pipelines.config import PipelineConfig
+from pipelines.dag.stage import Stage
+from pipelines.platform.cli import parse_cli
+from pipelines.platform.cluster import ClusterError, connect, ensure_resources
 from pipelines.data import new_skip_counter
-from pipelines.encode_latents import STAGE as ENCODE_STAGE
-from pipelines.encode_latents import TAG_LATENTS_URI
-from pipelines.lease import LeaseHeld, LeaseLost, stage_lease
-from pipelines.memory_budget import check_memory_budget
-from pipelines.interop import adopt_init_architectures, init_from_run_ids, load_init_unet
-from pipelines.models import load_autoencoder, publish_unet, save_unet_bundle
-from pipelines.runtime import exit_on, init_ray, setup_logging
-from pipelines.sample import digit_prompt_accuracy, generate
-from pipelines.text_encoders import TextEncoderConfig, encode_prompts_remote
-from pipelines.run_logger import RunLogger
-from pipelines.train_loop import TrainLoop, TrainResult, Update, build_trainer, fingerprint_fields, fit_and_publish, training_run
-from pipelines.training import all_reduce_sum, world
+from pipelines.platform.lease import LeaseHeld, LeaseLost, stage_lease
+from pipelines.train.memory import check_memory_budget, estimate_stage_b
+from pipelines.models.interop import adopt_init_architectures, init_from_run_ids, load_init_unet
+from pipelines.models.registry import load_autoencoder, publish_unet, registered_model_lost, save_unet_bundle
+from pipelines.platform.runtime import exit_on, setup_logging
+from pipelines.models.inference import digit_prompt_accuracy, generate
+from pipelines.data.text_encoders import TextEncoderConfig, encode_prompts_remote
+from pipelines.train.run_logger import RunLogger
+from pipelines.train.loop import TrainLoop, TrainResult, Update, build_trainer, fingerprint_fields, fit_and_publish, training_run
+from pipelines.train.rank import all_reduce_sum, world
+from pipelines.train.steps import denoising_loss
 
 log = logging.getLogger("stage_b")
-STAGE = "stage_b"
+STAGE_NAME = "stage_b"
 BUNDLE_DIR = "unet"
 GRID_SEED_OFFSET = 7919
 """Added to run.seed for the in-training grids' initial noise (fixed across the run, so grids are comparable)."""
@@ -72,7 +74,7 @@ EVAL_SEED_OFFSET = 104729
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = PipelineConfig.model_validate(loop_config["config"])
     sb = cfg.stage_b
-    loop = TrainLoop(loop_config, sb.train, sb.optim, stage=STAGE, seed=cfg.run.seed, scaling=sb.scaling)
+    loop = TrainLoop(loop_config, sb.train, sb.optim, stage=STAGE_NAME, seed=cfg.run.seed, scaling=sb.scaling)
     device = loop.device
     cond = loop_config["condition"]
     null_context = torch.tensor(cond["null_context"], device=device)  # (L, D)
@@ -92,20 +94,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     loop.record_nodes()
     grids = GridSampler(cfg, loop_config, device) if loop.logger and len(cond["prompt_context"]) else None
 
-    # --- one step: a fresh posterior sample, t and eps, condition dropout, the denoising loss
+    # --- one step: a fresh posterior sample, condition dropout, t and eps, the denoising loss
     # A different random stream per rank and per resume point.
     generator = torch.Generator(device=device).manual_seed(cfg.run.seed + 1000 * loop.rank + loop.step)
 
-    def denoising_loss(batch: dict, step: int):
-        x0 = latents.sample_latents(batch["latent_mean"], batch["latent_std"], generator)  # (B, C, h, w)
-        context, context_mask = drop_condition(
-            batch["text_hidden"], batch["text_mask"], null_context, null_mask, sb.cond_drop_prob, generator
-        )
-        with loop.autocast():
-            return training_loss(ddp_model, x0, context, context_mask, schedule, generator=generator,
-                                 **sb.diffusion.loss_options())
+    def denoising_update(batch: dict, step: int):
+        return denoising_loss(ddp_model, batch, schedule, null_context=null_context, null_mask=null_mask,
+                              cond_drop_prob=sb.cond_drop_prob, generator=generator, autocast=loop.autocast,
+                              **sb.diffusion.loss_options())
 
-    for step in loop.run([Update(ddp_model, opt, sb.optim.lr, denoising_loss)], batches,
+    for step in loop.run([Update(ddp_model, opt, sb.optim.lr, denoising_update)], batches,
                          samples_per_batch=sb.batch_size, ema_model=model):
         if grids is not None and (step % sb.train.image_every == 0 or step == sb.train.max_steps):
             grids.log(loop.logger, model, ema, step)
@@ -214,7 +212,7 @@ class StageBResult(TrainResult):
 
 def latest_latents_uri(cfg: PipelineConfig, experiment_id: str) -> str:
     """The latents of the latest finished encode run of the experiment."""
-    uri = tracking.latest_output(experiment_id, ENCODE_STAGE, TAG_LATENTS_URI)
+    uri = tracking.latest_output(experiment_id, latents.ENCODE_STAGE, latents.TAG_LATENTS_URI)
     if uri:
         return uri
     raise ConfigError(f"stage_b.latents_uri is not set and experiment {cfg.mlflow.experiment!r} has no finished "
@@ -243,20 +241,30 @@ def check_compatible(cfg: PipelineConfig, manifest: dict, latents_uri: str) -> N
                           f"{global_batch} exceeds the {train_rows} training rows of {where}")
 
 
-@stage_lease(STAGE)  # one live driver per checkpoint folder (pipelines/lease.py)
+def check_stage_b(cfg: PipelineConfig) -> PipelineConfig:
+    """Before any cluster work: stage_b.init_from's architecture replaces stage_b.unet, and on GPUs the estimated
+    peak per GPU must fit scaling.gpu_type."""
+    cfg = adopt_init_architectures(cfg, ("stage_b",))
+    check_memory_budget(cfg, STAGE)
+    return cfg
+
+
+@stage_lease(STAGE_NAME)  # one live driver per checkpoint folder (pipelines/platform/lease.py)
 def run_stage_b(
-    cfg: PipelineConfig, *, parent_run_id: str | None = None, upstream_run_ids: tuple[str, ...] = (), extra_tags: dict | None = None
+    cfg: PipelineConfig, *, parent_run_id: str | None = None, upstream_run_ids: tuple[str, ...] = (),
+    extra_tags: dict | None = None, checked: bool = False,
 ) -> StageBResult:
-    cfg = adopt_init_architectures(cfg)  # stage_b.init_from: the imported U-Net's architecture replaces stage_b.unet
-    check_memory_budget(cfg, STAGE)  # GPU runs: the estimated peak per GPU must fit scaling.gpu_type, before any cluster work
-    init_ray(cfg.ray)
-    check_cluster_paths(cfg)
+    """Train the U-Net on the latents, evaluate and publish it. `checked`: `check_stage_b` and `connect` already
+    ran on `cfg` (the DAG runs every stage's checks first)."""
+    if not checked:
+        cfg = check_stage_b(cfg)
+        connect(cfg)
     sb = cfg.stage_b
     experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
     latents_uri = sb.latents_uri or latest_latents_uri(cfg, experiment_id)
     manifest = latents.read_latents_manifest(latents_uri, cfg.storage)  # fails clearly on missing/incomplete latents
     check_compatible(cfg, manifest, latents_uri)
-    ensure_resources(sb.scaling, cfg.data, cfg.ray, section=STAGE)  # waits for an autoscaler to add them
+    ensure_resources(sb.scaling, cfg.data, cfg.ray, section=STAGE_NAME)  # waits for an autoscaler to add them
     null_context, null_mask = latents.read_null_condition(latents_uri, manifest, cfg.storage)
 
     text = manifest["text_encoder"]
@@ -265,20 +273,20 @@ def run_stage_b(
     prompts = encode_prompts_remote(text_cfg, cfg.sample.prompts, num_cpus=cfg.data.cpus_per_task, num_gpus=num_gpus) \
         if cfg.sample.prompts else None
 
-    trainer_name = f"{cfg.run.name}-{STAGE}"
-    fields = fingerprint_fields({STAGE: sb.model_dump(mode="json", exclude={"latents_uri"}),
-                                 "latents": {"uri": latents_uri, "digest": manifest["digest"]}, "run": {"seed": cfg.run.seed}}, STAGE)
+    trainer_name = f"{cfg.run.name}-{STAGE_NAME}"
+    fields = fingerprint_fields({STAGE_NAME: sb.model_dump(mode="json", exclude={"latents_uri"}),
+                                 "latents": {"uri": latents_uri, "digest": manifest["digest"]}, "run": {"seed": cfg.run.seed}}, STAGE_NAME)
     upstream = tuple(upstream_run_ids) or tuple(r for r in (manifest.get("encode_run_id"), manifest.get("stage_a_run_id")) if r)
-    upstream = tuple(dict.fromkeys((*upstream, *init_from_run_ids(cfg, STAGE))))  # + the run stage_b.init_from came from
+    upstream = tuple(dict.fromkeys((*upstream, *init_from_run_ids(cfg, STAGE_NAME))))  # + the run stage_b.init_from came from
     tags = {
-        TAG_LATENTS_URI: latents_uri, "latents_digest": manifest["digest"],
+        latents.TAG_LATENTS_URI: latents_uri, "latents_digest": manifest["digest"],
         "encode_run_id": manifest.get("encode_run_id", ""), "autoencoder_uri": manifest["autoencoder_uri"],
         "text_encoder": text["name_or_path"], **(extra_tags or {}),
     }
     params = tracking.flatten({"stage_b": sb.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json"),
                                "sample": {"prompts": cfg.sample.prompts, "guidance": cfg.sample.guidance}})
     with training_run(
-        cfg, stage=STAGE, experiment_id=experiment_id, trainer_name=trainer_name, fields=fields,
+        cfg, stage=STAGE_NAME, experiment_id=experiment_id, trainer_name=trainer_name, fields=fields,
         upstream_run_ids=upstream, parent_run_id=parent_run_id, tags=tags, params=params,
         dataset=(latents_uri, "latents", manifest["digest"]),
     ) as (run_id, resumed):
@@ -315,6 +323,22 @@ def run_stage_b(
         log.info("stage_b done: %s (held-out loss %s)", model_uri, final.get("eval/holdout_loss_ema", "n/a"))
         return StageBResult(run_id=run_id, model_uri=model_uri, model_version=version, metrics=final,
                             resumed=resumed, latents_uri=latents_uri)
+
+
+STAGE = Stage(
+    name=STAGE_NAME,
+    run=run_stage_b,
+    inputs=("encode", "stage_a"),
+    sections=("stage_b", "sample.prompts", "sample.digit_classifier", "run.seed"),
+    wiring={"stage_b.latents_uri": ("encode", "latents_uri")},
+    consumes=("latents_uri", "autoencoder_uri"),
+    produces=("model_uri",),
+    key_metrics=("perf/images_per_s", "train/loss", "eval/holdout_loss", "eval/holdout_loss_ema"),
+    check=check_stage_b,
+    lost_outputs=registered_model_lost,
+    memory=estimate_stage_b,
+    trains=True,
+)
 
 
 def main(argv: list[str] | None = None) -> StageBResult:

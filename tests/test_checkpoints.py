@@ -1,7 +1,7 @@
 import torch
 from safetensors.torch import load_file
 
-from pipelines.checkpoints import load_meta, load_module, load_optimizer, save_checkpoint
+from pipelines.models.checkpoints import load_meta, load_module, load_optimizer, save_checkpoint
 
 
 def _model():

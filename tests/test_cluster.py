@@ -31,7 +31,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load
 
-from pipelines.cluster import ClusterError, StageNeeds, autoscaler_running, check_local_paths, ensure_resources
+from pipelines.platform.cluster import ClusterError, StageNeeds, autoscaler_running, check_local_paths, ensure_resources
 from pipelines import run as pipeline
 from pipelines.config import load_config
 from tests.conftest import free_port, wait_for_port
@@ -270,7 +270,7 @@ class FakeCluster:
     def wait_for_autoscaler(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if "True" in self.python("from pipelines.cluster import autoscaler_running; print(autoscaler_running())"):
+            if "True" in self.python("from pipelines.platform.cluster import autoscaler_running; print(autoscaler_running())"):
                 return
             time.sleep(2)
         raise TimeoutError("the fake head's autoscaler never reported")
@@ -346,8 +346,8 @@ def test_readme_walkthrough_autoscales_from_zero_and_runs_the_whole_dag_on_s3(au
     # An infeasible request (no node type has 64 CPUs) gives up at the deadline, naming what never arrived; it is
     # withdrawn, and nothing was launched for it.
     timed_out = cluster.python(
-        "from pipelines.cluster import ClusterError, ensure_resources\n"
-        "from pipelines.config import load_config\n"
+        "from pipelines.platform.cluster import ClusterError, ensure_resources\n"
+        "from pipelines.config.pipeline import load_config\n"
         "cfg = load_config('configs/quickstart.yaml', ['stage_a.scaling.cpus_per_worker=64', 'data.reserved_cpus=0',\n"
         "                                              'ray.autoscaler_timeout_s=4'])\n"
         "try:\n    ensure_resources(cfg.stage_a.scaling, cfg.data, cfg.ray, section='stage_a')\n"
@@ -513,7 +513,7 @@ def test_both_stages_checkpoint_to_s3_and_resume_from_there_after_a_driver_kill(
     assert "[stage_b] ran" not in second and "[stage_b] resumed" not in second, second[-3000:]
 
     outcomes = pipeline.run_pipeline(load_config(REPO / "configs/quickstart.yaml", overrides))
-    assert [outcomes[s].status for s in pipeline.STAGES] == ["skipped", "reused", "reused", "resumed", "ran"]
+    assert [outcomes[s].status for s in pipeline.STAGE_NAMES] == ["skipped", "reused", "reused", "resumed", "ran"]
 
     client = MlflowClient(mlflow_uri)
     for stage, optimizer in (("stage_a", "opt_g"), ("stage_b", "opt")):

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from pipelines import progress
-from pipelines.progress import RayCoreRecords, run_with_progress
+from pipelines.platform import progress
+from pipelines.platform.progress import RayCoreRecords, run_with_progress
 
 CORE_E = ("[2026-11-26 03:32:27,124 E 10729 10729] core_worker.cc:2465: Actor with class name: 'MapWorker(...)' and ID: "
           "'4119d2' has constructor arguments in the object store and max_restarts > 0.")
@@ -60,7 +60,7 @@ def test_a_driver_whose_filter_runs_keeps_its_last_stderr_lines_and_drops_core_r
     # fd 2 of a child process goes through the filter as init_ray puts it there; its exit message must come out.
     script = (
         "import os, sys\n"
-        "from pipelines import runtime\n"
+        "from pipelines.platform import runtime\n"
         "runtime._filter_stderr()\n"
         "import atexit; atexit.register(runtime._close_stderr_filter)\n"
         f"os.write(2, {(CORE_E + chr(10)).encode()!r})\n"

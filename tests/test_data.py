@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import prepare_data, storage
+from pipelines import prepare_data
+from pipelines.platform import storage
 from pipelines.data import (
     DROP_REASONS,
     DataConfig,
     DatasetError,
     build_dataset,
-    check_cpu_budget,
     decode_sample,
     index_shards,
     prepare_dataset,
@@ -30,8 +30,9 @@ from pipelines.data import (
     to_model_range,
 )
 from pipelines.data.reader import in_split, source_of
+from pipelines.platform.cluster import check_cpu_budget
 from pipelines.data.sources import SKIMAGE_PHOTOS
-from pipelines.settings import ScalingSection
+from pipelines.config.sections import ScalingSection
 
 
 def _stream(cfg: DataConfig, split: str = "all", counter=None):

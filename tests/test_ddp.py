@@ -1,4 +1,4 @@
-"""pipelines/ddp.py on two real gloo ranks: the DDP arguments and the bf16 gradient-compression hook from the config."""
+"""pipelines/train/ddp.py on two real gloo ranks: the DDP arguments and the bf16 gradient-compression hook from the config."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipelines.config import load_config
-from pipelines.ddp import configure_ddp, ddp_kwargs
+from pipelines.train.ddp import configure_ddp, ddp_kwargs
 from tests.conftest import REPO, free_port
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines import digits
-from pipelines.digits import DigitClassifierConfig
+from pipelines.models import judge as digits
+from pipelines.models.judge import DigitClassifierConfig
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_corrupt_cache_is_retrained_and_overwritten(tmp_path, caplog):
     first = digits.load_or_train_classifier(cfg, cache_uri=str(tmp_path))
     path = tmp_path / first.cache_path.rsplit("/", 1)[-1]
     path.write_bytes(b"not a safetensors file")
-    with caplog.at_level(logging.WARNING, logger="pipelines.digits"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.models.judge"):
         second = digits.load_or_train_classifier(cfg, cache_uri=str(tmp_path))
     assert not second.from_cache and "unreadable" in caplog.text
     assert digits.load_or_train_classifier(cfg, cache_uri=str(tmp_path)).from_cache

@@ -17,12 +17,13 @@ from mlflow.tracking import MlflowClient
 
 from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_core.config import ConfigError
-from pipelines import latents, storage, tracking
+from pipelines.data import latents
+from pipelines.platform import storage, tracking
 from pipelines.config import PipelineConfig, load_config
 from pipelines.data import build_dataset, to_model_range
 from pipelines.encode_latents import main as encode_main
 from pipelines.encode_latents import run_encode
-from pipelines.models import publish_autoencoder
+from pipelines.models.registry import publish_autoencoder
 from tests.helpers import REPO, tiny_later_stages
 
 pytestmark = pytest.mark.slow

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.plan import config_diff
-from pipelines.run import StageFailure, failure_cause, resume_command
+from pipelines.dag.plan import config_diff
+from pipelines.dag.executor import StageFailure, failure_cause, resume_command
 
 
 def test_the_cause_is_the_innermost_error_on_one_line_without_colour_codes():
@@ -19,8 +19,8 @@ def test_the_cause_is_the_innermost_error_on_one_line_without_colour_codes():
         assert failure_cause(e) == "ValueError: first line"
 
     remote = RuntimeError("\x1b[36mray::RayTrainWorker.run()\x1b[39m (pid=1, ip=x)\n  File \"loop.py\", line 3\n"
-                          "pipelines.training.NonFiniteLossError: 20 consecutive steps had a non-finite loss")
-    assert failure_cause(remote) == "pipelines.training.NonFiniteLossError: 20 consecutive steps had a non-finite loss"
+                          "pipelines.train.rank.NonFiniteLossError: 20 consecutive steps had a non-finite loss")
+    assert failure_cause(remote) == "pipelines.train.rank.NonFiniteLossError: 20 consecutive steps had a non-finite loss"
 
     class WorkerGroupError(RuntimeError):  # the shape of Ray Train's error: one exception per failed rank
         def __init__(self, failures):
@@ -42,12 +42,12 @@ def test_the_cause_is_the_innermost_error_on_one_line_without_colour_codes():
 def test_resume_goes_on_from_the_failed_stage_with_the_same_settings(monkeypatch):
     monkeypatch.setattr(sys, "executable", "/somewhere/else/bin/python")
     argv = ["--config", "c.yaml", "--set", "a=1", "--force", "stage_a", "--from=prepare", "--until", "sample"]
-    assert resume_command(argv, "stage_b", "stage_a") == \
+    assert resume_command(argv, "stage_b", "stage_a", "prepare") == \
         "/somewhere/else/bin/python pipelines/run.py --config c.yaml --set a=1 --until sample --from stage_b"
     # The forced stage itself failed: force it again (its fresh Ray Train name cannot be resumed), no --from.
-    assert resume_command(["--config", "c.yaml", "--force", "stage_b"], "stage_b", "stage_b").endswith(
+    assert resume_command(["--config", "c.yaml", "--force", "stage_b"], "stage_b", "stage_b", "prepare").endswith(
         "pipelines/run.py --config c.yaml --force stage_b")
-    assert resume_command(["--set", "x=a b"], "prepare", None).endswith("pipelines/run.py --set 'x=a b'")
+    assert resume_command(["--set", "x=a b"], "prepare", None, "prepare").endswith("pipelines/run.py --set 'x=a b'")
     line = StageFailure("encode", None, "0123", "OSError: disk full").line("python pipelines/run.py --from encode")
     assert line == ("[encode] FAILED  MLflow pipeline run 0123  cause: OSError: disk full  "
                     "resume: python pipelines/run.py --from encode")

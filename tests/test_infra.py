@@ -215,7 +215,7 @@ def test_runtime_env_ships_the_code_not_the_environment(tmp_path):
     pkg = tmp_path / "working_dir.zip"
     create_package(str(REPO), pkg, include_gitignore=True, excludes=env["excludes"])
     names = zipfile.ZipFile(pkg).namelist()
-    assert "pipelines/runtime.py" in names and "ldm_core/config.py" in names
+    assert "pipelines/platform/runtime.py" in names and "ldm_core/config.py" in names
     heavy = [n for n in names if n.split("/")[0] in {".venv", ".git", "outputs", "mlruns", "mlartifacts"}]
     assert not heavy, heavy[:5]
     assert pkg.stat().st_size < 20 * 2**20
@@ -855,7 +855,7 @@ def test_tracking_uri_with_credentials_is_refused_without_echoing_them():
 def test_tracking_uri_variable_with_credentials_is_refused_without_echoing_them(monkeypatch):
     """The same rule for the MLFLOW_TRACKING_URI variable, which wins over the config."""
     from ldm_core.config import ConfigError
-    from pipelines import tracking
+    from pipelines.platform import tracking
     from pipelines.config import load_config
 
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [])

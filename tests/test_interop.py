@@ -24,7 +24,7 @@ from ldm_core.unet import UNet, UNetConfig
 
 diffusers = pytest.importorskip("diffusers")
 
-from pipelines import interop  # noqa: E402  (after the skip: the module is only useful with diffusers around)
+from pipelines.models import interop  # noqa: E402  (after the skip: the module is only useful with diffusers around)
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -314,7 +314,7 @@ def test_import_from_s3_pipeline_folder(s3_bucket, tmp_path):
 def test_import_from_mlflow_artifacts_and_our_own_models(mlflow_uri, tmp_path):
     import mlflow
 
-    from pipelines.models import publish_autoencoder
+    from pipelines.models.registry import publish_autoencoder
 
     vae = diffusers_vae("grey-3-levels")
     mlflow.set_experiment("interop-tests")
@@ -375,9 +375,10 @@ def test_pipeline_checks_the_gpu_budget_of_the_imported_architecture(tmp_path):
         "_class_name": "UNet2DConditionModel", "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
         "attention_head_dim": 8, "sample_size": 64}))
     gpu = ["stage_b.scaling.use_gpu=true", "stage_b.scaling.gpu_memory_gib=4", f"run.output_uri={tmp_path / 'out'}"]
-    from pipelines.memory_budget import check_memory_budget
+    from pipelines import stage_b
+    from pipelines.train.memory import check_memory_budget
 
-    assert check_memory_budget(_pipeline_config(*gpu), "stage_b").fits  # the configured U-Net alone would pass
+    assert check_memory_budget(_pipeline_config(*gpu), stage_b.STAGE).fits  # the configured U-Net alone would pass
     with pytest.raises(ConfigError, match=r"^stage_b: estimated peak 1\d\.\d GiB per GPU .* exceeds the configured GPU's 4 GiB"):
         run_pipeline(_pipeline_config(*gpu, f"stage_b.init_from={tmp_path / 'sd1-unet'}"), from_stage="stage_b")
 
@@ -387,8 +388,10 @@ def test_init_from_an_mlflow_model_is_in_the_stage_runs_upstream_run_ids(mlflow_
     after the runs of its DAG inputs; a path or s3:// source adds nothing."""
     import mlflow
 
-    from pipelines.models import publish_autoencoder
-    from pipelines.run import DAG, Context, NodeOutcome
+    from pipelines.models.registry import publish_autoencoder
+    from pipelines.dag.executor import Context
+    from pipelines.dag.stage import Outcome
+    from pipelines.run import STAGES
 
     mlflow.set_experiment("interop-tests")
     with mlflow.start_run() as source:
@@ -396,12 +399,12 @@ def test_init_from_an_mlflow_model_is_in_the_stage_runs_upstream_run_ids(mlflow_
                                                                            norm_groups=4)), tmp_path / "pub", "ldm-autoencoder")
     mlflow.MlflowClient().set_registered_model_alias("ldm-autoencoder", "champion", version)
     source_run = source.info.run_id
-    outcomes = {stage: NodeOutcome(stage, "ran", f"{stage}-run", "key") for stage in ("prepare", "stage_a", "encode")}
-    nodes = {node.stage: node for node in DAG}
+    outcomes = {stage: Outcome(stage, "ran", f"{stage}-run", "key") for stage in ("prepare", "stage_a", "encode")}
+    nodes = {stage.name: stage for stage in STAGES}
 
     def upstream(stage: str, *overrides: str) -> tuple[str, ...]:
         cfg = _pipeline_config(f"mlflow.tracking_uri={mlflow_uri}", *overrides)
-        return Context(cfg, "0", "parent", outcomes, nodes[stage], "key").upstream()
+        return Context(cfg, cfg, "0", "parent", outcomes, nodes[stage], "key").upstream()
 
     assert uri.startswith("models:/ldm-autoencoder/")
     assert upstream("stage_a", f"stage_a.init_from={uri}") == ("prepare-run", source_run)
@@ -416,7 +419,7 @@ def test_stage_b_fine_tunes_an_imported_diffusers_unet(ray_local, mlflow_uri, tm
     """stage_b.init_from a (tiny, random) diffusers UNet2DConditionModel folder: Stage B adopts its architecture,
     starts from its weights and trains them; the published bundle is that architecture, a few optimiser steps away."""
     from pipelines.encode_latents import run_encode
-    from pipelines.models import load_unet_bundle
+    from pipelines.models.registry import load_unet_bundle
     from pipelines.stage_b import run_stage_b
     from tests.test_encode import digits_dataset, publish_tiny_autoencoder, tiny_config
 
@@ -502,8 +505,8 @@ SD_HEADS = {"sd1": dict(num_heads=8), "sd2": dict(head_dim=64)}
 
 def _bundle_on_tiny_clip(unet: UNet, tmp_path: Path, scale_factor: float):
     from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
-    from pipelines.models import UNetBundle
-    from pipelines.text_encoders import TextEncoderConfig
+    from pipelines.models.registry import UNetBundle
+    from pipelines.data.text_encoders import TextEncoderConfig
 
     diffusion = DiffusionConfig()
     return UNetBundle(
@@ -604,7 +607,7 @@ def _publish_tiny_autoencoder(tmp_path, seed: int = 5, sd_conventions: bool = Fa
     """`sd_conventions`: 32 GroupNorm groups (32 channels), so that it can also be exported as an SD single file."""
     import mlflow
 
-    from pipelines.models import publish_autoencoder
+    from pipelines.models.registry import publish_autoencoder
 
     torch.manual_seed(seed)
     width = dict(base_channels=32, norm_groups=32) if sd_conventions else dict(base_channels=8, norm_groups=4)
@@ -700,8 +703,8 @@ def test_unet_bundle_on_clip_exports_a_stable_diffusion_pipeline(tmp_path, mlflo
     import mlflow
 
     from ldm_core.diffusion import DiffusionConfig
-    from pipelines.models import publish_unet, save_unet_bundle
-    from pipelines.text_encoders import TextEncoderConfig
+    from pipelines.models.registry import publish_unet, save_unet_bundle
+    from pipelines.data.text_encoders import TextEncoderConfig
 
     autoencoder, ae_uri, _ = _publish_tiny_autoencoder(tmp_path, sd_conventions=True)
     factor = autoencoder.downsample_factor

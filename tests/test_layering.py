@@ -32,3 +32,72 @@ def test_importing_ldm_core_loads_no_ray_or_mlflow():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+# pipelines/ is layered: each package may import its own layer and the ones below it, never one above; the entry
+# points on top (pipelines/*.py) import anything below. README "Where things live" names the same order.
+LAYERS = ("config", "platform", "data", "models", "train", "dag")
+
+
+def _layer(module: str) -> int:
+    package = module.split(".")[1]
+    return LAYERS.index(package) if package in LAYERS else len(LAYERS)  # else: pipelines.<entry point>
+
+
+def _pipeline_imports() -> dict[str, set[str]]:
+    """Every pipelines module -> the pipelines modules it imports anywhere in its body (lazy imports inside
+    functions too; `if TYPE_CHECKING:` blocks left out: annotations only)."""
+    graph: dict[str, set[str]] = {}
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+               for p in (REPO / "pipelines").rglob("*.py")}
+    for path in sorted((REPO / "pipelines").rglob("*.py")):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        tree = ast.parse(path.read_text(), filename=str(path))
+        skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for child in node.body for n in ast.walk(child)}
+        found = set()
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module for a in node.names}
+        graph[name] = {m for m in found if m in modules and m != name and m != "pipelines"}
+    return graph
+
+
+def test_pipelines_packages_import_only_their_own_layer_or_lower():
+    graph = _pipeline_imports()
+    assert len(graph) > 30, "the walk found the package"
+    upward = sorted(f"{m} -> {d}" for m, deps in graph.items() if m.count(".") > 1 or m == "pipelines"
+                    for d in deps if _layer(d) > _layer(m))
+    assert upward == []
+    assert not [m for m in graph if m.count(".") == 1 and m.split(".")[1] not in LAYERS and not (REPO / f"{m.replace('.', '/')}.py").is_file()]
+
+
+def test_pipelines_has_no_import_cycle():
+    graph = _pipeline_imports()
+    cycles, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join(path[path.index(dep):] + [dep]) if dep in path else f"{node} -> {dep}")
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
+
+
+def test_pipelines_top_level_holds_only_entry_points_and_subpackages():
+    """`ls pipelines/` is the DAG's nodes and CLIs: every top-level module is run as a script."""
+    top = sorted(p.name for p in (REPO / "pipelines").glob("*.py") if p.name != "__init__.py")
+    not_scripts = [name for name in top if 'if __name__ == "__main__":' not in (REPO / "pipelines" / name).read_text()]
+    assert not_scripts == []
+    assert sorted(p.name for p in (REPO / "pipelines").iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(LAYERS)

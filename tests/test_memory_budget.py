@@ -1,5 +1,5 @@
-"""The memory-budget check (pipelines/memory_budget.py): its estimate against a real peak measured on the CPU at
-small size, the check on every config in configs/, and the GPU settings it relies on (pipelines/settings.py)."""
+"""The memory-budget check (pipelines/train/memory.py): its estimate against a real peak measured on the CPU at
+small size, the check on every config in configs/, and the GPU settings it relies on (pipelines/config/sections.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,13 @@ import sys
 import pytest
 
 from ldm_core.config import ConfigError
-from pipelines import memory_budget
+from pipelines.run import STAGES
+from pipelines.train import memory as memory_budget
+
+TRAINING = {stage.name: stage for stage in STAGES if stage.memory is not None}
+"""The training stages, by name: what the memory budget estimates."""
 from pipelines.config import load_config
-from pipelines.settings import GPU_MEMORY_GIB
+from pipelines.config.sections import GPU_MEMORY_GIB
 from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -112,7 +116,7 @@ def test_estimate_matches_a_real_cpu_training_step(stage, overrides):
     share, as in the small checkpointed U-Net here (measured 2026-11-25: +10%, +8%, +15%, +37%). On a GPU only
     the dtypes CUDA's autocast picks differ, and the estimate measures those with the same machinery."""
     cfg = load_config(REPO / "configs/quickstart.yaml", overrides)
-    budget = memory_budget.estimate(cfg, stage, device="cpu")
+    budget = memory_budget.estimate(cfg, TRAINING[stage], device="cpu")
     held = sum(v for k, v in budget.components.items() if k.endswith(("weights", "weights (frozen)", "Adam moments", "EMA")))
     expected = budget.peak_bytes - held
     real = measured_peak(stage, overrides)
@@ -129,9 +133,9 @@ def test_every_config_fits_the_gpu_it_names(path):
     """Every config in configs/ passes the check its stage drivers run: GPU stages fit their gpu_type (with the
     allocator's overhead and the memory outside it), CPU stages are not checked."""
     cfg = load_config(path)
-    for stage in memory_budget.STAGES:
+    for stage in TRAINING:
         scaling = getattr(cfg, stage).scaling
-        budget = memory_budget.check_memory_budget(cfg, stage)
+        budget = memory_budget.check_memory_budget(cfg, TRAINING[stage])
         if not scaling.use_gpu:
             assert budget is None
             continue
@@ -141,7 +145,7 @@ def test_every_config_fits_the_gpu_it_names(path):
 
 
 def test_the_check_covers_at_least_one_gpu_config():
-    gpu = [p.name for p in CONFIGS for s in memory_budget.STAGES if getattr(load_config(p), s).scaling.use_gpu]
+    gpu = [p.name for p in CONFIGS for s in TRAINING if getattr(load_config(p), s).scaling.use_gpu]
     assert "sd_f8.yaml" in gpu
 
 
@@ -155,11 +159,11 @@ def test_a_config_that_does_not_fit_fails_with_one_line(overrides, stage, gpu):
     U-Net (~16 GiB of weights, gradients, Adam and EMA before any activation) does not fit a 16 GB T4."""
     cfg = load_config(REPO / "configs/sd_f8.yaml", overrides)
     with pytest.raises(ConfigError) as err:
-        memory_budget.check_memory_budget(cfg, stage)
+        memory_budget.check_memory_budget(cfg, TRAINING[stage])
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"{stage}: estimated peak ") and f"the {gpu}'s {GPU_MEMORY_GIB[gpu]:g} GiB" in message
-    budget = memory_budget.estimate(cfg, stage)
+    budget = memory_budget.estimate(cfg, TRAINING[stage])
     assert budget.required_gib > GPU_MEMORY_GIB[gpu] and budget.fits is False
 
 
@@ -167,37 +171,37 @@ def test_a_config_that_does_not_fit_fails_with_one_line(overrides, stage, gpu):
 def test_without_checkpointing_stage_a_activations_grow_and_with_fused_adamw_the_step_temporaries_vanish():
     base = load_config(REPO / "configs/sd_f8.yaml")
     plain = load_config(REPO / "configs/sd_f8.yaml", ["stage_a.model.gradient_checkpointing=false", "stage_a.optim.fused=false"])
-    on, off = memory_budget.estimate(base, "stage_a"), memory_budget.estimate(plain, "stage_a")
+    on, off = memory_budget.estimate(base, TRAINING["stage_a"]), memory_budget.estimate(plain, TRAINING["stage_a"])
     act = "activations (saved for backward)"
     assert off.components[act] > 3 * on.components[act]
     assert on.components["optimizer step temporaries"] == 0 < off.components["optimizer step temporaries"]
     # bf16 autocast keeps less than fp32 for the same network and batch.
-    fp32 = memory_budget.estimate(load_config(REPO / "configs/sd_f8.yaml", ["stage_a.train.mixed_precision='no'"]), "stage_a")
+    fp32 = memory_budget.estimate(load_config(REPO / "configs/sd_f8.yaml", ["stage_a.train.mixed_precision='no'"]), TRAINING["stage_a"])
     assert fp32.components[act] > on.components[act]
 
 
 @pytest.mark.slow  # fake-tensor runs of the SD-sized networks: seconds each, minutes on a loaded box
 def test_ddp_buckets_are_counted_unless_gradients_are_views_into_them():
     cfg = load_config(REPO / "configs/sd_f8.yaml")
-    assert "unet DDP buckets" not in memory_budget.estimate(cfg, "stage_b").components
-    copies = memory_budget.estimate(load_config(REPO / "configs/sd_f8.yaml", ["stage_b.scaling.gradient_as_bucket_view=false"]), "stage_b")
+    assert "unet DDP buckets" not in memory_budget.estimate(cfg, TRAINING["stage_b"]).components
+    copies = memory_budget.estimate(load_config(REPO / "configs/sd_f8.yaml", ["stage_b.scaling.gradient_as_bucket_view=false"]), TRAINING["stage_b"])
     assert copies.components["unet DDP buckets"] == copies.components["unet weights"]
     one = memory_budget.estimate(load_config(REPO / "configs/sd_f8.yaml", ["stage_b.scaling.gradient_as_bucket_view=false",
-                                                                           "stage_b.scaling.num_workers=1"]), "stage_b")
+                                                                           "stage_b.scaling.num_workers=1"]), TRAINING["stage_b"])
     assert "unet DDP buckets" not in one.components
 
 
 def test_a_gpu_stage_without_a_gpu_type_or_memory_is_refused():
     cfg = load_config(REPO / "configs/quickstart.yaml", ["stage_a.scaling.use_gpu=true"])
     with pytest.raises(ConfigError, match=r"^stage_a.scaling: use_gpu=true needs gpu_type"):
-        memory_budget.check_memory_budget(cfg, "stage_a")
+        memory_budget.check_memory_budget(cfg, TRAINING["stage_a"])
     cfg = load_config(REPO / "configs/quickstart.yaml", ["stage_a.scaling.use_gpu=true", "stage_a.scaling.gpu_memory_gib=8"])
-    assert memory_budget.check_memory_budget(cfg, "stage_a").capacity_gib == 8
+    assert memory_budget.check_memory_budget(cfg, TRAINING["stage_a"]).capacity_gib == 8
 
 
 @pytest.mark.slow  # fake-tensor runs of the SD-sized networks: seconds each, minutes on a loaded box
 def test_cli_prints_the_breakdown_and_exits_with_one_line_when_a_stage_does_not_fit():
-    run = [sys.executable, "-m", "pipelines.memory_budget", "--config", "configs/sd_f8.yaml"]
+    run = [sys.executable, "pipelines/run.py", "--memory", "--config", "configs/sd_f8.yaml"]
     ok = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "stage_a: estimated peak" in ok.stdout and "GPU A100-40G: 39 GiB -> fits" in ok.stdout
@@ -251,5 +255,5 @@ def test_the_estimate_is_within_20_percent_of_the_peak_measured_on_a_gpu(bench):
     stage, overrides, batch_key = BENCH_OVERRIDES[bench]
     for row in measured:
         cfg = load_config(REPO / "configs/sd_f8.yaml", [*overrides, f"{batch_key}={row['batch']}"])
-        estimated = memory_budget.estimate(cfg, stage).peak_gib
+        estimated = memory_budget.estimate(cfg, TRAINING[stage]).peak_gib
         assert abs(estimated - row["peak_gib"]) <= 0.2 * row["peak_gib"], (bench, row["device"], estimated, row["peak_gib"])

@@ -8,11 +8,12 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines import latents, storage
+from pipelines.data import latents
+from pipelines.platform import storage
 from pipelines.config import load_config
 from pipelines.encode_latents import autoencoder_to_load, run_encode
 from pipelines.encode_latents import main as encode_main
-from pipelines.models import ModelURIError
+from pipelines.models.registry import ModelURIError
 from pipelines.sample import apply_flags, build_parser, unet_to_load
 from tests.helpers import REPO
 from tests.test_encode import digits_dataset, publish_tiny_autoencoder, tiny_config

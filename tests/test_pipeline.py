@@ -22,7 +22,7 @@ from tests.helpers import REPO, tiny_later_stages, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
-STAGES = pipeline.STAGES
+STAGES = pipeline.STAGE_NAMES
 
 
 def _overrides(tmp_path: Path, *extra: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""The console's progress and summary lines (pipelines/progress.py): their shape, in place on a terminal, one line
+"""The console's progress and summary lines (pipelines/platform/progress.py): their shape, in place on a terminal, one line
 every N steps elsewhere, and never a control code off a terminal."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 import re
 import time
 
-from pipelines.progress import Progress, format_duration, progress_line, summary_line
+from pipelines.platform.progress import Progress, format_duration, progress_line, summary_line
 
 ANSI_OR_CR = re.compile(r"\x1b\[|\r")
 
@@ -61,7 +61,7 @@ def test_eta_counts_only_the_steps_this_process_ran():
 
 
 def test_is_terminal_of_a_real_pipe_is_false():
-    from pipelines.progress import is_terminal
+    from pipelines.platform.progress import is_terminal
 
     r, w = os.pipe()
     with os.fdopen(w, "w") as pipe, os.fdopen(r) as _:

@@ -24,19 +24,21 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from pipelines import latents, lease, storage
+from pipelines.dag.executor import lost_outputs
+from pipelines.data import latents
+from pipelines.platform import lease, storage
 from pipelines.data import build_dataset, prepare_dataset
-from pipelines.data.config import DataConfig
+from pipelines.config.data import DataConfig
 from pipelines.data.reader import COUNTER_NAMESPACE
-from pipelines.settings import LeaseSection
+from pipelines.config.sections import LeaseSection
 from tests.helpers import REPO, tiny_later_stages, tiny_overrides
 
 FAST = LeaseSection(ttl_s=3, heartbeat_s=0.5, poll_s=0.2, settle_s=0.2)
 
 HOLDER = """
 import json, sys, time
-from pipelines import lease
-from pipelines.settings import LeaseSection
+from pipelines.platform import lease
+from pipelines.config.sections import LeaseSection
 uri, hold_s, notes, start_at = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3]), float(sys.argv[4])
 time.sleep(max(0.0, start_at - time.time()))
 held = lease.acquire(uri, what="holder", settings=LeaseSection(ttl_s=3, heartbeat_s=0.5, poll_s=0.2, settle_s=0.2))
@@ -386,10 +388,10 @@ def test_two_drivers_with_one_config_at_once_then_lost_outputs_rerun(ray_local, 
                                  [f["path"] for f in new_manifest["files"]]) == []
     # A registered model version that was deleted makes the Stage A cache hit invalid.
     stage_a = client.get_run(runs["stage_a"][0].info.run_id)
-    assert pipeline.missing_outputs("stage_a", stage_a, cfg) == ""
+    assert lost_outputs(pipeline.stage_a.STAGE, stage_a, cfg) == ""
     name, version = stage_a.data.tags["model_uri"][len("models:/"):].split("/")
     client.delete_model_version(name, version)
-    assert "not found" in pipeline.missing_outputs("stage_a", stage_a, cfg)
+    assert "not found" in lost_outputs(pipeline.stage_a.STAGE, stage_a, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -23,11 +23,13 @@ from ldm_core.config import ConfigError
 from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
 from ldm_core.sampling import ddim_sample
 from ldm_core.unet import UNet, UNetConfig
-from pipelines import sample, storage, tracking
+from pipelines import sample
+from pipelines.models import inference
+from pipelines.platform import storage, tracking
 from pipelines.config import load_config
-from pipelines.digits import load_or_train_classifier
-from pipelines.models import publish_autoencoder, publish_unet, save_unet_bundle
-from pipelines.text_encoders import TextEncoderConfig, load_text_encoder
+from pipelines.models.judge import load_or_train_classifier
+from pipelines.models.registry import publish_autoencoder, publish_unet, save_unet_bundle
+from pipelines.data.text_encoders import TextEncoderConfig, load_text_encoder
 from tests.helpers import REPO
 
 CONTEXT_DIM = 8
@@ -65,7 +67,7 @@ def _generate(tiny, **overrides):
     kwargs = dict(context=tiny["context"], context_mask=tiny["mask"], null_context=tiny["null"], null_mask=None,
                   latent_shape=(4, 4, 4), scale_factor=0.7, num_per_prompt=2, steps=4, guidance=3.0, seed=0)
     kwargs.update(overrides)
-    return sample.generate(tiny["unet"], tiny["ae"], tiny["schedule"], **kwargs)
+    return inference.generate(tiny["unet"], tiny["ae"], tiny["schedule"], **kwargs)
 
 
 def test_generate_is_reproducible_and_seeded(tiny):
@@ -84,7 +86,7 @@ def test_generate_matches_ddim_with_the_given_steps_and_guidance(tiny):
     """The images are DDIM(steps, guidance) from the seeded noise, decoded with the latent scale undone."""
     steps, guidance = 3, 2.5
     images = _generate(tiny, steps=steps, guidance=guidance, num_per_prompt=1)
-    x_T = sample.initial_noise(0, 1, (4, 4, 4)).repeat(3, 1, 1, 1)
+    x_T = inference.initial_noise(0, 1, (4, 4, 4)).repeat(3, 1, 1, 1)
     z = ddim_sample(tiny["unet"], (3, 4, 4, 4), schedule=tiny["schedule"], context=tiny["context"],
                     context_mask=tiny["mask"], null_context=tiny["null"], null_mask=None, steps=steps,
                     guidance_scale=guidance, x_T=x_T)
@@ -99,7 +101,7 @@ def test_generate_takes_stable_diffusions_ddim_steps_when_asked(tiny):
     and alpha_bar_0 at the end give DDIM with exactly those settings, and differ from the default trailing steps."""
     sd = dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
     images = _generate(tiny, steps=3, num_per_prompt=1, **sd)
-    x_T = sample.initial_noise(0, 1, (4, 4, 4)).repeat(3, 1, 1, 1)
+    x_T = inference.initial_noise(0, 1, (4, 4, 4)).repeat(3, 1, 1, 1)
     z = ddim_sample(tiny["unet"], (3, 4, 4, 4), schedule=tiny["schedule"], context=tiny["context"],
                     context_mask=tiny["mask"], null_context=tiny["null"], null_mask=None, steps=3,
                     guidance_scale=3.0, x_T=x_T, spacing="leading", steps_offset=1, set_alpha_to_one=False)

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from pipelines.config import load_config
-from pipelines.models import load_autoencoder
+from pipelines.models.registry import load_autoencoder
 from pipelines.stage_a import run_stage_a
 from tests.helpers import REPO, mnist_dataset, tiny_overrides
 
@@ -134,8 +134,8 @@ def test_fine_tune_an_imported_diffusers_vae_decoder_only_keeps_encoder_and_publ
     published = load_autoencoder(result.model_uri)
     assert published.scale_factor.item() == pytest.approx(0.3) == result.metrics["scale_factor"]
     ours = {k: v for k, v in published.state_dict().items()}
-    from pipelines.interop import load_init_autoencoder
-    from pipelines.interop import adopt_init_architectures
+    from pipelines.models.interop import load_init_autoencoder
+    from pipelines.models.interop import adopt_init_architectures
 
     imported = load_init_autoencoder(adopt_init_architectures(cfg).stage_a, cfg.storage).state_dict()
     encoder_keys = [k for k in imported if k.startswith(("encoder.", "quant_conv."))]

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from ldm_core.config import ConfigError
 from ldm_core.sampling import ddim_sample
-from pipelines import latents
+from pipelines.data import latents
 from pipelines.encode_latents import run_encode
-from pipelines.models import load_unet_bundle
+from pipelines.models.registry import load_unet_bundle
 from pipelines.stage_b import main as stage_b_main
 from pipelines.stage_b import run_stage_b
 from tests.helpers import REPO

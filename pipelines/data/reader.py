@@ -35,10 +35,9 @@ import torch
 from PIL import Image, ImageOps
 from ray.data.datasource import FileBasedDatasource
 
-from ldm_core.config import ConfigError
-from pipelines.data.config import DataConfig
+from pipelines.config.data import DataConfig
 from pipelines.data.shards import PARQUET_COLUMNS, DatasetError, read_manifest, split_member_name
-from pipelines.storage import StorageConfig, resolve
+from pipelines.platform.storage import StorageConfig, resolve
 
 log = logging.getLogger(__name__)
 
@@ -525,22 +524,3 @@ def build_dataset(cfg: DataConfig, split: str = "train", *, storage: StorageConf
             "parquet_columns": manifest.get("columns", PARQUET_COLUMNS), "columns": columns,
         },
     ), counter
-
-
-def check_cpu_budget(total_cpus: float, scaling, data: DataConfig, section: str = "stage_a") -> None:
-    """Fail before training when Train workers would leave Ray Data no CPU (its read and decode tasks would
-    never be scheduled and training would hang).
-
-    `scaling`: any object with `num_workers` and `cpus_per_worker` (pipelines.settings.ScalingSection);
-    `section`: the config section it came from, named in the error. `data.reserved_cpus = 0` turns the
-    check off. For fixed-size clusters: pipelines/cluster.py asks an autoscaling one for the CPUs instead.
-    """
-    used = scaling.num_workers * scaling.cpus_per_worker
-    if data.reserved_cpus and total_cpus - used < data.reserved_cpus:
-        raise ConfigError(
-            f"CPU budget: {section}.scaling.num_workers x {section}.scaling.cpus_per_worker = "
-            f"{scaling.num_workers} x {scaling.cpus_per_worker} = {used:g} of the cluster's {total_cpus:g} CPUs, "
-            f"leaving {total_cpus - used:g} < data.reserved_cpus = {data.reserved_cpus:g} for Ray Data's read and "
-            f"decode tasks (data.cpus_per_task = {data.cpus_per_task:g} each), which would never be scheduled "
-            f"(training hangs). Lower cpus_per_worker (fractions are fine) or num_workers, or add nodes."
-        )

@@ -23,10 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines import storage
+from pipelines.platform import storage
 from pipelines.data.sources import Sample, open_source
-from pipelines.progress import progress_line, summary_line
-from pipelines.storage import StorageConfig
+from pipelines.platform.progress import progress_line, summary_line
+from pipelines.platform.storage import StorageConfig
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1

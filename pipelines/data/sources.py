@@ -15,8 +15,9 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from pipelines.config.prompts import DIGIT_WORDS
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 @dataclass

@@ -1,0 +1,177 @@
+"""Rendering images from a published U-Net: load its bundle (and the autoencoder and text encoder of its
+lineage), run a sampler with classifier-free guidance, decode; and score digit prompts with the MNIST judge.
+Used by `pipelines/sample.py` and by Stage B's own prompt evaluation."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ldm_core.config import ConfigError
+from ldm_core.sampling import SAMPLERS, sample_timesteps
+from pipelines.config import PipelineConfig, SampleConfig
+from pipelines.data.text_encoders import load_text_encoder
+from pipelines.models.judge import load_or_train_classifier, prompt_adherence
+from pipelines.models.registry import UNetBundle, load_autoencoder, load_unet_bundle
+from pipelines.platform import storage
+from pipelines.platform.progress import Progress
+from pipelines.platform.devices import autocast, pick_device
+
+log = logging.getLogger("sample")
+
+
+def output_dir(cfg: PipelineConfig, bundle: UNetBundle) -> str:
+    """`sample.out_dir`, else `<run.output_uri>/samples/<stage B run id>`."""
+    return cfg.sample.out_dir or f"{cfg.run.output_uri.rstrip('/')}/samples/{bundle.stage_b_run_id}"
+
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation (pure: tensors in, tensors out)
+# ---------------------------------------------------------------------------------------------------
+
+
+def initial_noise(seed: int, num: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+    """x_T for the `num` columns of the grid, (num, C, h, w), drawn on the CPU from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((num, *latent_shape), generator=g, dtype=torch.float32)
+
+
+@torch.no_grad()
+def generate(
+    unet: torch.nn.Module,
+    autoencoder: torch.nn.Module,
+    schedule,
+    *,
+    context: torch.Tensor,
+    context_mask: torch.Tensor | None,
+    null_context: torch.Tensor,
+    null_mask: torch.Tensor | None,
+    latent_shape: tuple[int, ...],
+    scale_factor: float,
+    num_per_prompt: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    prediction: str = "eps",
+    batch_size: int = 64,
+    mixed_precision: str = "no",
+    timestep_spacing: str = "trailing",
+    steps_offset: int = 0,
+    set_alpha_to_one: bool = True,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Images (P * N, C, H, W) in [-1, 1] for P prompt conditions context (P, L, D) / mask (P, L).
+
+    Sample j of every prompt starts from the same x_T[j] (see `initial_noise`); the latents are divided
+    by `scale_factor` (the one the U-Net was trained with, LDM Sec. 4.3.2) and decoded. Batches of `batch_size` samples (2x that through the
+    U-Net with guidance); samplers that add noise (eta > 0, ddpm) draw it from a generator seeded with
+    `seed + 1 + batch index`, so results do not depend on anything but the arguments. `schedule` is the one the
+    U-Net was trained with (rebuilt from its diffusion config, zero-terminal-SNR rescaling included).
+    """
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"sample.sampler: unknown {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    device = context.device
+    p, n = context.shape[0], num_per_prompt
+    x_T = initial_noise(seed, n, latent_shape).repeat(p, 1, 1, 1)  # (N, C, h, w) -> (P * N, C, h, w)
+    cond = context.repeat_interleave(n, 0)  # (P, L, D) -> (P * N, L, D), prompt-major
+    cond_mask = None if context_mask is None else context_mask.repeat_interleave(n, 0)
+    kwargs = {"eta": eta} if sampler == "ddim" else {}
+    out = []
+    for b, i in enumerate(range(0, p * n, batch_size)):
+        sl = slice(i, i + batch_size)
+        g = torch.Generator().manual_seed(seed + 1 + b)
+        with autocast(device, mixed_precision):
+            z = SAMPLERS[sampler](
+                unet, tuple(x_T[sl].shape), schedule=schedule, context=cond[sl],
+                context_mask=None if cond_mask is None else cond_mask[sl], null_context=null_context, null_mask=null_mask,
+                steps=steps, guidance_scale=guidance, generator=g, prediction=prediction, x_T=x_T[sl].to(device),
+                spacing=timestep_spacing, steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one, **kwargs,
+            )
+        out.append(autoencoder.decode(z.float() / scale_factor).float().clamp(-1, 1).cpu())
+        if progress is not None:
+            progress.update(min(i + batch_size, p * n))
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------
+
+
+def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
+           progress: Progress | None = None) -> tuple[torch.Tensor, UNetBundle]:
+    """Images (P * N, C, H, W) in [-1, 1] for `prompts` with the U-Net at `model_uri` and `cfg.sample`'s settings,
+    decoded by the autoencoder of its lineage; and the loaded bundle. `progress` counts the images done."""
+    sc = cfg.sample
+    device = pick_device(sc.device)
+    bundle = load_unet_bundle(model_uri, use_ema=sc.use_ema)
+    try:  # fail before sampling, not after
+        storage.check_writable(storage.resolve(output_dir(cfg, bundle), cfg.storage))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"sample.out_dir: {e}") from None
+    T = bundle.diffusion.num_timesteps
+    if sc.steps > T:
+        raise ConfigError(f"sample.steps={sc.steps}: more than the model's {T} diffusion timesteps")
+    try:
+        first = sample_timesteps(T, sc.steps, sc.timestep_spacing, sc.steps_offset)[0]
+    except ValueError as e:
+        raise ConfigError(f"sample.timestep_spacing/steps_offset: {e}") from None
+    if bundle.diffusion.zero_terminal_snr and first != T - 1:
+        raise ConfigError(f"sample.timestep_spacing={sc.timestep_spacing!r} (steps_offset={sc.steps_offset}) starts at t={first}, "
+                          f"but {model_uri} was trained with zero terminal SNR: sampling must start from pure noise at "
+                          f"t={T - 1} (Lin et al. 2024, Sec. 3.3); use sample.timestep_spacing=trailing")
+    unet = bundle.unet.to(device).eval()
+    autoencoder = load_autoencoder(bundle.autoencoder_uri).to(device)
+    if not math.isclose(float(autoencoder.scale_factor), bundle.scale_factor, rel_tol=1e-5):
+        log.warning("autoencoder %s has scale_factor %.6g but the U-Net was trained on latents scaled by %.6g: using the U-Net's",
+                    bundle.autoencoder_uri, float(autoencoder.scale_factor), bundle.scale_factor)
+    text_encoder = load_text_encoder(bundle.text_encoder, device)
+    if text_encoder.hidden_size != bundle.hidden_size:
+        raise ConfigError(f"text encoder {bundle.text_encoder.name_or_path!r} has hidden size {text_encoder.hidden_size}, "
+                          f"but the U-Net {model_uri} was trained on {bundle.hidden_size}")
+    context, mask = text_encoder.encode(prompts)
+    log.info("sampling %d x %d images with %s (autoencoder %s, text encoder %s) on %s",
+             len(prompts), sc.num_per_prompt, model_uri, bundle.autoencoder_uri, bundle.text_encoder.name_or_path, device)
+    images = generate(
+        unet, autoencoder, bundle.schedule.to(device),
+        context=context.to(device), context_mask=mask.to(device),
+        null_context=bundle.null_context.to(device), null_mask=bundle.null_mask.to(device),
+        latent_shape=tuple(bundle.latent_shape), scale_factor=bundle.scale_factor, num_per_prompt=sc.num_per_prompt,
+        steps=sc.steps, guidance=sc.guidance, seed=sc.seed, sampler=sc.sampler, eta=sc.eta,
+        prediction=bundle.diffusion.prediction, batch_size=sc.batch_size, mixed_precision=sc.mixed_precision,
+        timestep_spacing=sc.timestep_spacing, steps_offset=sc.steps_offset, set_alpha_to_one=sc.set_alpha_to_one,
+        progress=progress,
+    )
+    return images, bundle
+
+
+def score_digits(cfg: PipelineConfig, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    """The MNIST judge's prompt adherence for `render`'s images (`cfg.sample.num_per_prompt` per prompt)."""
+    sc = cfg.sample
+    clf = load_or_train_classifier(sc.digit_classifier, cache_uri=f"{cfg.run.output_uri.rstrip('/')}/cache/digit_classifier",
+                                   storage_cfg=cfg.storage)
+    metrics = prompt_adherence(images, [p for p in prompts for _ in range(sc.num_per_prompt)], clf)
+    log.info("prompt adherence %.4f (classifier held-out accuracy %.4f)",
+             metrics["eval/prompt_accuracy"], metrics["eval/classifier_holdout_accuracy"])
+    return metrics
+
+
+def digit_prompt_accuracy(cfg: PipelineConfig, model_uri: str) -> dict[str, float]:
+    """Stage B's own quality number: the MNIST judge's prompt accuracy for `sample.prompts` rendered by the U-Net
+    at `model_uri` with the fixed budget of `stage_b.prompt_eval` (DDIM, eta 0, trailing steps, EMA weights; no
+    other `sample.*` setting takes part), so Stage B runs with different training options compare in MLflow."""
+    budget = cfg.stage_b.prompt_eval
+    settings = SampleConfig(
+        prompts=cfg.sample.prompts, num_per_prompt=budget.num_per_prompt, steps=budget.steps, guidance=budget.guidance,
+        seed=budget.seed, evaluate_digits=True, digit_classifier=cfg.sample.digit_classifier, batch_size=cfg.sample.batch_size,
+        device=cfg.sample.device, mixed_precision=cfg.sample.mixed_precision,
+    )
+    eval_cfg = cfg.model_copy(update={"sample": settings})
+    images, _ = render(eval_cfg, settings.prompts, model_uri)
+    return score_digits(eval_cfg, images, settings.prompts)
