@@ -1,17 +1,14 @@
 """The whole pipeline as a small declarative DAG: prepare -> stage_a -> encode -> stage_b -> sample.
 
     python pipelines/run.py --config configs/quickstart.yaml [--set ...] [--from S] [--until S] [--force S]
+    python pipelines/run.py --config configs/quickstart.yaml --plan      # what each stage would do, and why
+    python pipelines/run.py --config configs/sd_f8.yaml --memory         # training stages' GPU memory estimates
     ray job submit --working-dir . -- python pipelines/run.py --config configs/quickstart.yaml
 
 Each node is one of the standalone entry points (`pipelines/prepare_data.py`, `stage_a.py`,
-`encode_latents.py`, `stage_b.py`, `sample.py`), so an external orchestrator (Airflow, Argo, a KubeRay
-RayJob) can call them one by one instead. The state lives in MLflow:
-
-* every node has a cache key: its resolved config section(s) + the keys of its inputs + the dataset digest
-  + the project version. A finished run with the same key (tag `cache_key`) is reused and nothing runs;
-* an unfinished run with the same key is resumed (training resumes from its last Ray Train checkpoint,
-  because the Ray Train run name carries the key);
-* one parent run per invocation; every stage run carries `stage` and `upstream_run_ids` tags.
+`encode_latents.py`, `stage_b.py`, `sample.py`), described by its `STAGE`, so an external orchestrator (Airflow,
+Argo, a KubeRay RayJob) can call them one by one instead. `pipelines/dag/executor.py` runs them: cache keys and
+state in MLflow, resume, leases, the failure line.
 
 `--from S`: stages before S are taken from the cache only (never executed; missing ones are an error).
 `--until S`: stop after S. `--force S`: ignore the cache for S and everything downstream of it.
