@@ -1670,6 +1670,117 @@ def test_mlflow_server_requires_authentication_serves_tls_and_stores_artifacts_i
         assert secret not in server_log
 
 
+def test_only_the_promoter_promotes_and_a_file_changed_in_storage_is_refused(mlflow_server, moto_server, tmp_path):
+    """The pipeline's user registers candidates; the promoter (its own MLflow user, made by add_user.py) copies a
+    reviewed one into the promoted model, where @champion lives. As the pipeline's user, each of these is refused:
+    promoting, creating a version of the promoted model, moving or deleting its alias, retagging its digests, and
+    PUTting a file under the promoted version through the artifact proxy. A candidate whose code the pipeline's user
+    rewrote (with its digests) is not promoted. A file of the promoted version changed in storage (the S3 object
+    itself) fails the digest check of the next load, in one line naming the file."""
+    import boto3
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from mlflow.models.model import Model
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
+    from pipelines.models import load_autoencoder, publish_autoencoder, run_id_of, version_of_alias
+    from pipelines.provenance import (DIGESTS_TAG, PROMOTION_EXPERIMENT, ArtifactDigestError, pinned_requirement,
+                                      promote, promoted_model_name, record_artifact_digests)
+
+    experiment = f"infra-{uuid.uuid4().hex[:8]}"
+    candidates, promoted = "ldm-autoencoder", promoted_model_name("ldm-autoencoder")
+    pipeline_user = add_mlflow_user(mlflow_server, "pipeline", tmp_path, experiments=(experiment,), models=(candidates,))
+    promoter = add_mlflow_user(mlflow_server, "promoter", tmp_path, experiments=(PROMOTION_EXPERIMENT,), models=(promoted,))
+    url, cert = mlflow_server["url"], mlflow_server["cert"]
+
+    model = AutoencoderKL(AutoencoderConfig(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, norm_groups=4))
+    with mlflow_as(mlflow_server, pipeline_user) as client:
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run() as run:
+            uri, version = publish_autoencoder(model, tmp_path / "stage-a", candidates)
+        digests = json.loads(client.get_model_version(candidates, str(version)).tags[DIGESTS_TAG])
+        assert {"MLmodel", "requirements.txt", "artifacts/autoencoder/config.json"} <= set(digests), sorted(digests)
+        assert all(re.fullmatch(r"[0-9a-f]{64}", d) for d in digests.values())
+        requirements = Path(mlflow.artifacts.download_artifacts(f"{uri}/requirements.txt", dst_path=str(tmp_path / "r")))
+        assert re.fullmatch(r"ldm-pipeline==\d+\.\d+\.\d+\S*", pinned_requirement())
+        assert pinned_requirement() in requirements.read_text().split(), requirements.read_text()
+        load_autoencoder(uri)  # the candidate as registered loads
+        with pytest.raises(MlflowException, match="PERMISSION_DENIED|403"):
+            promote(candidates, version)
+        # A job can still rewrite its own candidate, code and digests together (it owns both): its loaders accept
+        # that, promotion does not, because it compares the code with the promoter's checkout.
+        with mlflow.start_run():
+            poisoned, poisoned_version = publish_autoencoder(model, tmp_path / "stage-a-2", candidates)
+        (code,) = [p for p in digests if p.endswith(".py")]
+        poisoned_dir = Path(mlflow.artifacts.download_artifacts(poisoned, dst_path=str(tmp_path / "poisoned")))
+        (poisoned_dir / code).write_text((poisoned_dir / code).read_text() + "\nimport os  # anything, run at load\n")
+        location = mlflow.get_logged_model(Model.load(str(poisoned_dir / "MLmodel")).model_id).artifact_location
+        parent = Path(code).parent.as_posix()
+        get_artifact_repository(location).log_artifact(str(poisoned_dir / code), None if parent == "." else parent)
+        record_artifact_digests(candidates, poisoned_version)
+        load_autoencoder(poisoned)
+
+    with mlflow_as(mlflow_server, promoter):
+        with pytest.raises(ArtifactDigestError, match=f"{code} is not this checkout's pipelines/mlflow_models/"):
+            promote(candidates, poisoned_version)
+        promoted_uri = promote(candidates, version)
+    assert promoted_uri == f"models:/{promoted}/1"
+
+    with mlflow_as(mlflow_server, pipeline_user) as client:
+        assert version_of_alias(candidates, "champion", "encode.autoencoder_alias") == promoted_uri
+        assert run_id_of(promoted_uri) == run.info.run_id, "lineage leads to the run that trained the candidate"
+        loaded = load_autoencoder(promoted_uri)
+        assert all(torch_equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+        denied = {
+            "create a version of the promoted model": lambda: client.create_model_version(
+                promoted, f"runs:/{run.info.run_id}/autoencoder", run_id=run.info.run_id),
+            "move its alias": lambda: client.set_registered_model_alias(promoted, "champion", "1"),
+            "delete its alias": lambda: client.delete_registered_model_alias(promoted, "champion"),
+            "rewrite its digests": lambda: client.set_model_version_tag(promoted, "1", DIGESTS_TAG, "{}"),
+        }
+        for what, attempt in denied.items():
+            with pytest.raises(MlflowException, match="PERMISSION_DENIED|403"):
+                attempt()  # `what` names the attempt in the traceback
+        # PUT through the artifact proxy: refused under the promoted version, accepted under the pipeline's own run
+        # (the same route, so the refusal is the permission).
+        promotion_run = mlflow.get_run(client.get_model_version(promoted, "1").run_id)
+        assert promotion_run.info.experiment_id == mlflow.get_experiment_by_name(PROMOTION_EXPERIMENT).experiment_id
+        stored = f"{promotion_run.info.artifact_uri}/model"
+        assert stored.startswith("mlflow-artifacts:/"), stored
+        own = mlflow.get_run(run.info.run_id).info.artifact_uri
+        for location, status in ((stored, 403), (own, 200)):
+            path = location.removeprefix("mlflow-artifacts:/").strip("/") + "/artifacts/autoencoder/config.json"
+            req = urllib.request.Request(f"{url}/api/2.0/mlflow-artifacts/artifacts/{path}", data=b'{"evil": 1}',
+                                         method="PUT", headers={"Authorization": "Basic " + base64.b64encode(
+                                             f"{pipeline_user[0]}:{pipeline_user[1]}".encode()).decode()})
+            try:
+                with urllib.request.urlopen(req, timeout=30, context=ssl.create_default_context(cafile=str(cert))) as r:
+                    got = r.status
+            except urllib.error.HTTPError as err:
+                got = err.code
+            assert got == status, (location, got)
+        assert client.get_model_version_by_alias(promoted, "champion").version == "1"
+
+    # Someone with the bucket's keys rewrites the promoted weights' config in S3: the next load refuses it.
+    s3 = boto3.client("s3", endpoint_url=moto_server)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=mlflow_server["bucket"], Prefix="mlartifacts/")["Contents"]]
+    (key,) = [k for k in keys if k.endswith("/artifacts/model/artifacts/autoencoder/config.json")]
+    s3.put_object(Bucket=mlflow_server["bucket"], Key=key, Body=b'{"base_channels": 8}')
+    with mlflow_as(mlflow_server, pipeline_user):
+        with pytest.raises(ArtifactDigestError) as e:
+            load_autoencoder(promoted_uri)
+    (line,) = str(e.value).splitlines()
+    assert line.startswith(f"model {promoted_uri}: artifacts/autoencoder/config.json has sha256 "), line
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
 def find_secrets(blobs: dict[str, bytes], secrets: list[str]) -> list[str]:
     """'where: which secret' for every blob that contains one of the secrets (as text or bytes)."""
     return [f"{where}: secret #{i}" for where, data in blobs.items() for i, s in enumerate(secrets) if s.encode() in data]
