@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, free_port
+from tests.iam_eval import ALLOW, decide
 
 INFRA = REPO / "infra"
 CLUSTER_YAML = INFRA / "aws" / "cluster.yaml"
@@ -323,6 +324,62 @@ def test_rayjob_entrypoints_run_existing_scripts_and_configs_with_settings_from_
     assert ".venv" in ignored and ".git" in ignored
 
 
+# The Kubernetes versions whose API schemas the manifests must meet: the oldest EKS still supports, the newest known.
+KUBERNETES_VERSIONS = ("1.31.0", "latest")
+
+
+def test_manifests_validate_against_the_kubernetes_api_schemas():
+    """No API server runs offline here (kind needs images, Debian ships no kube-apiserver, and no registry package
+    carries one: infra/README.md). What the API server would check first, the OpenAPI schemas of its built-in kinds,
+    comes from kubernetes-validate, strictly (an unknown field fails): every object of a built-in kind, and inside the
+    RayCluster and RayJobs (custom kinds) every pod template, as a v1 PodTemplate, and the autoscaler sidecar's
+    options, as the v1 Container KubeRay makes of them."""
+    import kubernetes_validate
+
+    versions = [kubernetes_validate.latest_version() if v == "latest" else v for v in KUBERNETES_VERSIONS]
+
+    def validate(obj: dict, where: str) -> None:
+        for version in versions:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                pytest.fail(f"{where} (Kubernetes {version}): {e.message} at {'.'.join(map(str, e.path))}")
+
+    def as_pod_template(name: str, pod: dict) -> dict:
+        return {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": {"spec": pod}}
+
+    checked = set()
+    for path, docs in k8s_manifests().items():
+        for obj in docs:
+            where = f"{path.relative_to(REPO)}: {obj['kind']} {obj['metadata']['name']}"
+            if obj["kind"] in ("RayCluster", "RayJob"):
+                for i, pod in enumerate(pod_specs(obj)):
+                    validate(as_pod_template(f"pod-{i}", pod), f"{where}, pod template {i}")
+                spec = obj["spec"]["rayClusterSpec"] if obj["kind"] == "RayJob" else obj["spec"]
+                options = spec["autoscalerOptions"]
+                sidecar = {"name": "autoscaler", "image": "rayproject/ray:2.60.0",
+                           **{k: options[k] for k in ("securityContext", "volumeMounts", "resources", "env") if k in options}}
+                validate(as_pod_template("autoscaler", {"containers": [sidecar]}), f"{where}, autoscalerOptions")
+            else:
+                validate(obj, where)
+            checked.add(obj["kind"])
+    assert {"Namespace", "ServiceAccount", "ConfigMap", "NetworkPolicy", "Deployment", "Service", "RayCluster",
+            "RayJob"} <= checked
+
+    # Strict means strict: a misspelt field of the token volume, a protocol that is no string, are refused.
+    ((_, cluster),) = objects_of_kind("RayCluster")
+    head = copy.deepcopy(pod_specs(cluster)[0])
+    (token,) = [v for v in head["volumes"] if "projected" in v]
+    token["projected"]["sources"][0]["serviceAccountToken"]["expirySeconds"] = 600
+    with pytest.raises(kubernetes_validate.ValidationError, match="expirySeconds"):
+        kubernetes_validate.validate(as_pod_template("head", head), versions[0], strict=True)
+    ((_, egress),) = [(p, d) for p, d in objects_of_kind("NetworkPolicy") if d["metadata"]["name"] == "ldm-egress"]
+    broken = copy.deepcopy(egress)
+    broken["spec"]["egress"][1]["ports"][0]["protocol"] = 6
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, versions[0], strict=True)
+
+
 def test_kustomizations_name_existing_resources():
     kustomizations = sorted(K8S.rglob("kustomization.yaml"))
     assert len(kustomizations) >= 4
@@ -380,16 +437,11 @@ def test_k8s_secure_defaults():
                     else:
                         assert "value" in e or "secretKeyRef" in e["valueFrom"], e
 
-    # Kubernetes API tokens: only the Ray head gets one (its autoscaler sidecar scales the worker groups).
+    # Kubernetes API tokens: no pod gets one automatically (test_only_the_autoscaler_sidecar_holds_an_api_token).
     for _, sa in objects_of_kind("ServiceAccount"):
         assert sa["automountServiceAccountToken"] is False
     for path, obj in objects_of_kind("RayCluster") + objects_of_kind("RayJob") + objects_of_kind("Deployment"):
-        head, *others = pod_specs(obj)
-        if obj["kind"] != "Deployment":
-            assert head["automountServiceAccountToken"] is True, path
-        else:
-            others = [head]
-        assert not any(pod.get("automountServiceAccountToken") for pod in others), path
+        assert all(pod.get("automountServiceAccountToken") is False for pod in pod_specs(obj)), path
 
     # The MLflow server gets every secret serve.sh needs as a file of a mounted Secret, and serves TLS.
     ((_, mlflow),) = objects_of_kind("Deployment")
@@ -560,6 +612,152 @@ def test_network_policies_admit_the_operator_by_namespace_and_label_and_block_in
             f"{name}: the EKS Pod Identity agent must stay reachable"
 
 
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def test_only_the_autoscaler_sidecar_holds_an_api_token():
+    """The ray-head container runs job drivers: with the autoscaler's token a job could patch the RayCluster's worker
+    template (image, command). The head pod turns automounting off and hands a projected token of its service account
+    to KubeRay's autoscaler sidecar alone (autoscalerOptions.volumeMounts), where Ray's KubeRay node provider reads it."""
+    from ray.autoscaler._private.kuberay.node_provider import IN_CLUSTER_CA_CERT_PATH, IN_CLUSTER_TOKEN_PATH
+
+    assert {IN_CLUSTER_TOKEN_PATH, IN_CLUSTER_CA_CERT_PATH} == {f"{SERVICE_ACCOUNT_DIR}/token", f"{SERVICE_ACCOUNT_DIR}/ca.crt"}
+    checked = 0
+    for path, obj in objects_of_kind("RayCluster") + objects_of_kind("RayJob") + objects_of_kind("Deployment"):
+        pods = pod_specs(obj)
+        projected_tokens = {(i, v["name"]) for i, pod in enumerate(pods) for v in pod.get("volumes", [])
+                            if any("serviceAccountToken" in src for src in v.get("projected", {}).get("sources", []))}
+        for pod in pods:
+            assert pod.get("automountServiceAccountToken") is False, path
+            for c in [*pod.get("initContainers", []), *pod["containers"]]:
+                mounted = [m for m in c.get("volumeMounts", []) if m["mountPath"].startswith("/var/run/secrets/kubernetes.io")]
+                assert not mounted, f"{path}: container {c['name']} mounts {mounted}"
+        if obj["kind"] == "Deployment":
+            assert not projected_tokens, path
+            continue
+        spec = obj["spec"]["rayClusterSpec"] if obj["kind"] == "RayJob" else obj["spec"]
+        ((index, volume_name),) = projected_tokens
+        assert index == 0, f"{path}: the token volume must be in the head pod"
+        (volume,) = [v for v in pods[0]["volumes"] if v["name"] == volume_name]
+        sources = {k: src[k] for src in volume["projected"]["sources"] for k in src}
+        assert sources["serviceAccountToken"]["path"] == "token"
+        assert sources["configMap"] == {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+        assert sources["downwardAPI"]["items"] == [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]
+        assert 600 <= sources["serviceAccountToken"]["expirationSeconds"] <= 3607, "a short-lived token"
+        (mount,) = spec["autoscalerOptions"]["volumeMounts"]
+        assert mount == {"name": volume_name, "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": True}, path
+        checked += 1
+    assert checked == 3
+
+
+def _labels_match(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # matchExpressions are not used here
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def egress_allowed(policies: list[tuple[str, dict]], source: tuple[str, dict], dest: dict) -> bool:
+    """Kubernetes NetworkPolicy egress semantics (kubernetes.io/docs/concepts/services-networking/network-policies):
+    a pod that no Egress policy selects may connect anywhere; otherwise a connection is allowed when a rule of any
+    policy selecting it admits the destination (peers: podSelector in the policy's namespace, namespaceSelector with an
+    optional podSelector, ipBlock minus its excepts for addresses outside the pod network) and its port.
+    policies: (namespace, spec); source: (namespace, pod labels); dest: {"ip", "port", "protocol", and for a pod
+    "namespace" and "labels"}."""
+    import ipaddress
+
+    namespace, labels = source
+    selecting = [spec for ns, spec in policies if ns == namespace and "Egress" in spec.get("policyTypes", [])
+                 and _labels_match(spec["podSelector"], labels)]
+    if not selecting:
+        return True
+
+    def peer_admits(peer: dict) -> bool:
+        if "ipBlock" in peer:
+            if "namespace" in dest:  # a pod: ipBlock is for addresses outside the cluster
+                return False
+            ip = ipaddress.ip_address(dest["ip"])
+            block = peer["ipBlock"]
+            return ip in ipaddress.ip_network(block["cidr"]) and not any(
+                ip in ipaddress.ip_network(e) for e in block.get("except", []) if ip.version == ipaddress.ip_network(e).version)
+        if "namespace" not in dest:
+            return False
+        if "namespaceSelector" in peer:
+            ns_ok = _labels_match(peer["namespaceSelector"], {"kubernetes.io/metadata.name": dest["namespace"]})
+        else:
+            ns_ok = dest["namespace"] == namespace
+        return ns_ok and _labels_match(peer.get("podSelector", {}), dest["labels"])
+
+    def port_admits(ports: list[dict] | None) -> bool:
+        return ports is None or any(p.get("port") in (None, dest["port"]) and p.get("protocol", "TCP") == dest["protocol"]
+                                    for p in ports)
+
+    return any(("to" not in rule or any(peer_admits(p) for p in rule["to"])) and port_admits(rule.get("ports"))
+               for spec in selecting for rule in spec.get("egress", []))
+
+
+def test_egress_reaches_dns_s3_mlflow_and_the_cluster_only():
+    """Every Ray pod reaches its own namespace's pods, the MLflow server's HTTPS port, cluster DNS, the S3 interface
+    endpoint and the EKS Pod Identity agent; nothing else: not the internet, not the metadata service, not the
+    Kubernetes API (the head pod alone, for its autoscaler). The MLflow server reaches DNS, S3, its database and
+    the Pod Identity agent only."""
+    policies = [(namespace_of(p), d["spec"]) for p, d in objects_of_kind("NetworkPolicy")]
+    named = {d["metadata"]["name"]: d["spec"] for _, d in objects_of_kind("NetworkPolicy")}
+
+    def cidrs(name: str, port: int) -> list[str]:
+        return [peer["ipBlock"]["cidr"] for rule in named[name]["egress"] for peer in rule.get("to", [])
+                if "ipBlock" in peer and any(p["port"] == port for p in rule.get("ports", []))]
+
+    s3 = cidrs("ldm-egress", 443)
+    assert s3 and s3 == cidrs("mlflow-egress", 443), "one S3 endpoint for both namespaces"
+    import ipaddress
+
+    def first_ip(cidr: str) -> str:
+        return str(next(ipaddress.ip_network(cidr).hosts()))
+
+    (api,) = cidrs("ldm-head-kube-api", 443)
+    (database,) = cidrs("mlflow-egress", 5432)
+    head, worker = ("ldm", {"ray.io/node-type": "head", "ray.io/cluster": "ldm"}), ("ldm", {"ray.io/node-type": "worker"})
+    mlflow_pod = ("ldm-mlflow", {"app.kubernetes.io/name": "mlflow"})
+    kube_dns = {"namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}, "ip": "10.100.0.10"}
+
+    def out(ip: str, port: int, protocol: str = "TCP") -> dict:
+        return {"ip": ip, "port": port, "protocol": protocol}
+
+    reachable = {
+        "a pod of the namespace (GCS)": {"namespace": "ldm", "labels": worker[1], "ip": "10.1.0.9", "port": 6379, "protocol": "TCP"},
+        "the MLflow server": {"namespace": "ldm-mlflow", "labels": mlflow_pod[1], "ip": "10.1.0.8", "port": 5000, "protocol": "TCP"},
+        "DNS over UDP": {**kube_dns, "port": 53, "protocol": "UDP"},
+        "DNS over TCP": {**kube_dns, "port": 53, "protocol": "TCP"},
+        "the S3 endpoint": out(first_ip(s3[-1]), 443),
+        "the Pod Identity agent": out("169.254.170.23", 80),
+    }
+    unreachable = {
+        "the internet": out("52.94.236.248", 443),
+        "S3 over plain HTTP": out(first_ip(s3[0]), 80),
+        "the metadata service": out("169.254.169.254", 80),
+        "the metadata service over IPv6": out("fd00:ec2::254", 80),
+        "the database": out(first_ip(database), 5432),
+        "MLflow on another port": {"namespace": "ldm-mlflow", "labels": mlflow_pod[1], "ip": "10.1.0.8", "port": 22, "protocol": "TCP"},
+        "a pod of another namespace": {"namespace": "default", "labels": {}, "ip": "10.1.0.7", "port": 8080, "protocol": "TCP"},
+        "DNS elsewhere": out("8.8.8.8", 53, "UDP"),
+    }
+    for pod in (head, worker):
+        for what, dest in reachable.items():
+            assert egress_allowed(policies, pod, dest), f"{pod[1]}: {what} unreachable"
+        for what, dest in unreachable.items():
+            assert not egress_allowed(policies, pod, dest), f"{pod[1]}: reaches {what}"
+    assert egress_allowed(policies, head, out(first_ip(api), 443))
+    assert not egress_allowed(policies, worker, out(first_ip(api), 443)), "worker pods reach the Kubernetes API"
+
+    for what in ("DNS over UDP", "the S3 endpoint", "the Pod Identity agent"):
+        assert egress_allowed(policies, mlflow_pod, reachable[what]), what
+    assert egress_allowed(policies, mlflow_pod, out(first_ip(database), 5432))
+    for what in ("the internet", "the metadata service", "a pod of another namespace"):
+        assert not egress_allowed(policies, mlflow_pod, unreachable[what]), what
+    assert not egress_allowed(policies, mlflow_pod, reachable["a pod of the namespace (GCS)"])
+    # The evaluator is not vacuous: a pod that no policy selects reaches everything.
+    assert egress_allowed(policies, ("default", {}), unreachable["the internet"])
+
+
 def test_images_follow_the_immutable_tag_or_digest_policy():
     """The project image: one immutable release tag (semver, never `latest`, the ECR repository created
     IMMUTABLE) or a digest; kustomize puts it in every container. The base image: a fixed release."""
@@ -597,9 +795,7 @@ def test_no_open_ingress_or_literal_credentials_anywhere_in_infra():
     for path in files:
         text = path.read_text()
         for cidr in ("0.0.0.0/0", "::/0"):
-            # The egress policy alone names them, with the metadata service excepted (checked above).
-            if path.name != "networkpolicy.yaml":
-                assert cidr not in text, f"{path.relative_to(REPO)} opens ingress to the world ({cidr})"
+            assert cidr not in text, f"{path.relative_to(REPO)} opens traffic to or from the world ({cidr})"
         for what, pattern in CREDENTIAL_PATTERNS.items():
             match = re.search(pattern, text)
             assert match is None, f"{path.relative_to(REPO)}: {what}: {match.group(0)!r}"
@@ -635,32 +831,10 @@ def policy(name: str) -> list[dict]:
     return json.loads((INFRA / "aws" / "iam" / f"{name}-policy.json").read_text())["Statement"]
 
 
-def allows(statements: list[dict], action: str, resource: str, context: dict[str, str] | None = None) -> bool:
-    """Whether these Allow statements grant `action` on `resource` with these condition keys (IAM's matching for
-    the parts the policies here use: wildcards in actions and ARNs, StringEquals, StringLike; a condition on a key
-    the request does not carry does not match)."""
-    import fnmatch
-
-    context = context or {}
-    for st in statements:
-        assert st["Effect"] == "Allow" and set(st) <= {"Sid", "Effect", "Action", "Resource", "Condition"}, st
-        actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
-        resources = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
-        if not any(fnmatch.fnmatchcase(action, a) for a in actions):
-            continue
-        if not any(fnmatch.fnmatchcase(resource, r) for r in resources):
-            continue
-        ok = True
-        for operator, conditions in st.get("Condition", {}).items():
-            assert operator in {"StringEquals", "StringLike"}, operator
-            for key, wanted in conditions.items():
-                wanted = wanted if isinstance(wanted, list) else [wanted]
-                got = context.get(key)
-                match = (lambda w: got == w) if operator == "StringEquals" else (lambda w: fnmatch.fnmatchcase(got, w))
-                ok &= got is not None and any(match(w) for w in wanted)
-        if ok:
-            return True
-    return False
+def allows(statements: list[dict], action: str, resource: str, context: dict | None = None) -> bool:
+    """Whether a role with these statements may make this request (tests/iam_eval.py: explicit Deny over Allow,
+    NotAction/NotResource, IAM's condition operators; a key the request does not carry is absent)."""
+    return decide([{"Statement": statements}], action, resource, context) == ALLOW
 
 
 def test_iam_roles_act_only_on_this_clusters_instances_and_their_own_secrets():
@@ -676,11 +850,13 @@ def test_iam_roles_act_only_on_this_clusters_instances_and_their_own_secrets():
         assert not allows(head, action, instance, theirs), action
         assert not allows(head, action, instance), f"{action} on an untagged instance"
     # It launches instances only when they carry this cluster's tag, and tags them only while launching.
-    assert allows(head, "ec2:RunInstances", instance, {"aws:RequestTag/ray-cluster-name": cluster})
-    assert not allows(head, "ec2:RunInstances", instance, {"aws:RequestTag/ray-cluster-name": "x"})
-    assert not allows(head, "ec2:RunInstances", instance)
+    launch = {"aws:RequestTag/ray-cluster-name": cluster, "ec2:InstanceType": "g5.2xlarge",
+              "ec2:MetadataHttpTokens": "required"}
+    assert allows(head, "ec2:RunInstances", instance, launch)
+    assert not allows(head, "ec2:RunInstances", instance, {**launch, "aws:RequestTag/ray-cluster-name": "x"})
+    assert not allows(head, "ec2:RunInstances", instance, {k: v for k, v in launch.items() if "RequestTag" not in k})
     assert allows(head, "ec2:CreateTags", instance, {"ec2:CreateAction": "RunInstances"})
-    assert allows(head, "ec2:RunInstances", "arn:aws:ec2:us-east-1::image/ami-0123")
+    assert allows(head, "ec2:RunInstances", "arn:aws:ec2:us-east-1::image/ami-0123", {"ec2:Owner": "amazon"})
     # Unconditioned "*" only for read-only Describe calls.
     for st in head:
         if st["Resource"] == "*":
@@ -770,65 +946,177 @@ def test_job_roles_write_only_the_job_prefixes_and_only_the_mlflow_server_writes
         assert not allows(server, "s3:PutObject", s3_object_arn(uri, bucket)), uri
 
 
-# node_config keys of cluster.yaml -> the resources EC2 authorizes RunInstances against for them (besides the
-# instance, its network interface and its volumes, which every launch creates). A key missing here fails the test
-# below: say what a new key needs before the autoscaler meets a refusal on AWS.
-def _run_instances_resources(key: str, value, region: str, account: str) -> list[tuple[str, str]]:
+# node_config keys of cluster.yaml -> the requests EC2 authorizes when RunInstances launches with them (besides the
+# instance, its network interface and its volumes, which every launch creates), each with the condition keys AWS puts
+# in its request context. A key missing here fails the tests below: say what a new key needs before the autoscaler
+# meets a refusal on AWS.
+def _run_instances_requests(key: str, value, region: str, account: str, image_owner: str) -> list[tuple[str, str, dict]]:
     ec2 = f"arn:aws:ec2:{region}:{account}"
-    if key in {"InstanceType", "MetadataOptions", "BlockDeviceMappings", "IamInstanceProfile"}:
-        return []  # the instance's own fields, the volumes (always checked), PassRole (checked separately)
+    if key in {"InstanceType", "MetadataOptions", "BlockDeviceMappings"}:
+        return []  # the instance's own fields (its request context) and the volumes (always checked)
+    if key == "IamInstanceProfile":  # roles and profiles share names (infra/README.md)
+        return [("iam:PassRole", f"arn:aws:iam::{account}:role/{value['Name']}",
+                 {"iam:PassedToService": "ec2.amazonaws.com"})]
     if key == "ImageId":
+        image = ("ec2:RunInstances", f"arn:aws:ec2:{region}::image/ami-0123456789abcdef0", {"ec2:Owner": image_owner})
         if value.startswith("resolve:ssm:"):  # EC2 reads the parameter with the caller's rights
-            return [("ssm:GetParameters", f"arn:aws:ssm:{region}::parameter{value.removeprefix('resolve:ssm:')}"),
-                    ("ec2:RunInstances", f"arn:aws:ec2:{region}::image/ami-0123456789abcdef0")]
-        return [("ec2:RunInstances", f"arn:aws:ec2:{region}::image/{value}")]
+            return [("ssm:GetParameters", f"arn:aws:ssm:{region}::parameter{value.removeprefix('resolve:ssm:')}", {}),
+                    image]
+        return [(image[0], f"arn:aws:ec2:{region}::image/{value}", image[2])]
     if key == "KeyName":
-        return [("ec2:RunInstances", f"{ec2}:key-pair/{value}")]
+        return [("ec2:RunInstances", f"{ec2}:key-pair/{value}", {})]
     if key == "SubnetIds":
-        return [("ec2:RunInstances", f"{ec2}:subnet/{s}") for s in value]
+        return [("ec2:RunInstances", f"{ec2}:subnet/{s}", {}) for s in value]
     if key == "SecurityGroupIds":
-        return [("ec2:RunInstances", f"{ec2}:security-group/{g}") for g in value]
+        return [("ec2:RunInstances", f"{ec2}:security-group/{g}", {}) for g in value]
     if key == "NetworkInterfaces":
-        return [("ec2:RunInstances", arn) for nic in value for arn in
+        return [("ec2:RunInstances", arn, {}) for nic in value for arn in
                 [f"{ec2}:subnet/{nic['SubnetId']}", *(f"{ec2}:security-group/{g}" for g in nic.get("Groups", []))]]
     if key == "Placement":
         assert set(value) == {"GroupName"}, value
-        return [("ec2:RunInstances", f"{ec2}:placement-group/{value['GroupName']}")]
+        return [("ec2:RunInstances", f"{ec2}:placement-group/{value['GroupName']}", {})]
     if key == "InstanceMarketOptions":
         assert value["MarketType"] == "spot", value
-        return [("ec2:RunInstances", f"{ec2}:spot-instances-request/sir-0123abcd")]
+        return [("ec2:RunInstances", f"{ec2}:spot-instances-request/sir-0123abcd", {})]
     pytest.fail(f"node_config key {key}: add the resources RunInstances is authorized against for it")
 
 
+def launch_requests(cfg: dict, node_type: str, *, image_owner: str = "amazon") -> list[tuple[str, str, dict]]:
+    """(action, resource ARN, request context) of every authorization AWS makes when the autoscaler (the head's role)
+    launches one node of `node_type` with its node_config, tagged the way Ray's AWS node provider tags it.
+    `image_owner`: the account that owns the AMI (the SSM alias resolves to Amazon's Deep Learning AMI)."""
+    from ray.autoscaler.tags import (TAG_RAY_CLUSTER_NAME, TAG_RAY_LAUNCH_CONFIG, TAG_RAY_NODE_KIND,
+                                     TAG_RAY_NODE_NAME, TAG_RAY_NODE_STATUS, TAG_RAY_USER_NODE_TYPE)
+
+    region, account, cluster = cfg["provider"]["region"], "123456789012", cfg["cluster_name"]
+    ec2 = f"arn:aws:ec2:{region}:{account}"
+    node_config = cfg["available_node_types"][node_type]["node_config"]
+    tags = {TAG_RAY_CLUSTER_NAME: cluster, TAG_RAY_NODE_NAME: f"ray-{cluster}-worker", TAG_RAY_NODE_KIND: "worker",
+            TAG_RAY_USER_NODE_TYPE: node_type, TAG_RAY_LAUNCH_CONFIG: "0123abcd", TAG_RAY_NODE_STATUS: "pending"}
+    tagging = {**{f"aws:RequestTag/{k}": v for k, v in tags.items()}, "aws:TagKeys": list(tags)}
+    instance = {**tagging, "ec2:InstanceType": node_config["InstanceType"],
+                # EC2's default without MetadataOptions is the AMI's, IMDSv1 allowed on the Ubuntu DLAMI.
+                "ec2:MetadataHttpTokens": node_config.get("MetadataOptions", {}).get("HttpTokens", "optional")}
+    requests = [("ec2:RunInstances", f"{ec2}:instance/*", instance),
+                ("ec2:RunInstances", f"{ec2}:network-interface/*", {}), ("ec2:RunInstances", f"{ec2}:volume/*", {}),
+                ("ec2:CreateTags", f"{ec2}:instance/*", {**tagging, "ec2:CreateAction": "RunInstances"})]
+    for key, value in node_config.items():
+        requests += _run_instances_requests(key, value, region, account, image_owner)
+    return requests
+
+
+def worker_types(cfg: dict) -> list[str]:
+    """The node types the autoscaler launches (`ray up` launches the head with the operator's own rights)."""
+    return [name for name in cfg["available_node_types"] if name != cfg["head_node_type"]]
+
+
 def test_head_role_may_launch_every_node_type_of_the_cluster_config():
-    """For each node type, every resource EC2 checks when the autoscaler (the head's role) runs RunInstances with its
-    node_config is allowed: an unlisted one (the p4d type's placement group, say) refuses that node type on AWS."""
+    """For each worker type, every request EC2 authorizes when the autoscaler (the head's role) runs RunInstances
+    with its node_config is allowed: an unlisted one (the p4d type's placement group, say) refuses that type on AWS."""
     cfg = load_cluster()
     head = policy("head")
-    region, account = cfg["provider"]["region"], "123456789012"
-    ec2 = f"arn:aws:ec2:{region}:{account}"
-    # Ray tags every instance with the cluster's name at launch (TagSpecifications).
-    launch = {"aws:RequestTag/ray-cluster-name": cfg["cluster_name"], "ec2:CreateAction": "RunInstances"}
     seen_keys = set()
-    for name, node_type in cfg["available_node_types"].items():
-        node_config = node_type["node_config"]
-        seen_keys |= set(node_config)
-        requests = [("ec2:RunInstances", f"{ec2}:instance/*"), ("ec2:RunInstances", f"{ec2}:network-interface/*"),
-                    ("ec2:RunInstances", f"{ec2}:volume/*"), ("ec2:CreateTags", f"{ec2}:instance/*")]
-        for key, value in node_config.items():
-            requests += _run_instances_resources(key, value, region, account)
-        if name != cfg["head_node_type"]:  # `ray up` launches the head with the operator's own rights
-            role = node_config["IamInstanceProfile"]["Name"]  # roles and profiles share names (infra/README.md)
-            requests.append(("iam:PassRole", f"arn:aws:iam::{account}:role/{role}"))
-        refused = [(a, r) for a, r in requests
-                   if not allows(head, a, r, {**launch, "iam:PassedToService": "ec2.amazonaws.com"})]
+    for name in worker_types(cfg):
+        seen_keys |= set(cfg["available_node_types"][name]["node_config"])
+        refused = [(a, r) for a, r, context in launch_requests(cfg, name) if not allows(head, a, r, context)]
         assert refused == [], f"node type {name}: the head role may not {refused}"
     # The p4d type's EFA interface and placement group are among what was checked.
     assert {"Placement", "NetworkInterfaces", "SubnetIds", "SecurityGroupIds", "KeyName", "ImageId",
-            "InstanceMarketOptions", "BlockDeviceMappings"} <= seen_keys
+            "InstanceMarketOptions", "BlockDeviceMappings", "IamInstanceProfile"} <= seen_keys
+    ec2 = f"arn:aws:ec2:{cfg['provider']['region']}:123456789012"
     without = [{**st, "Resource": [r for r in st["Resource"] if "placement-group" not in r]}
                if isinstance(st["Resource"], list) else st for st in head]
     assert not allows(without, "ec2:RunInstances", f"{ec2}:placement-group/ldm-efa")
+
+
+def _node_config_values(node_config: dict, key: str) -> set[str]:
+    """Subnet (key "SubnetId") or security-group (key "Groups") IDs a node_config launches into."""
+    flat = "SubnetIds" if key == "SubnetId" else "SecurityGroupIds"
+    nics = node_config.get("NetworkInterfaces", [])
+    return set(node_config.get(flat, [])) | {v for nic in nics for v in _as_list(nic.get(key, []))}
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _launch_elsewhere(node_config: dict, what: str) -> None:
+    """Change a node_config in place so that it launches `what` the cluster config does not name."""
+    if what == "subnet":
+        if "SubnetIds" in node_config:
+            node_config["SubnetIds"] = ["subnet-0ddddddddddddddd0"]
+        for nic in node_config.get("NetworkInterfaces", []):
+            nic["SubnetId"] = "subnet-0ddddddddddddddd0"
+    elif what == "security-group":
+        if "SecurityGroupIds" in node_config:
+            node_config["SecurityGroupIds"] = ["sg-0eeeeeeeeeeeeeee0"]
+        for nic in node_config.get("NetworkInterfaces", []):
+            nic["Groups"] = ["sg-0eeeeeeeeeeeeeee0"]
+    elif what == "imdsv1":
+        node_config["MetadataOptions"] = {**node_config.get("MetadataOptions", {}), "HttpTokens": "optional"}
+    elif what == "no-metadata-options":
+        node_config.pop("MetadataOptions", None)
+    elif what == "instance-type":
+        node_config["InstanceType"] = "p5.48xlarge"
+    elif what == "image":
+        node_config["ImageId"] = "ami-0badbadbadbadbad0"
+    else:
+        raise AssertionError(what)
+
+
+def test_head_role_refuses_launches_the_cluster_config_does_not_make():
+    """What the head's role fails to forbid is what a job that holds it can launch: each worker type's launch, changed
+    in one way (an AMI of another account, another subnet or security group, IMDSv1, another instance type), is
+    refused, and refused for the resource that changed. The policy names exactly the cluster config's subnets,
+    security groups and worker instance types."""
+    cfg = load_cluster()
+    head = policy("head")
+    refused_at = {"image": ":image/", "subnet": ":subnet/", "security-group": ":security-group/",
+                  "imdsv1": ":instance/", "no-metadata-options": ":instance/", "instance-type": ":instance/"}
+    for name in worker_types(cfg):
+        for what, where in refused_at.items():
+            changed = copy.deepcopy(cfg)
+            _launch_elsewhere(changed["available_node_types"][name]["node_config"], what)
+            owner = "444455556666" if what == "image" else "amazon"
+            refused = [(a, r) for a, r, context in launch_requests(changed, name, image_owner=owner)
+                       if not allows(head, a, r, context)]
+            assert refused, f"node type {name}: the head role may launch with another {what}"
+            assert all(a == "ec2:RunInstances" and where in r for a, r in refused), (name, what, refused)
+        # Amazon's own AMIs stay launchable when named by ID instead of the SSM alias.
+        changed = copy.deepcopy(cfg)
+        _launch_elsewhere(changed["available_node_types"][name]["node_config"], "image")
+        assert all(allows(head, a, r, c) for a, r, c in launch_requests(changed, name, image_owner="amazon"))
+
+    # The policy's lists are the cluster config's, exactly (both are EDITed together: infra/README.md).
+    nodes = [cfg["available_node_types"][n]["node_config"] for n in worker_types(cfg)]
+    named = {r.rsplit("/", 1)[1] for st in head if st["Effect"] == "Allow" for r in _as_list(st["Resource"])
+             if ":subnet/" in r or ":security-group/" in r}
+    assert named == set().union(*(_node_config_values(n, "SubnetId") | _node_config_values(n, "Groups") for n in nodes))
+    (types,) = [st["Condition"]["StringEquals"]["ec2:InstanceType"] for st in head
+                if "ec2:InstanceType" in st.get("Condition", {}).get("StringEquals", {})]
+    assert sorted(types) == sorted({n["InstanceType"] for n in nodes})
+
+
+def test_head_role_cannot_rename_the_cluster_of_an_existing_instance():
+    """An instance whose ray-cluster-name changed is no longer this cluster's: neither the autoscaler nor `ray down`
+    would terminate it. The head's role tags this cluster's instances (node status, as the autoscaler does) but never
+    their cluster name, nor any tag of another cluster's instance."""
+    cfg = load_cluster()
+    head = policy("head")
+    instance = f"arn:aws:ec2:{cfg['provider']['region']}:123456789012:instance/i-0123456789abcdef0"
+    ours = {"ec2:ResourceTag/ray-cluster-name": cfg["cluster_name"]}
+
+    def create_tags(tags: dict[str, str], resource_tags: dict[str, str] = ours) -> bool:
+        context = {**resource_tags, **{f"aws:RequestTag/{k}": v for k, v in tags.items()}, "aws:TagKeys": list(tags)}
+        return allows(head, "ec2:CreateTags", instance, context)
+
+    assert create_tags({"ray-node-status": "up-to-date"})
+    assert create_tags({"ray-node-status": "up-to-date", "ray-runtime-config": "abc"})
+    assert not create_tags({"ray-cluster-name": "escaped"})
+    assert not create_tags({"ray-node-status": "up-to-date", "ray-cluster-name": ""})
+    assert not create_tags({"ray-cluster-name": cfg["cluster_name"]}), "no exception for the same name either"
+    assert not create_tags({"ray-node-status": "up-to-date"}, {"ec2:ResourceTag/ray-cluster-name": "other"})
+    assert not allows(head, "ec2:DeleteTags", instance, {**ours, "aws:TagKeys": ["ray-cluster-name"]})
 
 
 def test_tracking_uri_with_credentials_is_refused_without_echoing_them():
@@ -1380,6 +1668,117 @@ def test_mlflow_server_requires_authentication_serves_tls_and_stores_artifacts_i
             assert secret not in cmdline, cmdline
     for secret in [mlflow_server["marker"], *mlflow_server["secrets"], pipeline_user[1], viewer[1]]:
         assert secret not in server_log
+
+
+def test_only_the_promoter_promotes_and_a_file_changed_in_storage_is_refused(mlflow_server, moto_server, tmp_path):
+    """The pipeline's user registers candidates; the promoter (its own MLflow user, made by add_user.py) copies a
+    reviewed one into the promoted model, where @champion lives. As the pipeline's user, each of these is refused:
+    promoting, creating a version of the promoted model, moving or deleting its alias, retagging its digests, and
+    PUTting a file under the promoted version through the artifact proxy. A candidate whose code the pipeline's user
+    rewrote (with its digests) is not promoted. A file of the promoted version changed in storage (the S3 object
+    itself) fails the digest check of the next load, in one line naming the file."""
+    import boto3
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from mlflow.models.model import Model
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
+    from pipelines.models import load_autoencoder, publish_autoencoder, run_id_of, version_of_alias
+    from pipelines.models.provenance import (DIGESTS_TAG, PROMOTION_EXPERIMENT, ArtifactDigestError, pinned_requirement,
+                                      promote, promoted_model_name, record_artifact_digests)
+
+    experiment = f"infra-{uuid.uuid4().hex[:8]}"
+    candidates, promoted = "ldm-autoencoder", promoted_model_name("ldm-autoencoder")
+    pipeline_user = add_mlflow_user(mlflow_server, "pipeline", tmp_path, experiments=(experiment,), models=(candidates,))
+    promoter = add_mlflow_user(mlflow_server, "promoter", tmp_path, experiments=(PROMOTION_EXPERIMENT,), models=(promoted,))
+    url, cert = mlflow_server["url"], mlflow_server["cert"]
+
+    model = AutoencoderKL(AutoencoderConfig(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, norm_groups=4))
+    with mlflow_as(mlflow_server, pipeline_user) as client:
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run() as run:
+            uri, version = publish_autoencoder(model, tmp_path / "stage-a", candidates)
+        digests = json.loads(client.get_model_version(candidates, str(version)).tags[DIGESTS_TAG])
+        assert {"MLmodel", "requirements.txt", "artifacts/autoencoder/config.json"} <= set(digests), sorted(digests)
+        assert all(re.fullmatch(r"[0-9a-f]{64}", d) for d in digests.values())
+        requirements = Path(mlflow.artifacts.download_artifacts(f"{uri}/requirements.txt", dst_path=str(tmp_path / "r")))
+        assert re.fullmatch(r"ldm-pipeline==\d+\.\d+\.\d+\S*", pinned_requirement())
+        assert pinned_requirement() in requirements.read_text().split(), requirements.read_text()
+        load_autoencoder(uri)  # the candidate as registered loads
+        with pytest.raises(MlflowException, match="PERMISSION_DENIED|403"):
+            promote(candidates, version)
+        # A job can still rewrite its own candidate, code and digests together (it owns both): its loaders accept
+        # that, promotion does not, because it compares the code with the promoter's checkout.
+        with mlflow.start_run():
+            poisoned, poisoned_version = publish_autoencoder(model, tmp_path / "stage-a-2", candidates)
+        (code,) = [p for p in digests if p.endswith(".py")]
+        poisoned_dir = Path(mlflow.artifacts.download_artifacts(poisoned, dst_path=str(tmp_path / "poisoned")))
+        (poisoned_dir / code).write_text((poisoned_dir / code).read_text() + "\nimport os  # anything, run at load\n")
+        location = mlflow.get_logged_model(Model.load(str(poisoned_dir / "MLmodel")).model_id).artifact_location
+        parent = Path(code).parent.as_posix()
+        get_artifact_repository(location).log_artifact(str(poisoned_dir / code), None if parent == "." else parent)
+        record_artifact_digests(candidates, poisoned_version)
+        load_autoencoder(poisoned)
+
+    with mlflow_as(mlflow_server, promoter):
+        with pytest.raises(ArtifactDigestError, match=f"{code} is not this checkout's pipelines/models/pyfunc/"):
+            promote(candidates, poisoned_version)
+        promoted_uri = promote(candidates, version)
+    assert promoted_uri == f"models:/{promoted}/1"
+
+    with mlflow_as(mlflow_server, pipeline_user) as client:
+        assert version_of_alias(candidates, "champion", "encode.autoencoder_alias") == promoted_uri
+        assert run_id_of(promoted_uri) == run.info.run_id, "lineage leads to the run that trained the candidate"
+        loaded = load_autoencoder(promoted_uri)
+        assert all(torch_equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+        denied = {
+            "create a version of the promoted model": lambda: client.create_model_version(
+                promoted, f"runs:/{run.info.run_id}/autoencoder", run_id=run.info.run_id),
+            "move its alias": lambda: client.set_registered_model_alias(promoted, "champion", "1"),
+            "delete its alias": lambda: client.delete_registered_model_alias(promoted, "champion"),
+            "rewrite its digests": lambda: client.set_model_version_tag(promoted, "1", DIGESTS_TAG, "{}"),
+        }
+        for what, attempt in denied.items():
+            with pytest.raises(MlflowException, match="PERMISSION_DENIED|403"):
+                attempt()  # `what` names the attempt in the traceback
+        # PUT through the artifact proxy: refused under the promoted version, accepted under the pipeline's own run
+        # (the same route, so the refusal is the permission).
+        promotion_run = mlflow.get_run(client.get_model_version(promoted, "1").run_id)
+        assert promotion_run.info.experiment_id == mlflow.get_experiment_by_name(PROMOTION_EXPERIMENT).experiment_id
+        stored = f"{promotion_run.info.artifact_uri}/model"
+        assert stored.startswith("mlflow-artifacts:/"), stored
+        own = mlflow.get_run(run.info.run_id).info.artifact_uri
+        for location, status in ((stored, 403), (own, 200)):
+            path = location.removeprefix("mlflow-artifacts:/").strip("/") + "/artifacts/autoencoder/config.json"
+            req = urllib.request.Request(f"{url}/api/2.0/mlflow-artifacts/artifacts/{path}", data=b'{"evil": 1}',
+                                         method="PUT", headers={"Authorization": "Basic " + base64.b64encode(
+                                             f"{pipeline_user[0]}:{pipeline_user[1]}".encode()).decode()})
+            try:
+                with urllib.request.urlopen(req, timeout=30, context=ssl.create_default_context(cafile=str(cert))) as r:
+                    got = r.status
+            except urllib.error.HTTPError as err:
+                got = err.code
+            assert got == status, (location, got)
+        assert client.get_model_version_by_alias(promoted, "champion").version == "1"
+
+    # Someone with the bucket's keys rewrites the promoted weights' config in S3: the next load refuses it.
+    s3 = boto3.client("s3", endpoint_url=moto_server)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=mlflow_server["bucket"], Prefix="mlartifacts/")["Contents"]]
+    (key,) = [k for k in keys if k.endswith("/artifacts/model/artifacts/autoencoder/config.json")]
+    s3.put_object(Bucket=mlflow_server["bucket"], Key=key, Body=b'{"base_channels": 8}')
+    with mlflow_as(mlflow_server, pipeline_user):
+        with pytest.raises(ArtifactDigestError) as e:
+            load_autoencoder(promoted_uri)
+    (line,) = str(e.value).splitlines()
+    assert line.startswith(f"model {promoted_uri}: artifacts/autoencoder/config.json has sha256 "), line
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
 
 
 def find_secrets(blobs: dict[str, bytes], secrets: list[str]) -> list[str]:

@@ -1,8 +1,10 @@
 """Create a user of the MLflow tracking server (basic auth), its password read from a file, never from argv; as the
 admin, create the experiments and registered models that user is to own and grant it MANAGE on them.
 
-An admin runs it once per user: `pipeline` for the jobs, and one user per person (they read everything, through
-the server's default READ permission, and write nothing of the pipeline's). Any authenticated user may create an
+An admin runs it once per user: `pipeline` for the jobs, `promoter` for the person who promotes models
+(`--experiment ldm-promoted --model ldm-autoencoder-promoted --model ldm-unet-promoted`: infra/mlflow/promote.py),
+and one user per person (they read everything, through the server's default READ permission, and write nothing of
+the pipeline's or the promoter's). Any authenticated user may create an
 experiment or registered model of a name nobody has taken, and owns what it creates; so the admin takes the
 pipeline's names first (`--experiment`, `--model`) and hands them to `pipeline`, before anyone else can:
 

@@ -141,7 +141,8 @@ class EncodeConfig(StrictConfig):
     (`pipelines/run.py` sets it to the exact version its Stage A produced.)"""
     autoencoder_alias: ModelAlias | None = None
     """Registered-model alias to load when `autoencoder_uri` is not set, e.g. "champion" for
-    models:/<mlflow.autoencoder_model_name>@champion: only a version someone promoted is used, never merely the newest
+    models:/<mlflow.autoencoder_model_name>-promoted@champion (aliases live on the promoted model, which only the
+    promoter writes: pipelines/models/provenance.py): only a version someone promoted is used, never merely the newest
     one anybody registered. It is resolved once, at start, to the version it points to; that version is loaded and
     recorded (tags `autoencoder_uri`, `autoencoder_alias`). A missing alias is an error. None: the latest version."""
     output_uri: str | None = None
@@ -238,8 +239,8 @@ class SampleConfig(StrictConfig):
     stage_b run. (`pipelines/run.py` sets it to the exact version its Stage B produced.)"""
     unet_alias: ModelAlias | None = None
     """Registered-model alias to load when `unet_uri` is not set, e.g. "champion" for
-    models:/<mlflow.unet_model_name>@champion, resolved once to its version, which is loaded and recorded (tags
-    `unet_uri`, `unet_alias`, and samples.json). A missing alias is an error. None: the latest finished stage_b run."""
+    models:/<mlflow.unet_model_name>-promoted@champion (pipelines/models/provenance.py), resolved once to its version, which
+    is loaded and recorded (tags `unet_uri`, `unet_alias`, and samples.json). A missing alias is an error. None: the latest finished stage_b run."""
     prompts: list[str] = ["a handwritten digit zero", "a handwritten digit seven"]
     """Prompts rendered by `pipelines/sample.py` and by the pipeline's sample stage."""
     num_per_prompt: int = Field(default=4, ge=1)

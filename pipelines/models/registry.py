@@ -30,12 +30,15 @@ from ldm_core.autoencoder import AutoencoderKL
 from ldm_core.config import ConfigError, format_validation_error
 from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
 from ldm_core.unet import UNet, UNetConfig
-from pipelines.models.checkpoints import save_tensors
 from pipelines.data.text_encoders import TextEncoderConfig
+from pipelines.models.checkpoints import save_tensors
+from pipelines.models.provenance import (PROMOTED_FROM_TAG, pinned_requirement, promoted_model_name,
+                                         record_artifact_digests, verify_artifact_digests)
 
 _CODE_DIR = Path(__file__).resolve().parent / "pyfunc"
-# The pyfunc flavour needs the project itself to serve; the pins match pyproject.toml.
-PYFUNC_REQUIREMENTS = ["torch==2.14.1", "numpy", "safetensors", "pydantic>=2.9", "ldm-pipeline"]
+# The pyfunc flavour needs the project itself to serve: the pins match pyproject.toml, and the project is pinned to
+# the version that logs the model (pipelines.models.provenance.pinned_requirement).
+PYFUNC_REQUIREMENTS = ["torch==2.14.1", "numpy", "safetensors", "pydantic>=2.9"]
 
 
 def publish_pretrained(
@@ -45,18 +48,19 @@ def publish_pretrained(
     """Log a `save_pretrained` folder as a pyfunc model of the active run (and register it).
 
     Returns (model_uri, registered_version). The model URI is `models:/<registered name>/<version>` when
-    registered, else the logged model's own URI.
+    registered, else the logged model's own URI. A registered version is tagged with the sha256 of its files.
     """
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=str(_CODE_DIR / code_file),
         artifacts={artifact_key: str(directory)},
         registered_model_name=registered_model_name,
-        pip_requirements=PYFUNC_REQUIREMENTS,
+        pip_requirements=[*PYFUNC_REQUIREMENTS, pinned_requirement()],
         signature=signature,
     )
     version = info.registered_model_version
     if registered_model_name and version is not None:
+        record_artifact_digests(registered_model_name, version)
         return f"models:/{registered_model_name}/{version}", int(version)
     return info.model_uri, None
 
@@ -82,11 +86,13 @@ def _first_line(e: BaseException) -> str:
 
 
 def download_pretrained(model_uri: str, artifact_key: str) -> Path:
-    """Local folder holding the `save_pretrained` files of a published model."""
+    """Local folder holding the `save_pretrained` files of a published model, every file of a registered version
+    checked against the sha256 recorded at registration."""
     try:
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=check_model_uri(model_uri)))
     except (mlflow.exceptions.MlflowException, OSError) as e:
         raise ModelURIError(f"model {model_uri} cannot be loaded: {_first_line(e)}") from None
+    verify_artifact_digests(model_uri, root)
     folder = root / "artifacts" / artifact_key
     if not (folder / "config.json").is_file():
         kinds = sorted(p.name for p in (root / "artifacts").iterdir()) if (root / "artifacts").is_dir() else []
@@ -112,16 +118,18 @@ def load_autoencoder(model_uri: str) -> AutoencoderKL:
 
 
 def version_of_alias(registered_model_name: str, alias: str, field: str) -> str:
-    """models:/<name>/<version> that the alias models:/<name>@<alias> points to now. Loading that URI (not the alias)
+    """models:/<name>-promoted/<version> that the alias models:/<name>-promoted@<alias> points to now: aliases live on
+    the promoted model, which only the promoter writes (pipelines/provenance.py). Loading that URI (not the alias)
     means a later move of the alias cannot change what this run loads. ModelURIError, naming `field`, when the
     alias does not exist."""
+    promoted = promoted_model_name(registered_model_name)
     try:
-        version = MlflowClient().get_model_version_by_alias(registered_model_name, alias).version
+        version = MlflowClient().get_model_version_by_alias(promoted, alias).version
     except mlflow.exceptions.MlflowException as e:
-        raise ModelURIError(f"{field}={alias}: registered model {registered_model_name!r} has no alias {alias!r} "
-                            f"({_first_line(e)}); promote a version first: MlflowClient().set_registered_model_alias("
-                            f"{registered_model_name!r}, {alias!r}, <version>)") from None
-    return f"models:/{registered_model_name}/{version}"
+        raise ModelURIError(f"{field}={alias}: registered model {promoted!r} has no alias {alias!r} "
+                            f"({_first_line(e)}); promote a version first, as the promoter: python "
+                            f"infra/mlflow/promote.py {registered_model_name} <version> --alias {alias}") from None
+    return f"models:/{promoted}/{version}"
 
 
 def model_to_load(uri: str | None, alias: str | None, registered_model_name: str, alias_field: str,
@@ -144,8 +152,12 @@ def run_id_of(model_uri: str) -> str:
         if "/" in ref:
             name, version = ref.split("/", 1)
             if version.isdigit():
-                return client.get_model_version(name, version).run_id
-            return client.get_model_version_by_alias(name, version).run_id
+                mv = client.get_model_version(name, version)
+            else:
+                mv = client.get_model_version_by_alias(name, version)
+            if PROMOTED_FROM_TAG in mv.tags:  # a promoted copy: the run that trained the candidate
+                return run_id_of(mv.tags[PROMOTED_FROM_TAG])
+            return mv.run_id
         return client.get_logged_model(ref).source_run_id
     except mlflow.exceptions.MlflowException as e:
         raise ModelURIError(f"model {model_uri} cannot be loaded: {_first_line(e)}") from None
