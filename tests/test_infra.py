@@ -1685,7 +1685,7 @@ def test_only_the_promoter_promotes_and_a_file_changed_in_storage_is_refused(mlf
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
-    from pipelines.models import load_autoencoder, publish_autoencoder, run_id_of, version_of_alias
+    from pipelines.models.registry import load_autoencoder, publish_autoencoder, run_id_of, version_of_alias
     from pipelines.models.provenance import (DIGESTS_TAG, PROMOTION_EXPERIMENT, ArtifactDigestError, pinned_requirement,
                                       promote, promoted_model_name, record_artifact_digests)
 

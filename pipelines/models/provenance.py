@@ -2,7 +2,7 @@
 
 * **Digests.** Registering a version records the sha256 of every file MLflow stores for it (the model-version tag
   `ldm.sha256`, a JSON object `{relative path: hex digest}`); every load of a registered version
-  (`pipelines.models.download_pretrained`: `load_autoencoder`, `load_unet_bundle`, so sample.py too) checks the
+  (`pipelines.models.registry.download_pretrained`: `load_autoencoder`, `load_unet_bundle`, so sample.py too) checks the
   downloaded files against it and refuses a mismatch in one line naming the file. Published models are pyfunc
   "models from code": `mlflow.pyfunc.load_model` runs the `.py` stored with them, so a file changed in storage is
   code run by whoever loads the model next.
@@ -140,7 +140,7 @@ def promote(registered_model_name: str, version: int | str, alias: str = "champi
     """As the promoter: copy candidate `registered_model_name`/`version` (its files checked against its digests, its
     code against this checkout's: `check_model_code`) into
     a run of the experiment `ldm-promoted`, register that copy as a version of the promoted model with the same
-    digests and a tag naming the candidate (lineage follows it: `pipelines.models.run_id_of`), and point `alias` at
+    digests and a tag naming the candidate (lineage follows it: `pipelines.models.registry.run_id_of`), and point `alias` at
     it. Returns models:/<promoted name>/<version>."""
     client = MlflowClient()
     candidate = client.get_model_version(registered_model_name, str(version))
