@@ -105,16 +105,15 @@ def _ddim_rows() -> list[tuple[str, str, float]]:
     import torch
 
     from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
-    from ldm_core.sampling import ddim_sample
+    from ldm_core.sampling import Condition, ddim_sample, sampling_plan
     from tests.test_sampler_parity import GUIDANCE, SD_DDIM, diffusers_loop, model
 
     def gap(diffusion: DiffusionConfig, scheduler, steps: int, seed: int, **ours_settings) -> float:
         g = torch.Generator().manual_seed(seed)
         x_T = torch.randn(3, 4, 8, 8, generator=g)
         context, null_context = torch.randn(3, 5, 16, generator=g), torch.zeros(5, 16)
-        ours = ddim_sample(model, tuple(x_T.shape), schedule=NoiseSchedule(diffusion), context=context, context_mask=None,
-                           null_context=null_context, null_mask=None, steps=steps, guidance_scale=GUIDANCE,
-                           prediction=diffusion.prediction, x_T=x_T, **ours_settings)
+        ours = ddim_sample(model, x_T, sampling_plan(NoiseSchedule(diffusion), steps, **ours_settings),
+                           Condition(context, None, null_context, None, GUIDANCE))
         return (ours - diffusers_loop(scheduler, x_T, context, null_context, steps, eta=0.0)).abs().max().item()
 
     rows = []

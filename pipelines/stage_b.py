@@ -37,6 +37,7 @@ from torchvision.utils import make_grid
 from ldm_core.config import ConfigError
 from ldm_core.diffusion import NoiseSchedule, training_loss
 from ldm_core.ema import EMA
+from ldm_core.sampling import Condition, sampling_plan
 from ldm_core.unet import UNet
 from pipelines.data import latents
 from pipelines.platform import tracking
@@ -125,25 +126,25 @@ class GridSampler:
         cond, bundle = loop_config["condition"], loop_config["bundle"]
         mlflow.set_tracking_uri(loop_config["tracking_uri"])
         self.autoencoder = load_autoencoder(bundle["autoencoder_uri"]).to(device)
-        self.schedule = NoiseSchedule(sb.diffusion, device)
-        self.condition = {
-            "context": torch.tensor(cond["prompt_context"], device=device),  # (P, L, D)
-            "context_mask": torch.tensor(cond["prompt_mask"], device=device),  # (P, L)
-            "null_context": torch.tensor(cond["null_context"], device=device),
-            "null_mask": torch.tensor(cond["null_mask"], device=device),
-        }
+        self.plan = sampling_plan(NoiseSchedule(sb.diffusion, device), min(sb.sample_steps, sb.diffusion.num_timesteps))
+        self.condition = Condition(
+            context=torch.tensor(cond["prompt_context"], device=device),  # (P, L, D)
+            context_mask=torch.tensor(cond["prompt_mask"], device=device),  # (P, L)
+            null_context=torch.tensor(cond["null_context"], device=device),
+            null_mask=torch.tensor(cond["null_mask"], device=device),
+            guidance_scale=cfg.sample.guidance,
+        )
         self.settings = {
             "latent_shape": tuple(bundle["latent_shape"]), "scale_factor": bundle["scale_factor"],
-            "num_per_prompt": sb.sample_columns, "steps": min(sb.sample_steps, sb.diffusion.num_timesteps),
-            "guidance": cfg.sample.guidance, "seed": cfg.run.seed + GRID_SEED_OFFSET,
-            "prediction": sb.diffusion.prediction, "mixed_precision": sb.train.mixed_precision,
+            "num_per_prompt": sb.sample_columns, "seed": cfg.run.seed + GRID_SEED_OFFSET,
+            "mixed_precision": sb.train.mixed_precision,
         }
 
     @torch.no_grad()
     def log(self, logger: RunLogger, model: torch.nn.Module, ema: EMA | None, step: int) -> None:
         averaged = ema.average_parameters(model) if ema is not None else contextlib.nullcontext()
         with averaged:
-            images = generate(model, self.autoencoder, self.schedule, **self.condition, **self.settings)
+            images = generate(model, self.autoencoder, self.plan, self.condition, **self.settings)
         grid = make_grid(images, nrow=self.settings["num_per_prompt"], padding=1)
         logger.log_image(tracking.tensor_grid_to_uint8(grid), f"samples/step_{step:07d}.png")
 

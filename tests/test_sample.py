@@ -21,12 +21,12 @@ from PIL import Image
 from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_core.config import ConfigError
 from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
-from ldm_core.sampling import ddim_sample
+from ldm_core.sampling import Condition, ddim_sample, sampling_plan
 from ldm_core.unet import UNet, UNetConfig
 from pipelines import sample
 from pipelines.models import inference
 from pipelines.platform import storage, tracking
-from pipelines.config import load_config
+from pipelines.config import SampleConfig, load_config
 from pipelines.models.judge import load_or_train_classifier
 from pipelines.models.registry import publish_autoencoder, publish_unet, save_unet_bundle
 from pipelines.data.text_encoders import TextEncoderConfig, load_text_encoder
@@ -63,11 +63,14 @@ def tiny():
     return {"unet": unet, "ae": ae, "schedule": NoiseSchedule(TINY_DIFFUSION), "context": context, "mask": mask, "null": null}
 
 
-def _generate(tiny, **overrides):
-    kwargs = dict(context=tiny["context"], context_mask=tiny["mask"], null_context=tiny["null"], null_mask=None,
-                  latent_shape=(4, 4, 4), scale_factor=0.7, num_per_prompt=2, steps=4, guidance=3.0, seed=0)
-    kwargs.update(overrides)
-    return inference.generate(tiny["unet"], tiny["ae"], tiny["schedule"], **kwargs)
+def _generate(tiny, context=None, context_mask=None, **settings):
+    """`inference.generate` with `sample.*` settings (defaults: 2 per prompt, 4 steps, guidance 3) on the tiny models."""
+    sc = SampleConfig(**{"num_per_prompt": 2, "steps": 4, "guidance": 3.0, **settings})
+    condition = Condition(tiny["context"] if context is None else context, tiny["mask"] if context_mask is None else context_mask,
+                          tiny["null"], None, guidance_scale=sc.guidance)
+    return inference.generate(tiny["unet"], tiny["ae"], inference.plan_for(sc, tiny["schedule"]), condition, latent_shape=(4, 4, 4),
+                           scale_factor=0.7, num_per_prompt=sc.num_per_prompt, seed=sc.seed, sampler=sc.sampler,
+                           batch_size=sc.batch_size, mixed_precision="no")
 
 
 def test_generate_is_reproducible_and_seeded(tiny):
@@ -80,6 +83,8 @@ def test_generate_is_reproducible_and_seeded(tiny):
     assert torch.allclose(a, _generate(tiny, batch_size=4), atol=1e-5)
     assert torch.equal(_generate(tiny, eta=1.0), _generate(tiny, eta=1.0))
     assert torch.equal(_generate(tiny, sampler="ddpm"), _generate(tiny, sampler="ddpm"))
+    with pytest.raises(ValueError, match="sample.eta=0.5: sampler=ddpm is ancestral"):
+        SampleConfig(sampler="ddpm", eta=0.5)  # the ddpm sampler would refuse it too; the config says so first
 
 
 def test_generate_matches_ddim_with_the_given_steps_and_guidance(tiny):
@@ -87,9 +92,8 @@ def test_generate_matches_ddim_with_the_given_steps_and_guidance(tiny):
     steps, guidance = 3, 2.5
     images = _generate(tiny, steps=steps, guidance=guidance, num_per_prompt=1)
     x_T = inference.initial_noise(0, 1, (4, 4, 4)).repeat(3, 1, 1, 1)
-    z = ddim_sample(tiny["unet"], (3, 4, 4, 4), schedule=tiny["schedule"], context=tiny["context"],
-                    context_mask=tiny["mask"], null_context=tiny["null"], null_mask=None, steps=steps,
-                    guidance_scale=guidance, x_T=x_T)
+    z = ddim_sample(tiny["unet"], x_T, sampling_plan(tiny["schedule"], steps),
+                    Condition(tiny["context"], tiny["mask"], tiny["null"], None, guidance_scale=guidance))
     expected = tiny["ae"].decode(z / 0.7).clamp(-1, 1)
     assert torch.allclose(images, expected, atol=1e-5)
     assert not torch.allclose(images, _generate(tiny, steps=steps + 2, guidance=guidance, num_per_prompt=1), atol=1e-3)
@@ -102,9 +106,8 @@ def test_generate_takes_stable_diffusions_ddim_steps_when_asked(tiny):
     sd = dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
     images = _generate(tiny, steps=3, num_per_prompt=1, **sd)
     x_T = inference.initial_noise(0, 1, (4, 4, 4)).repeat(3, 1, 1, 1)
-    z = ddim_sample(tiny["unet"], (3, 4, 4, 4), schedule=tiny["schedule"], context=tiny["context"],
-                    context_mask=tiny["mask"], null_context=tiny["null"], null_mask=None, steps=3,
-                    guidance_scale=3.0, x_T=x_T, spacing="leading", steps_offset=1, set_alpha_to_one=False)
+    z = ddim_sample(tiny["unet"], x_T, sampling_plan(tiny["schedule"], 3, spacing="leading", steps_offset=1, set_alpha_to_one=False),
+                    Condition(tiny["context"], tiny["mask"], tiny["null"], None, guidance_scale=3.0))
     assert torch.allclose(images, tiny["ae"].decode(z / 0.7).clamp(-1, 1), atol=1e-5)
     assert not torch.allclose(images, _generate(tiny, steps=3, num_per_prompt=1), atol=1e-3)
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
-from ldm_core.sampling import ddim_sample, sample_timesteps
+from ldm_core.sampling import Condition, ddim_sample, sample_timesteps, sampling_plan
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -59,21 +59,14 @@ def test_ddim_matches_diffusers_with_stable_diffusion_settings(steps, prediction
     x_T = torch.randn(3, 4, 8, 8, generator=g)
     context = torch.randn(3, 5, 16, generator=g)
     null_context = torch.zeros(5, 16)
-    ours = ddim_sample(
-        model, tuple(x_T.shape), schedule=NoiseSchedule(DiffusionConfig(prediction=prediction)), context=context,
-        context_mask=None, null_context=null_context, null_mask=None, steps=steps, guidance_scale=GUIDANCE,
-        prediction=prediction, x_T=x_T, spacing="leading", steps_offset=1, set_alpha_to_one=False,
-    )
+    schedule, cond = NoiseSchedule(DiffusionConfig(prediction=prediction)), Condition(context, None, null_context, None, GUIDANCE)
+    ours = ddim_sample(model, x_T, sampling_plan(schedule, steps, spacing="leading", steps_offset=1, set_alpha_to_one=False), cond)
     theirs = diffusers_loop(scheduler, x_T, context, null_context, steps, eta=0.0)
     diff = (ours - theirs).abs().max().item()
     print(f"DDIM {steps} steps, {prediction}: max |ours - diffusers| = {diff:.2e} (latent std {theirs.std().item():.3f})")
     assert diff <= 1e-4
     # The settings matter: SD's alpha_bar_0 as the last target differs from alpha_bar = 1.
-    to_one = ddim_sample(
-        model, tuple(x_T.shape), schedule=NoiseSchedule(DiffusionConfig(prediction=prediction)), context=context,
-        context_mask=None, null_context=null_context, null_mask=None, steps=steps, guidance_scale=GUIDANCE,
-        prediction=prediction, x_T=x_T, spacing="leading", steps_offset=1,
-    )
+    to_one = ddim_sample(model, x_T, sampling_plan(schedule, steps, spacing="leading", steps_offset=1), cond)
     assert (to_one - theirs).abs().max().item() > 1e-3
 
 
@@ -97,13 +90,11 @@ def test_zero_terminal_snr_trailing_ddim_matches_diffusers(steps):
     x_T = torch.randn(3, 4, 8, 8, generator=g)
     context = torch.randn(3, 5, 16, generator=g)
     null_context = torch.zeros(5, 16)
-    ours = ddim_sample(
-        model, tuple(x_T.shape), schedule=NoiseSchedule(DiffusionConfig(prediction="v", zero_terminal_snr=True)),
-        context=context, context_mask=None, null_context=null_context, null_mask=None, steps=steps,
-        guidance_scale=GUIDANCE, prediction="v", x_T=x_T,
-    )
+    schedule = NoiseSchedule(DiffusionConfig(prediction="v", zero_terminal_snr=True))
+    ours = ddim_sample(model, x_T, sampling_plan(schedule, steps), Condition(context, None, null_context, None, GUIDANCE))
     theirs = diffusers_loop(scheduler, x_T, context, null_context, steps, eta=0.0)
     assert scheduler.timesteps.tolist() == sample_timesteps(T, steps, "trailing")
     diff = (ours - theirs).abs().max().item()
     print(f"zero-terminal-SNR DDIM {steps} steps, v: max |ours - diffusers| = {diff:.2e}")
     assert torch.isfinite(ours).all() and diff <= 1e-4
+

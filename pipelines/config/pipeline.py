@@ -249,8 +249,9 @@ class SampleConfig(StrictConfig):
     guidance: float = Field(default=4.0, ge=0, le=100)
     """Classifier-free guidance scale s in eps_u + s * (eps_c - eps_u); 1 = no guidance. At most 100 (usual values
     are 1 to 15; far larger ones only saturate the image, and 1e30 overflows)."""
-    eta: float = Field(default=0.0, ge=0)
-    """DDIM eta (0: deterministic DDIM, 1: DDPM-like ancestral noise)."""
+    eta: float | None = Field(default=None, ge=0)
+    """Fresh noise per step in DDIM's terms (Song et al. 2021, eq. 16): 0 deterministic DDIM, 1 DDPM-like ancestral
+    noise. None: the sampler's own (ddim: 0; ddpm is ancestral, eta 1 by construction, and takes no other)."""
     sampler: Literal["ddim", "ddpm"] = "ddim"
     """Sampling algorithm."""
     timestep_spacing: Literal["trailing", "leading", "linspace"] = "trailing"
@@ -278,6 +279,13 @@ class SampleConfig(StrictConfig):
     """Where to sample: "auto" picks CUDA when visible, else the CPU."""
     mixed_precision: Literal["no", "bf16"] = "bf16"
     """bf16 autocast of the U-Net on CUDA. Ignored on CPU."""
+
+    @model_validator(mode="after")
+    def _ddpm_is_ancestral(self):
+        if self.sampler == "ddpm" and self.eta not in (None, 1.0):
+            raise ValueError(f"sample.eta={self.eta}: sampler=ddpm is ancestral (eta 1 by construction); "
+                             f"use sampler=ddim for another eta, or leave eta unset")
+        return self
 
 
 class PipelineConfig(StrictConfig):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from mlflow.pyfunc import PythonModel
 
-from ldm_core.sampling import ddim_sample
+from ldm_core.sampling import Condition, ddim_sample, sampling_plan
 from pipelines.models.registry import UNET_PYFUNC_PARAMS, read_unet_bundle
 from pipelines.data.text_encoders import load_text_encoder
 
@@ -37,12 +37,10 @@ class UNetPyfunc(PythonModel):
             self.text_encoder = load_text_encoder(bundle.text_encoder)
         hidden, mask = self.text_encoder.encode(prompts)
         generator = torch.Generator().manual_seed(int(p["seed"]))
-        z = ddim_sample(
-            bundle.unet, (len(prompts), *bundle.latent_shape), schedule=bundle.schedule, context=hidden, context_mask=mask,
-            null_context=bundle.null_context, null_mask=bundle.null_mask, steps=int(p["steps"]),
-            guidance_scale=float(p["guidance_scale"]), eta=float(p["eta"]), generator=generator,
-            prediction=bundle.diffusion.prediction,
-        )
+        x_T = torch.randn((len(prompts), *bundle.latent_shape), generator=generator)  # then any eta noise, same generator
+        plan = sampling_plan(bundle.schedule, int(p["steps"]), eta=float(p["eta"]))
+        condition = Condition(hidden, mask, bundle.null_context, bundle.null_mask, float(p["guidance_scale"]))
+        z = ddim_sample(bundle.unet, x_T, plan, condition, generator=generator)
         return np.asarray(z.numpy(), dtype=np.float32)
 
 
