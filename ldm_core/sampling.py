@@ -15,15 +15,24 @@ restored) and return float32 on x_T's device. A sampler's options live in the pl
 them, so no caller branches on the sampler's name.
 
 Timestep spacing for a sub-sequence of `steps` out of T (names as in Lin et al. 2024, "Common Diffusion
-Noise Schedules and Sample Steps are Flawed", Table 2), always visited in decreasing order:
-  - "trailing" (default): round(T - k * T/steps) - 1, k = 0..steps-1; starts at t = T-1 (computed from
-    integers, so any steps in [1, T] gives exactly `steps` timesteps).
-  - "leading": k * (T // steps), the DDIM paper's uniform spacing (Song et al. 2021, Sec. 4.2).
-  - "linspace": round(linspace(0, T-1, steps)).
-`steps_offset` is added to every timestep. After the last visited timestep the sampler steps to
-alpha_bar = 1 (`set_alpha_to_one=True`, the clean sample) or to alpha_bar_0 (False). Stable Diffusion's
-published DDIM setting is spacing="leading", steps_offset=1, set_alpha_to_one=False (diffusers'
-DDIMScheduler names), e.g. 981, 961, ..., 1 for 50 steps at T = 1000.
+Noise Schedules and Sample Steps are Flawed", Table 2), always visited in decreasing order, each exactly as
+diffusers' `DDIMScheduler.set_timesteps` computes it (tests/test_sampler_parity.py checks every step count):
+  - "trailing" (default): round(T - k * T/steps) - 1, k = 0..steps-1, starts at t = T-1. The rounding follows
+    diffusers' float `arange(T, 0, -T/steps)` (so at 48 steps 937.5 - 1e-13 rounds to 937: 936, not 937). For some
+    step counts (61, 103, 497, ... at T = 1000: 62 of the 1000) that float arange yields steps + 1 values and
+    diffusers visits a last timestep of -1, a bug of diffusers' (alpha_bar[-1] is the noisiest, not the cleanest);
+    here exactly `steps` are kept, the same ones as diffusers' first `steps`.
+  - "leading": k * (T // steps) + steps_offset, the DDIM paper's uniform spacing (Song et al. 2021, Sec. 4.2).
+  - "linspace": round(linspace(0, T-1, steps)), starts at t = T-1.
+`steps_offset` shifts "leading" only (diffusers ignores it for the other two, and so does this module).
+
+Each step from t lands on t - T // steps, as in `DDIMScheduler.step`, and on `final_alpha_bar` when that is
+negative: alpha_bar = 1 (`set_alpha_to_one=True`, the clean sample) or alpha_bar_0 (False). That is the next
+visited timestep for "leading", and for "trailing" when steps divides T; otherwise the landing point and the next
+visited timestep differ by up to T/steps - T // steps (trailing) or (T-1)/(steps-1) - T // steps (linspace)
+timesteps, and the last step may land on t = 0 rather than past it. Stable Diffusion's published DDIM setting is
+spacing="leading", steps_offset=1, set_alpha_to_one=False (diffusers' names), e.g. 981, 961, ..., 1 for 50 steps
+at T = 1000.
 """
 
 from __future__ import annotations
@@ -57,9 +66,8 @@ __all__ = [
 # ------------------------------------------------------------------------------------------ timestep spacing
 
 def _trailing(num_timesteps: int, steps: int) -> np.ndarray:
-    # T * (steps - k) / steps from integers: a float `arange(T, 0, -T/steps)` can yield steps + 1 values.
-    k = np.arange(steps, dtype=np.int64)
-    return np.round(num_timesteps * (steps - k) / steps).astype(np.int64) - 1
+    # diffusers' float arange, rounding included; it can yield steps + 1 values (a last timestep of -1): keep `steps`.
+    return np.round(np.arange(num_timesteps, 0, -num_timesteps / steps))[:steps].astype(np.int64) - 1
 
 
 def _leading(num_timesteps: int, steps: int) -> np.ndarray:
@@ -78,13 +86,14 @@ TIMESTEP_SPACINGS: dict[str, Callable[[int, int], np.ndarray]] = {
 
 
 def sample_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing", steps_offset: int = 0) -> list[int]:
-    """The `steps` timesteps a sampler visits, in decreasing order, each plus `steps_offset` (see the module
-    docstring)."""
+    """The `steps` timesteps a sampler visits, in decreasing order; `steps_offset` is added with "leading" spacing
+    only (see the module docstring)."""
     if spacing not in TIMESTEP_SPACINGS:
         raise ValueError(f"spacing: unknown {spacing!r}; choose one of {sorted(TIMESTEP_SPACINGS)}")
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps: must be in [1, {num_timesteps}] (the schedule's T), got {steps}")
-    ts = [int(t) + steps_offset for t in TIMESTEP_SPACINGS[spacing](num_timesteps, steps)]
+    offset = steps_offset if spacing == "leading" else 0
+    ts = [int(t) + offset for t in TIMESTEP_SPACINGS[spacing](num_timesteps, steps)]
     if len(set(ts)) != len(ts) or any(not 0 <= t < num_timesteps for t in ts):
         raise ValueError(f"steps: {steps} steps with {spacing!r} spacing and steps_offset={steps_offset} give "
                          f"timesteps outside [0, {num_timesteps}): {ts}")
@@ -106,7 +115,7 @@ class SamplingPlan:
     timesteps: tuple[int, ...]
     """The visited timesteps, decreasing."""
     targets: tuple[int, ...]
-    """The timestep step i lands on (`FINAL`: past the last one, at `final_alpha_bar`)."""
+    """The timestep step i lands on (`FINAL`: past t = 0, at `final_alpha_bar`)."""
     final_alpha_bar: float
     """alpha_bar after the last visited timestep: 1 (the clean sample) or alpha_bar_0 (Stable Diffusion's)."""
     eta: float | None = None
@@ -136,13 +145,15 @@ def sampling_plan(
     set_alpha_to_one: bool = True,
     eta: float | None = None,
 ) -> SamplingPlan:
-    """The plan of a `steps`-step sampler on `schedule` (the spacing and settings of the module docstring):
-    each step lands on the next visited timestep, the last one on alpha_bar = 1 or alpha_bar_0."""
+    """The plan of a `steps`-step sampler on `schedule` (the spacing and settings of the module docstring): each
+    step from t lands on t - T // steps (diffusers' DDIMScheduler), past t = 0 on alpha_bar = 1 or alpha_bar_0."""
     if eta is not None and eta < 0:
         raise ValueError(f"eta: must be >= 0, got {eta}")
     ts = tuple(sample_timesteps(schedule.num_timesteps, steps, spacing, steps_offset))
+    stride = schedule.num_timesteps // steps
+    targets = tuple(t - stride if t >= stride else FINAL for t in ts)
     final = 1.0 if set_alpha_to_one else float(schedule.alpha_bar[0])
-    return SamplingPlan(schedule, ts, ts[1:] + (FINAL,), final, eta)
+    return SamplingPlan(schedule, ts, targets, final, eta)
 
 
 # ------------------------------------------------------------------------------------------------ guidance

@@ -84,8 +84,12 @@ class ExportResult:
 
 def sd_scheduler_config(diffusion: DiffusionConfig) -> dict:
     """A diffusers `DDIMScheduler` config with Stable Diffusion's DDIM settings for our noise schedule. A model
-    trained with `zero_terminal_snr` gets Lin et al.'s sampler instead, as our own sampler runs it: the rescaled
-    betas, trailing timesteps from t = T-1 and the final step to alpha_bar = 1 (tests/test_sampler_parity.py)."""
+    trained with `zero_terminal_snr` gets Lin et al.'s sampler instead: the rescaled betas, trailing timesteps from
+    t = T-1 and alpha_bar = 1 past t = 0. Either way diffusers then takes the steps `ldm_core.sampling.ddim_sample`
+    takes with the same settings (the same timesteps, each step landing on t - T // steps; final latents within 1e-4,
+    tests/test_sampler_parity.py), for every step count but those where diffusers' trailing spacing emits an extra
+    timestep of -1 (at T = 1000: 61, 497 and 60 other counts in [1, 1000]): there diffusers takes that one more,
+    wrong step, and our sampler does not."""
     zero = diffusion.zero_terminal_snr
     return {
         "_class_name": "DDIMScheduler",

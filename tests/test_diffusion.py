@@ -411,23 +411,41 @@ def test_timestep_spacings():
         sample_timesteps(T, 10, "karras")
 
 
-@pytest.mark.parametrize("steps", [61, 497, 3, 7, 333, 999])
+@pytest.mark.parametrize("steps", [61, 497, 3, 7, 48, 333, 999])
 def test_trailing_spacing_gives_exactly_steps_timesteps(steps):
-    """A float arange(T, 0, -T/steps) yields steps + 1 values for 61 or 497 steps at T = 1000 (the old crash).
-    Expected: round(T (steps - k) / steps) - 1 in exact rational arithmetic (round half to even, as numpy)."""
-    from fractions import Fraction
-
+    """A float arange(T, 0, -T/steps) yields steps + 1 values for 61 or 497 steps at T = 1000 (diffusers' t = -1):
+    exactly `steps` are kept, from T-1 down, each within one half of T (steps - k) / steps - 1."""
     ts = sample_timesteps(T, steps, "trailing")
-    assert ts == [round(Fraction(T * (steps - k), steps)) - 1 for k in range(steps)]
     assert len(ts) == steps and ts[0] == T - 1 and all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] >= 0
+    assert all(abs(t - (T * (steps - k) / steps - 1)) <= 0.5 + 1e-9 for k, t in enumerate(ts))
+
+
+def test_trailing_spacing_rounds_as_diffusers_and_lands_where_diffusers_steps():
+    """Golden values of DDIMScheduler (diffusers 0.42): at 48 steps T - k T/48 = 937.5 for k = 3 comes out of the float
+    arange a hair below, so it rounds to 937 - 1 = 936; each step lands on t - T // steps (here 20), not on the next
+    visited timestep, and the last one on t = 0 when T // steps <= the last timestep (7 steps: 142 -> 0)."""
+    ts = sample_timesteps(T, 48, "trailing")
+    assert [ts[k] for k in (3, 15, 27, 39)] == [936, 686, 436, 186]
+    plan = sampling_plan(NoiseSchedule(DiffusionConfig()), 48)
+    assert plan.targets[:4] == (979, 958, 937, 916) and plan.timesteps[1:4] == (978, 957, 936)
+    seven = sampling_plan(NoiseSchedule(DiffusionConfig()), 7)
+    assert seven.timesteps == (999, 856, 713, 570, 428, 285, 142)
+    assert seven.targets == (857, 714, 571, 428, 286, 143, 0)
+    fifty = sampling_plan(NoiseSchedule(DiffusionConfig()), 50)  # steps divide T: the next visited timestep, then past 0
+    assert fifty.targets == fifty.timesteps[1:] + (-1,)
+    linspace = sampling_plan(NoiseSchedule(DiffusionConfig()), 4, spacing="linspace")
+    assert linspace.timesteps == (999, 666, 333, 0) and linspace.targets == (749, 416, 83, -1)
 
 
 def test_stable_diffusion_leading_spacing_with_offset():
     sd = sample_timesteps(T, 50, "leading", steps_offset=1)
     assert sd == list(range(981, 0, -20))  # 981, 961, ..., 1: Stable Diffusion's 50 DDIM steps
     assert sample_timesteps(T, 30, "leading", steps_offset=1)[:2] == [958, 925]
-    with pytest.raises(ValueError, match="steps_offset=1"):
-        sample_timesteps(T, 50, "trailing", steps_offset=1)  # 999 + 1 is past the schedule
+    # diffusers adds steps_offset for "leading" only; so does sample_timesteps.
+    assert sample_timesteps(T, 50, "trailing", steps_offset=1) == sample_timesteps(T, 50, "trailing")
+    assert sample_timesteps(T, 7, "linspace", steps_offset=1) == sample_timesteps(T, 7, "linspace")
+    with pytest.raises(ValueError, match="steps_offset=20"):
+        sample_timesteps(T, 50, "leading", steps_offset=20)  # 980 + 20 is past the schedule
 
 
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])

@@ -21,6 +21,15 @@ GUIDANCE = 4.0
 SD_DDIM = dict(num_train_timesteps=T, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 """Stable Diffusion v1's published scheduler settings (its scheduler_config.json), with diffusers' names."""
+SPACING_SETTINGS = {
+    "eps, SD schedule": (DiffusionConfig(), dict(prediction_type="epsilon")),
+    "v, zero terminal SNR": (DiffusionConfig(prediction="v", zero_terminal_snr=True),
+                             dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True)),
+}
+"""The two settings the trailing / linspace parity runs under: SD's scheduler with only the spacing changed (its
+steps_offset=1 stays, and both sides ignore it), and Lin et al.'s recipe (what `pipelines/export.py` writes)."""
+MALFORMED_TRAILING = 62
+"""Step counts in [1, 1000] for which diffusers 0.42's trailing spacing emits steps + 1 timesteps, the last -1."""
 
 
 class StandIn(nn.Module):
@@ -35,11 +44,12 @@ class StandIn(nn.Module):
 model = StandIn()
 
 
-def diffusers_loop(scheduler, x_T, context, null_context, steps: int, eta: float) -> torch.Tensor:
-    """StableDiffusionPipeline's denoising loop, reduced to its arithmetic."""
+def diffusers_loop(scheduler, x_T, context, null_context, steps: int, eta: float, as_is: bool = False) -> torch.Tensor:
+    """StableDiffusionPipeline's denoising loop, reduced to its arithmetic, over the scheduler's first `steps` timesteps
+    (all of them with `as_is`, diffusers' extra t = -1 included where its trailing spacing emits one)."""
     scheduler.set_timesteps(steps)
     x = x_T.clone()
-    for t in scheduler.timesteps:
+    for t in scheduler.timesteps if as_is else scheduler.timesteps[:steps]:
         t_batch = torch.full((x.shape[0],), int(t), dtype=torch.long)
         out_u = model(x, t_batch, null_context.expand(x.shape[0], -1, -1))
         out_c = model(x, t_batch, context)
@@ -98,3 +108,51 @@ def test_zero_terminal_snr_trailing_ddim_matches_diffusers(steps):
     print(f"zero-terminal-SNR DDIM {steps} steps, v: max |ours - diffusers| = {diff:.2e}")
     assert torch.isfinite(ours).all() and diff <= 1e-4
 
+
+def spacing_gap(spacing: str, setting: str, steps: int, as_is: bool = False) -> tuple[float, int]:
+    """(max |ours - diffusers| of the final latents, diffusers' timestep count) for DDIM with `spacing`, steps_offset=1
+    on both sides, under SPACING_SETTINGS[setting]."""
+    diffusion, theirs_settings = SPACING_SETTINGS[setting]
+    scheduler = diffusers.DDIMScheduler(**{**SD_DDIM, "timestep_spacing": spacing, **theirs_settings})
+    g = torch.Generator().manual_seed(2)
+    x_T = torch.randn(3, 4, 8, 8, generator=g)
+    context, null_context = torch.randn(3, 5, 16, generator=g), torch.zeros(5, 16)
+    plan = sampling_plan(NoiseSchedule(diffusion), steps, spacing=spacing, steps_offset=1,
+                         set_alpha_to_one=scheduler.config.set_alpha_to_one)
+    ours = ddim_sample(model, x_T, plan, Condition(context, None, null_context, None, GUIDANCE))
+    theirs = diffusers_loop(scheduler, x_T, context, null_context, steps, eta=0.0, as_is=as_is)
+    assert list(plan.timesteps) == scheduler.timesteps[:steps].tolist()
+    return (ours - theirs).abs().max().item(), len(scheduler.timesteps)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_timesteps_match_diffusers_for_every_step_count(spacing):
+    """Every step count in [1, T]: our timesteps are DDIMScheduler's (its steps_offset=1 ignored, as diffusers does
+    outside "leading"); where diffusers' trailing spacing emits an extra t = -1, ours are its first `steps`."""
+    scheduler = diffusers.DDIMScheduler(**{**SD_DDIM, "timestep_spacing": spacing})
+    malformed = []
+    for steps in range(1, T + 1):
+        scheduler.set_timesteps(steps)
+        theirs = scheduler.timesteps.tolist()
+        ours = sample_timesteps(T, steps, spacing, steps_offset=1)
+        if len(theirs) != steps:
+            malformed.append(steps)
+            assert (len(theirs), theirs[-1]) == (steps + 1, -1), steps
+        assert ours == theirs[:steps], steps
+    assert len(malformed) == (MALFORMED_TRAILING if spacing == "trailing" else 0)
+    assert spacing == "linspace" or {61, 497} <= set(malformed)
+
+
+@pytest.mark.parametrize("steps", [7, 30, 48, 61])
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+@pytest.mark.parametrize("setting", sorted(SPACING_SETTINGS))
+def test_trailing_and_linspace_ddim_match_diffusers(steps, spacing, setting):
+    """Final latents within 1e-4 of DDIMScheduler's, each step landing on t - T // steps as there. At 61 trailing steps
+    diffusers visits an extra t = -1 (its bug): the comparison is with its first 61 steps, and its own result is off."""
+    gap, theirs_count = spacing_gap(spacing, setting, steps)
+    print(f"DDIM {spacing} {steps} steps, {setting}: max |ours - diffusers| = {gap:.2e}")
+    assert gap <= 1e-4
+    if theirs_count != steps:
+        assert (spacing, steps) == ("trailing", 61)
+        as_is, _ = spacing_gap(spacing, setting, steps, as_is=True)
+        assert not as_is <= 1e-2  # diffusers' extra step at t = -1 (alpha_bar[-1], the noisiest) moves the result

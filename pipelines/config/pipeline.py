@@ -255,11 +255,12 @@ class SampleConfig(StrictConfig):
     sampler: Literal["ddim", "ddpm"] = "ddim"
     """Sampling algorithm."""
     timestep_spacing: Literal["trailing", "leading", "linspace"] = "trailing"
-    """Which `steps` of the T timesteps the sampler visits (`ldm_core.sampling` docstring; Lin et al. 2024,
-    Table 2). "trailing" starts at t = T-1, which a zero-terminal-SNR model needs; Stable Diffusion's DDIM uses
-    "leading" with steps_offset=1 and set_alpha_to_one=false."""
+    """Which `steps` of the T timesteps the sampler visits, exactly as diffusers' DDIMScheduler (`ldm_core.sampling`
+    docstring; Lin et al. 2024, Table 2). "trailing" and "linspace" start at t = T-1, which a zero-terminal-SNR model
+    needs; Stable Diffusion's DDIM uses "leading" with steps_offset=1 and set_alpha_to_one=false."""
     steps_offset: int = Field(default=0, ge=0)
-    """Added to every visited timestep (Stable Diffusion: 1 with "leading" spacing)."""
+    """Added to every visited timestep of "leading" spacing (Stable Diffusion: 1); ignored by "trailing" and
+    "linspace", as in diffusers."""
     set_alpha_to_one: bool = True
     """After the last visited timestep step to alpha_bar = 1, the clean sample (true), or to alpha_bar_0
     (false, Stable Diffusion's setting)."""
