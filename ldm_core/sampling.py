@@ -7,7 +7,8 @@ In the k-diffusion style every sampler is a small pure function with one shared 
 - `x_T` (B, C, h, w): the starting noise, drawn by the caller (so one x_T can be reused across prompts);
 - `plan` (`SamplingPlan`, built by `sampling_plan`): the noise schedule, the visited timesteps, the alpha_bar
   each step goes to (the final one included), the prediction type and the sampler's stochasticity `eta`;
-- `cond` (`Condition`): the contexts and masks, the null (empty-prompt) condition and the guidance scale;
+- `cond` (`Condition`): the contexts and masks, the null (empty-prompt) condition, the guidance scale and the
+  guidance rescale;
 - `generator`: where any fresh noise comes from (drawn on the generator's device, so a seeded CPU generator
   gives the same samples on CPU and GPU up to float error).
 They are registered in SAMPLERS, run under torch.no_grad with the model in eval mode (its previous mode is
@@ -58,6 +59,7 @@ __all__ = [
     "ddpm_sample",
     "guided_eps",
     "guided_prediction",
+    "rescale_guidance",
     "sample_timesteps",
     "sampling_plan",
 ]
@@ -199,6 +201,12 @@ class Condition:
     null_mask: torch.Tensor | None
     guidance_scale: float
     """s in out_u + s * (out_c - out_u): 1 = the conditional model alone, 0 = the unconditional one."""
+    guidance_rescale: float = 0.0
+    """phi of Lin et al.'s guidance rescale (`rescale_guidance`), in [0, 1]: 0 = plain guidance, 0.7 the paper's."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale: must be in [0, 1], got {self.guidance_rescale}")
 
     def rows(self, index: slice) -> "Condition":
         """The condition of the samples `index` (the null condition is shared)."""
@@ -206,11 +214,25 @@ class Condition:
                        context_mask=None if self.context_mask is None else self.context_mask[index])
 
 
+def rescale_guidance(guided: torch.Tensor, out_c: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Sec. 3.4):
+    x_rescaled = x_cfg * std(x_pos) / std(x_cfg), returned as phi * x_rescaled + (1 - phi) * x_cfg, where x_cfg is
+    the guided output and x_pos the conditional one. A large guidance scale inflates the prediction's std, which a
+    zero-terminal-SNR model turns into over-exposed images; rescaling gives it back the conditional std, and phi < 1
+    keeps some of the guided contrast. std is per sample over all its elements (unbiased), in the model's output
+    space (eps or v), as diffusers' `rescale_noise_cfg` computes it."""
+    dims = tuple(range(1, guided.ndim))
+    rescaled = guided * (out_c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
+
+
 def guided_prediction(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6) in the model's own output space:
-    out_u + scale * (out_c - out_u), with both halves in one batched forward ([null; cond]).
+    out_u + scale * (out_c - out_u), with both halves in one batched forward ([null; cond]), then rescaled by
+    `rescale_guidance` when `cond.guidance_rescale` > 0.
 
-    Since eps and v are affine in the model output for fixed x_t, guiding v is the same as guiding eps.
+    Since eps and v are affine in the model output for fixed x_t, guiding v is the same as guiding eps (the
+    rescale is not affine: it acts on the output the model was trained to predict, as in diffusers).
     Returns float32 (B, ...) like x.
     """
     b = x.shape[0]
@@ -218,7 +240,8 @@ def guided_prediction(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: 
     t = t.expand(b) if t.ndim == 0 else t
     out = model(torch.cat([x, x]), torch.cat([t, t]), ctx, ctx_mask).float()
     out_u, out_c = out[:b], out[b:]
-    return out_u + cond.guidance_scale * (out_c - out_u)
+    guided = out_u + cond.guidance_scale * (out_c - out_u)
+    return rescale_guidance(guided, out_c, cond.guidance_rescale) if cond.guidance_rescale > 0 else guided
 
 
 def _eps_and_x0(x_t: torch.Tensor, out: torch.Tensor, alpha_bar_t: torch.Tensor,

@@ -10,7 +10,10 @@
 - a U-Net bundle: `unet/`, `vae/` (the autoencoder of its lineage) and `scheduler/` (DDIM with SD's settings:
   "leading" spacing, steps_offset 1, set_alpha_to_one false, the bundle's beta schedule and prediction); when
   the text encoder is a CLIP text model also `text_encoder/`, `tokenizer/` and `model_index.json`, so
-  `StableDiffusionPipeline.from_pretrained(DIR)` loads it.
+  `StableDiffusionPipeline.from_pretrained(DIR)` loads it. `model_index.json` also records, under
+  `_call_defaults`, the classifier-free guidance `sample.*` settings as `StableDiffusionPipeline.__call__`
+  arguments (`guidance_scale`, `guidance_rescale`): diffusers skips keys that start with "_", so pass them
+  yourself, `pipe(prompt, **json.load(open(DIR + "/model_index.json"))["_call_defaults"])`.
 
 `--format sd-single-file`: the original CompVis layout ComfyUI / A1111 read: `vae.safetensors` (a standalone
 VAE, keys `encoder.*`, `decoder.*`) for an autoencoder; `model.safetensors` (`model.diffusion_model.*`,
@@ -51,7 +54,7 @@ from ldm_core.config import ConfigError
 from ldm_core.diffusion import DiffusionConfig
 from ldm_core.unet import UNet, UNetConfig
 from pipelines.platform import storage, tracking
-from pipelines.config import PipelineConfig
+from pipelines.config import PipelineConfig, SampleConfig
 from pipelines.platform.cli import parse_cli
 from pipelines.models.interop import SINGLE_FILE_FORMAT, TRAINING_OPTIONS, InteropError
 from pipelines.models.registry import UNetBundle, load_autoencoder, read_unet_bundle, run_id_of
@@ -105,6 +108,11 @@ def sd_scheduler_config(diffusion: DiffusionConfig) -> dict:
         "rescale_betas_zero_snr": zero,
         "prediction_type": DIFFUSERS_PREDICTIONS[diffusion.prediction],
     }
+
+
+def pipeline_call_defaults(sample: SampleConfig) -> dict:
+    """`sample`'s guidance settings as `StableDiffusionPipeline.__call__` keyword arguments (diffusers' names)."""
+    return {"guidance_scale": sample.guidance, "guidance_rescale": sample.guidance_rescale}
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -208,7 +216,10 @@ def export_autoencoder(model: AutoencoderKL, fmt: str, folder: Path) -> None:
     })
 
 
-def export_unet(bundle: UNetBundle, autoencoder: AutoencoderKL, fmt: str, folder: Path) -> None:
+def export_unet(bundle: UNetBundle, autoencoder: AutoencoderKL, fmt: str, folder: Path,
+                sample: SampleConfig | None = None) -> None:
+    """Write the U-Net bundle (with its autoencoder and, for CLIP, text encoder) as `fmt` into `folder`; `sample`
+    (default: SampleConfig's defaults) gives the diffusers pipeline's `_call_defaults`."""
     autoencoder.scale_factor.fill_(bundle.scale_factor)  # the scale the U-Net was trained with
     clip = _clip_text_encoder(bundle)
     if fmt == "diffusers":
@@ -228,6 +239,7 @@ def export_unet(bundle: UNetBundle, autoencoder: AutoencoderKL, fmt: str, folder
             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", type(clip.model).__name__],
             "tokenizer": ["transformers", type(clip.tokenizer).__name__], "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"],
+            "_call_defaults": pipeline_call_defaults(sample or SampleConfig()),
         })
         return
     cfg = bundle.unet_config
@@ -330,7 +342,7 @@ def run_export(cfg: PipelineConfig, model_uri: str, fmt: str, out: str) -> Expor
         if kind == "autoencoder":
             export_autoencoder(model, fmt, local)
         else:
-            export_unet(model, load_autoencoder(model.autoencoder_uri), fmt, local)
+            export_unet(model, load_autoencoder(model.autoencoder_uri), fmt, local, cfg.sample)
         with tracking.stage_run(
             experiment_id=tracking.setup(cfg.mlflow, cfg.run.output_uri), stage=STAGE,
             run_name=f"{cfg.run.name}-export", upstream_run_ids=upstream,

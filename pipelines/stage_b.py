@@ -37,7 +37,7 @@ from torchvision.utils import make_grid
 from ldm_core.config import ConfigError
 from ldm_core.diffusion import NoiseSchedule, training_loss
 from ldm_core.ema import EMA
-from ldm_core.sampling import Condition, sampling_plan
+from ldm_core.sampling import sampling_plan
 from ldm_core.unet import UNet
 from pipelines.data import latents
 from pipelines.platform import tracking
@@ -51,7 +51,7 @@ from pipelines.train.memory import check_memory_budget, estimate_stage_b
 from pipelines.models.interop import adopt_init_architectures, init_from_run_ids, load_init_unet
 from pipelines.models.registry import load_autoencoder, publish_unet, registered_model_lost, save_unet_bundle
 from pipelines.platform.runtime import exit_on, setup_logging
-from pipelines.models.inference import digit_prompt_accuracy, generate
+from pipelines.models.inference import condition_for, digit_prompt_accuracy, generate
 from pipelines.data.text_encoders import TextEncoderConfig, encode_prompts_remote
 from pipelines.train.run_logger import RunLogger
 from pipelines.train.loop import TrainLoop, TrainResult, Update, build_trainer, fingerprint_fields, fit_and_publish, training_run
@@ -127,12 +127,12 @@ class GridSampler:
         mlflow.set_tracking_uri(loop_config["tracking_uri"])
         self.autoencoder = load_autoencoder(bundle["autoencoder_uri"]).to(device)
         self.plan = sampling_plan(NoiseSchedule(sb.diffusion, device), min(sb.sample_steps, sb.diffusion.num_timesteps))
-        self.condition = Condition(
-            context=torch.tensor(cond["prompt_context"], device=device),  # (P, L, D)
-            context_mask=torch.tensor(cond["prompt_mask"], device=device),  # (P, L)
-            null_context=torch.tensor(cond["null_context"], device=device),
-            null_mask=torch.tensor(cond["null_mask"], device=device),
-            guidance_scale=cfg.sample.guidance,
+        self.condition = condition_for(
+            cfg.sample,
+            torch.tensor(cond["prompt_context"], device=device),  # (P, L, D)
+            torch.tensor(cond["prompt_mask"], device=device),  # (P, L)
+            torch.tensor(cond["null_context"], device=device),
+            torch.tensor(cond["null_mask"], device=device),
         )
         self.settings = {
             "latent_shape": tuple(bundle["latent_shape"]), "scale_factor": bundle["scale_factor"],
@@ -285,7 +285,8 @@ def run_stage_b(
         "text_encoder": text["name_or_path"], **(extra_tags or {}),
     }
     params = tracking.flatten({"stage_b": sb.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json"),
-                               "sample": {"prompts": cfg.sample.prompts, "guidance": cfg.sample.guidance}})
+                               "sample": {"prompts": cfg.sample.prompts, "guidance": cfg.sample.guidance,
+                                          "guidance_rescale": cfg.sample.guidance_rescale}})
     with training_run(
         cfg, stage=STAGE_NAME, experiment_id=experiment_id, trainer_name=trainer_name, fields=fields,
         upstream_run_ids=upstream, parent_run_id=parent_run_id, tags=tags, params=params,

@@ -26,7 +26,7 @@ from ldm_core.diffusion import (
     v_target,
 )
 from ldm_core.sampling import (SAMPLERS, Condition, ddim_sample, ddpm_sample, guided_eps, guided_prediction,
-                               sample_timesteps, sampling_plan)
+                               rescale_guidance, sample_timesteps, sampling_plan)
 from ldm_core.unet import UNet, UNetConfig
 
 T = 1000
@@ -391,6 +391,30 @@ def test_guidance_matches_separate_forwards():
         assert torch.allclose(v_eps, predict_eps_from_v(x, t, cond, ab), atol=1e-5)
     with pytest.raises(ValueError, match="alpha_bar"):
         guided_eps(model, x, t, unguided, prediction="v")
+
+
+def test_guidance_rescale_restores_the_conditional_std_per_sample():
+    """Lin et al. 2024, Sec. 3.4: phi = 1 gives the guided output the conditional output's std, sample by sample;
+    phi = 0 is plain guidance; in between, the linear mix of the two."""
+    g = torch.Generator().manual_seed(4)
+    guided, out_c = 3.0 * torch.randn(3, 4, 8, 8, generator=g) + 1.0, torch.randn(3, 4, 8, 8, generator=g)
+    full = rescale_guidance(guided, out_c, 1.0)
+    torch.testing.assert_close(full.flatten(1).std(1), out_c.flatten(1).std(1))
+    torch.testing.assert_close(full / guided, (out_c.flatten(1).std(1) / guided.flatten(1).std(1)).reshape(3, 1, 1, 1)
+                               .expand_as(guided))
+    assert torch.equal(rescale_guidance(guided, out_c, 0.0), guided)
+    torch.testing.assert_close(rescale_guidance(guided, out_c, 0.7), 0.7 * full + 0.3 * guided)
+    model = tiny_unet()
+    context, mask, null_context, null_mask = condition()
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100, 800])
+    with torch.no_grad():
+        plain = guided_prediction(model, x, t, Condition(context, mask, null_context, null_mask, 5.0))
+        cond = guided_prediction(model, x, t, Condition(context, mask, null_context, null_mask, 1.0))
+        rescaled = guided_prediction(model, x, t, Condition(context, mask, null_context, null_mask, 5.0, guidance_rescale=0.7))
+    torch.testing.assert_close(rescaled, rescale_guidance(plain, cond, 0.7))
+    assert (rescaled - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        Condition(context, mask, null_context, null_mask, 5.0, guidance_rescale=1.5)
 
 
 # ---------------------------------------------------------------------------------------------- samplers

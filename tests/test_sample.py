@@ -66,8 +66,8 @@ def tiny():
 def _generate(tiny, context=None, context_mask=None, **settings):
     """`inference.generate` with `sample.*` settings (defaults: 2 per prompt, 4 steps, guidance 3) on the tiny models."""
     sc = SampleConfig(**{"num_per_prompt": 2, "steps": 4, "guidance": 3.0, **settings})
-    condition = Condition(tiny["context"] if context is None else context, tiny["mask"] if context_mask is None else context_mask,
-                          tiny["null"], None, guidance_scale=sc.guidance)
+    condition = inference.condition_for(sc, tiny["context"] if context is None else context,
+                                     tiny["mask"] if context_mask is None else context_mask, tiny["null"], None)
     return inference.generate(tiny["unet"], tiny["ae"], inference.plan_for(sc, tiny["schedule"]), condition, latent_shape=(4, 4, 4),
                            scale_factor=0.7, num_per_prompt=sc.num_per_prompt, seed=sc.seed, sampler=sc.sampler,
                            batch_size=sc.batch_size, mixed_precision="no")
@@ -98,6 +98,18 @@ def test_generate_matches_ddim_with_the_given_steps_and_guidance(tiny):
     assert torch.allclose(images, expected, atol=1e-5)
     assert not torch.allclose(images, _generate(tiny, steps=steps + 2, guidance=guidance, num_per_prompt=1), atol=1e-3)
     assert not torch.allclose(images, _generate(tiny, steps=steps, guidance=0.0, num_per_prompt=1), atol=1e-3)
+
+
+def test_generate_rescales_guidance_when_asked(tiny):
+    """sample.guidance_rescale reaches the sampler's guidance (Lin et al. 2024, Sec. 3.4); 0 is plain guidance."""
+    images = _generate(tiny, steps=3, guidance=6.0, guidance_rescale=0.7, num_per_prompt=1)
+    x_T = inference.initial_noise(0, 1, (4, 4, 4)).repeat(3, 1, 1, 1)
+    z = ddim_sample(tiny["unet"], x_T, sampling_plan(tiny["schedule"], 3),
+                    Condition(tiny["context"], tiny["mask"], tiny["null"], None, guidance_scale=6.0, guidance_rescale=0.7))
+    assert torch.allclose(images, tiny["ae"].decode(z / 0.7).clamp(-1, 1), atol=1e-5)
+    assert not torch.allclose(images, _generate(tiny, steps=3, guidance=6.0, num_per_prompt=1), atol=1e-3)
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        SampleConfig(guidance_rescale=1.5)
 
 
 def test_generate_takes_stable_diffusions_ddim_steps_when_asked(tiny):

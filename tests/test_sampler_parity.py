@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
-from ldm_core.sampling import Condition, ddim_sample, sample_timesteps, sampling_plan
+from ldm_core.sampling import Condition, ddim_sample, guided_prediction, sample_timesteps, sampling_plan
 
 diffusers = pytest.importorskip("diffusers")
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg  # noqa: E402
 
 T = 1000
 GUIDANCE = 4.0
@@ -44,9 +45,11 @@ class StandIn(nn.Module):
 model = StandIn()
 
 
-def diffusers_loop(scheduler, x_T, context, null_context, steps: int, eta: float, as_is: bool = False) -> torch.Tensor:
+def diffusers_loop(scheduler, x_T, context, null_context, steps: int, eta: float, as_is: bool = False,
+                   guidance_rescale: float = 0.0) -> torch.Tensor:
     """StableDiffusionPipeline's denoising loop, reduced to its arithmetic, over the scheduler's first `steps` timesteps
-    (all of them with `as_is`, diffusers' extra t = -1 included where its trailing spacing emits one)."""
+    (all of them with `as_is`, diffusers' extra t = -1 included where its trailing spacing emits one), with its
+    `rescale_noise_cfg` when `guidance_rescale` > 0."""
     scheduler.set_timesteps(steps)
     x = x_T.clone()
     for t in scheduler.timesteps if as_is else scheduler.timesteps[:steps]:
@@ -54,6 +57,8 @@ def diffusers_loop(scheduler, x_T, context, null_context, steps: int, eta: float
         out_u = model(x, t_batch, null_context.expand(x.shape[0], -1, -1))
         out_c = model(x, t_batch, context)
         out = out_u + GUIDANCE * (out_c - out_u)
+        if guidance_rescale > 0:
+            out = rescale_noise_cfg(out, out_c, guidance_rescale)
         x = scheduler.step(out, t, x, eta=eta).prev_sample
     return x
 
@@ -156,3 +161,26 @@ def test_trailing_and_linspace_ddim_match_diffusers(steps, spacing, setting):
         assert (spacing, steps) == ("trailing", 61)
         as_is, _ = spacing_gap(spacing, setting, steps, as_is=True)
         assert not as_is <= 1e-2  # diffusers' extra step at t = -1 (alpha_bar[-1], the noisiest) moves the result
+
+
+@pytest.mark.parametrize("phi", [0.7, 1.0])
+def test_guidance_rescale_matches_diffusers_rescale_noise_cfg(phi):
+    """Lin et al.'s guidance rescale (Sec. 3.4) as diffusers' StableDiffusionPipeline applies it: one guided prediction,
+    then a whole zero-terminal-SNR DDIM run (where it matters) with guidance_rescale on both sides."""
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([999, 500, 20])
+    context, null_context = torch.randn(3, 5, 16, generator=g), torch.zeros(5, 16)
+    out_u, out_c = model(x, t, null_context.expand(3, -1, -1)), model(x, t, context)
+    theirs = rescale_noise_cfg(out_u + GUIDANCE * (out_c - out_u), out_c, guidance_rescale=phi)
+    ours = guided_prediction(model, x, t, Condition(context, None, null_context, None, GUIDANCE, guidance_rescale=phi))
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+    scheduler = diffusers.DDIMScheduler(**{**SD_DDIM, "timestep_spacing": "trailing", "set_alpha_to_one": True},
+                                        prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    schedule = NoiseSchedule(DiffusionConfig(prediction="v", zero_terminal_snr=True))
+    cond = Condition(context, None, null_context, None, GUIDANCE, guidance_rescale=phi)
+    ours = ddim_sample(model, x, sampling_plan(schedule, 25), cond)
+    theirs = diffusers_loop(scheduler, x, context, null_context, 25, eta=0.0, guidance_rescale=phi)
+    plain = ddim_sample(model, x, sampling_plan(schedule, 25), Condition(context, None, null_context, None, GUIDANCE))
+    print(f"guidance rescale {phi}: max |ours - diffusers| = {(ours - theirs).abs().max().item():.2e}")
+    assert (ours - theirs).abs().max().item() <= 1e-4 and (ours - plain).abs().max().item() > 1e-3

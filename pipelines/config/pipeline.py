@@ -170,7 +170,8 @@ class StageBTrainLoop(TrainLoopSection):
     ema_decay: float | None = Field(default=0.999, gt=0, lt=1)
     """Keep an exponential moving average of the U-Net weights with this decay (sampled from and published); None: no EMA."""
     image_every: int = Field(default=500, ge=1)
-    """Every this many steps rank 0 logs a grid of samples for `sample.prompts` (EMA weights, DDIM, `sample.guidance`)."""
+    """Every this many steps rank 0 logs a grid of samples for `sample.prompts` (EMA weights, DDIM, `sample.guidance`,
+    `sample.guidance_rescale`)."""
 
 
 class StageBPromptEval(StrictConfig):
@@ -189,6 +190,8 @@ class StageBPromptEval(StrictConfig):
     """DDIM steps."""
     guidance: float = Field(default=4.0, ge=0)
     """Classifier-free guidance scale."""
+    guidance_rescale: float = Field(default=0.0, ge=0, le=1)
+    """Guidance rescale phi (Lin et al. 2024, Sec. 3.4; `sample.guidance_rescale`); 0: off."""
     seed: int = 0
     """Seed of the initial noise (the same noise for every run, so runs differ only by their U-Net)."""
 
@@ -249,6 +252,12 @@ class SampleConfig(StrictConfig):
     guidance: float = Field(default=4.0, ge=0, le=100)
     """Classifier-free guidance scale s in eps_u + s * (eps_c - eps_u); 1 = no guidance. At most 100 (usual values
     are 1 to 15; far larger ones only saturate the image, and 1e30 overflows)."""
+    guidance_rescale: float = Field(default=0.0, ge=0, le=1)
+    """Guidance rescale phi (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+    Sec. 3.4; diffusers' `guidance_rescale`): the guided prediction x_cfg is rescaled to the conditional one's std,
+    x = phi * x_cfg * std(x_cond) / std(x_cfg) + (1 - phi) * x_cfg, per sample. Zero-terminal-SNR models need it
+    against over-exposure at high guidance; the paper uses 0.7. 0: off (plain guidance). Also used by the Stage B
+    sample grids, and recorded in a diffusers export's model_index.json (`_call_defaults`)."""
     eta: float | None = Field(default=None, ge=0)
     """Fresh noise per step in DDIM's terms (Song et al. 2021, eq. 16): 0 deterministic DDIM, 1 DDPM-like ancestral
     noise. None: the sampler's own (ddim: 0; ddpm is ancestral, eta 1 by construction, and takes no other)."""

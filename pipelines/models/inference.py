@@ -61,6 +61,13 @@ def plan_for(sc: SampleConfig, schedule: NoiseSchedule) -> SamplingPlan:
     return plan
 
 
+def condition_for(sc: SampleConfig, context: torch.Tensor, context_mask: torch.Tensor | None, null_context: torch.Tensor,
+                  null_mask: torch.Tensor | None) -> Condition:
+    """The sampler's condition for prompt states context (P, L, D) / mask (P, L), with `sc`'s guidance settings."""
+    return Condition(context, context_mask, null_context, null_mask, guidance_scale=sc.guidance,
+                     guidance_rescale=sc.guidance_rescale)
+
+
 @torch.no_grad()
 def generate(
     unet: torch.nn.Module,
@@ -134,8 +141,8 @@ def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
     context, mask = text_encoder.encode(prompts)
     log.info("sampling %d x %d images with %s (autoencoder %s, text encoder %s) on %s",
              len(prompts), sc.num_per_prompt, model_uri, bundle.autoencoder_uri, bundle.text_encoder.name_or_path, device)
-    condition = Condition(context.to(device), mask.to(device), bundle.null_context.to(device), bundle.null_mask.to(device),
-                          guidance_scale=sc.guidance)
+    condition = condition_for(sc, context.to(device), mask.to(device), bundle.null_context.to(device),
+                              bundle.null_mask.to(device))
     images = generate(
         unet, autoencoder, plan, condition, latent_shape=tuple(bundle.latent_shape), scale_factor=bundle.scale_factor,
         num_per_prompt=sc.num_per_prompt, seed=sc.seed, sampler=sc.sampler, batch_size=sc.batch_size,
@@ -162,6 +169,7 @@ def digit_prompt_accuracy(cfg: PipelineConfig, model_uri: str) -> dict[str, floa
     budget = cfg.stage_b.prompt_eval
     settings = SampleConfig(
         prompts=cfg.sample.prompts, num_per_prompt=budget.num_per_prompt, steps=budget.steps, guidance=budget.guidance,
+        guidance_rescale=budget.guidance_rescale,
         seed=budget.seed, evaluate_digits=True, digit_classifier=cfg.sample.digit_classifier, batch_size=cfg.sample.batch_size,
         device=cfg.sample.device, mixed_precision=cfg.sample.mixed_precision,
     )

@@ -160,8 +160,9 @@ UNET_FORMAT_VERSION = 1
 UNET_WEIGHTS = "unet.safetensors"
 UNET_EMA_WEIGHTS = "unet_ema.safetensors"
 NULL_CONDITION_FILE = "null_condition.safetensors"
-UNET_PYFUNC_PARAMS = {"steps": 50, "guidance_scale": 4.0, "eta": 0.0, "seed": 0, "use_ema": True}
-"""Inference params of the U-Net pyfunc (DDIM steps, CFG scale, DDIM eta, noise seed, EMA weights) and their defaults."""
+UNET_PYFUNC_PARAMS = {"steps": 50, "guidance_scale": 4.0, "guidance_rescale": 0.0, "eta": 0.0, "seed": 0, "use_ema": True}
+"""Inference params of the U-Net pyfunc (DDIM steps, CFG scale, CFG rescale, DDIM eta, noise seed, EMA weights) and
+their defaults."""
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """pyfunc flavour of the Stage B U-Net: prompts -> scaled latents (N, C, h, w), by DDIM with classifier-free guidance.
 
 Logged as code by `pipelines.models.registry.publish_unet`. Input: a list of prompts, or a DataFrame with a `prompt`
-column. Params (all optional, defaults in `pipelines.models.registry.UNET_PYFUNC_PARAMS`): `steps`, `guidance_scale`, `eta`,
-`seed`, `use_ema`.
+column. Params (all optional, defaults in `pipelines.models.registry.UNET_PYFUNC_PARAMS`): `steps`, `guidance_scale`,
+`guidance_rescale`, `eta`, `seed`, `use_ema`.
 Decode the result with the bundle's autoencoder: `autoencoder.decode_scaled(latents)`.
 """
 
@@ -39,7 +39,8 @@ class UNetPyfunc(PythonModel):
         generator = torch.Generator().manual_seed(int(p["seed"]))
         x_T = torch.randn((len(prompts), *bundle.latent_shape), generator=generator)  # then any eta noise, same generator
         plan = sampling_plan(bundle.schedule, int(p["steps"]), eta=float(p["eta"]))
-        condition = Condition(hidden, mask, bundle.null_context, bundle.null_mask, float(p["guidance_scale"]))
+        condition = Condition(hidden, mask, bundle.null_context, bundle.null_mask, float(p["guidance_scale"]),
+                              float(p["guidance_rescale"]))
         z = ddim_sample(bundle.unet, x_T, plan, condition, generator=generator)
         return np.asarray(z.numpy(), dtype=np.float32)
 
