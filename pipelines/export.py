@@ -125,9 +125,15 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
-def write_diffusers_autoencoder(model: AutoencoderKL, folder: Path, sample_size: int | None = None) -> None:
+def write_diffusers_autoencoder(model: AutoencoderKL, folder: Path, sample_size: int | None = None,
+                                latents_mean: list[float] | None = None, latents_std: list[float] | None = None) -> None:
+    """A diffusers AutoencoderKL folder; `latents_mean` / `latents_std` (a U-Net trained on per-channel normalised
+    latents) go into its config.json under diffusers' names, beside `scaling_factor`."""
     tensors, cfg = convert.autoencoder_to_state(model, "diffusers")
-    _write_json(folder / "config.json", convert.autoencoder_config_to_diffusers(cfg, float(model.scale_factor), sample_size))
+    config = convert.autoencoder_config_to_diffusers(cfg, float(model.scale_factor), sample_size)
+    if latents_mean is not None:
+        config |= {"latents_mean": list(latents_mean), "latents_std": list(latents_std)}
+    _write_json(folder / "config.json", config)
     _save(folder / DIFFUSERS_WEIGHTS, tensors)
 
 
@@ -224,7 +230,12 @@ def export_unet(bundle: UNetBundle, autoencoder: AutoencoderKL, fmt: str, folder
     clip = _clip_text_encoder(bundle)
     if fmt == "diffusers":
         write_diffusers_unet(bundle.unet, folder / "unet", sample_size=bundle.latent_shape[-1])
-        write_diffusers_autoencoder(autoencoder, folder / "vae", sample_size=bundle.latent_shape[-1] * autoencoder.downsample_factor)
+        write_diffusers_autoencoder(autoencoder, folder / "vae", sample_size=bundle.latent_shape[-1] * autoencoder.downsample_factor,
+                                    latents_mean=bundle.latents_mean, latents_std=bundle.latents_std)
+        if bundle.latents_mean is not None:
+            log.warning("the U-Net was trained on per-channel normalised latents: vae/config.json has latents_mean / "
+                        "latents_std, which SDXL-style pipelines apply but StableDiffusionPipeline ignores (decode its "
+                        "output_type='latent' result as latents * latents_std + latents_mean yourself)")
         _write_json(folder / "scheduler" / "scheduler_config.json", sd_scheduler_config(bundle.diffusion))
         if clip is None:
             log.warning("text encoder %s is not a CLIP text model: no StableDiffusionPipeline layout (load unet/, vae/ "
@@ -242,6 +253,10 @@ def export_unet(bundle: UNetBundle, autoencoder: AutoencoderKL, fmt: str, folder
             "_call_defaults": pipeline_call_defaults(sample or SampleConfig()),
         })
         return
+    if bundle.latents_mean is not None:
+        raise InteropError("--format sd-single-file: the U-Net was trained on per-channel normalised latents "
+                           "(encode.latent_normalization=per_channel), which SD single files cannot record; export "
+                           "with --format diffusers (its vae/config.json has latents_mean / latents_std)")
     cfg = bundle.unet_config
     convert.unet_config_to_diffusers(cfg)  # the same limits apply
     links = convert.unet_links(cfg, "ldm", projection=_ldm_unet_projection(cfg))

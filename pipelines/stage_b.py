@@ -136,6 +136,7 @@ class GridSampler:
         )
         self.settings = {
             "latent_shape": tuple(bundle["latent_shape"]), "scale_factor": bundle["scale_factor"],
+            "latents_mean": bundle["latents_mean"], "latents_std": bundle["latents_std"],
             "num_per_prompt": sb.sample_columns, "seed": cfg.run.seed + GRID_SEED_OFFSET,
             "mixed_precision": sb.train.mixed_precision,
         }
@@ -198,6 +199,7 @@ def export_bundle(directory: Path, cfg: PipelineConfig, loop_config: dict, model
         latent_shape=info["latent_shape"], scale_factor=info["scale_factor"], autoencoder_uri=info["autoencoder_uri"],
         encode_run_id=info["encode_run_id"], stage_a_run_id=info["stage_a_run_id"], stage_b_run_id=loop_config["mlflow_run_id"],
         extra={"step": step, "latents_uri": info["latents_uri"], "latents_digest": info["latents_digest"]},
+        latents_mean=info["latents_mean"], latents_std=info["latents_std"],
     )
 
 
@@ -301,6 +303,7 @@ def run_stage_b(
         bundle_info = {
             "text_encoder": text_cfg.model_dump(mode="json"), "hidden_size": text["hidden_size"],
             "latent_shape": manifest["latent_shape"], "scale_factor": manifest["scale_factor"],
+            "latents_mean": manifest.get("latents_mean"), "latents_std": manifest.get("latents_std"),
             "autoencoder_uri": manifest["autoencoder_uri"], "encode_run_id": manifest.get("encode_run_id"),
             "stage_a_run_id": manifest.get("stage_a_run_id"), "latents_uri": latents_uri, "latents_digest": manifest["digest"],
         }

@@ -28,7 +28,7 @@ from pipelines.models import inference
 from pipelines.platform import storage, tracking
 from pipelines.config import SampleConfig, load_config
 from pipelines.models.judge import load_or_train_classifier
-from pipelines.models.registry import publish_autoencoder, publish_unet, save_unet_bundle
+from pipelines.models.registry import publish_autoencoder, publish_unet, read_unet_bundle, save_unet_bundle
 from pipelines.data.text_encoders import TextEncoderConfig, load_text_encoder
 from tests.helpers import REPO
 
@@ -110,6 +110,29 @@ def test_generate_rescales_guidance_when_asked(tiny):
     assert not torch.allclose(images, _generate(tiny, steps=3, guidance=6.0, num_per_prompt=1), atol=1e-3)
     with pytest.raises(ValueError, match="guidance_rescale"):
         SampleConfig(guidance_rescale=1.5)
+
+
+def test_generate_decodes_per_channel_normalised_latents(tiny, tmp_path):
+    """A U-Net trained on per-channel normalised latents: its samples are denormalised channel by channel before the
+    decoder (x * std_c + mean_c), and the bundle carries the statistics."""
+    mean, std = [0.2, -0.1, 0.0, 0.3], [0.5, 0.4, 0.45, 0.02]
+    sc = SampleConfig(steps=3, guidance=3.0, num_per_prompt=1)
+    condition = inference.condition_for(sc, tiny["context"], tiny["mask"], tiny["null"], None)
+    images = inference.generate(tiny["unet"], tiny["ae"], inference.plan_for(sc, tiny["schedule"]), condition,
+                                latent_shape=(4, 4, 4), scale_factor=1.0, num_per_prompt=1, seed=0, latents_mean=mean,
+                                latents_std=std)
+    x_T = inference.initial_noise(0, 1, (4, 4, 4)).repeat(3, 1, 1, 1)
+    z = ddim_sample(tiny["unet"], x_T, sampling_plan(tiny["schedule"], 3), condition)
+    z = z * torch.tensor(std).reshape(1, 4, 1, 1) + torch.tensor(mean).reshape(1, 4, 1, 1)
+    assert torch.allclose(images, tiny["ae"].decode(z).clamp(-1, 1), atol=1e-5)
+
+    folder = save_unet_bundle(
+        tmp_path / "unet", unet_state=tiny["unet"].state_dict(), ema_state=None, unet_config=TINY_UNET,
+        diffusion=TINY_DIFFUSION, text_encoder=TextEncoderConfig(), hidden_size=CONTEXT_DIM, null_context=tiny["null"],
+        null_mask=torch.ones(5, dtype=torch.bool), latent_shape=(4, 4, 4), scale_factor=1.0, autoencoder_uri="",
+        latents_mean=mean, latents_std=std)
+    bundle = read_unet_bundle(folder)
+    assert (bundle.scale_factor, bundle.latents_mean, bundle.latents_std) == (1.0, mean, std)
 
 
 def test_generate_takes_stable_diffusions_ddim_steps_when_asked(tiny):

@@ -151,6 +151,11 @@ class EncodeConfig(StrictConfig):
     """Text encoder whose hidden states condition the U-Net."""
     batch_size: int = Field(default=64, ge=1)
     """Images per encoder call."""
+    latent_normalization: Literal["scalar", "per_channel"] = "scalar"
+    """How the latents are normalised for Stage B (which reads it from the latents' manifest, never from here):
+    "scalar", Stable Diffusion's scale_factor * z (LDM Sec. 4.3.2), or "per_channel", (z - mean_c) / std_c with the
+    per-channel statistics Stage A measured (diffusers' `latents_mean` / `latents_std`, SDXL-era VAEs), so that a
+    channel with a small std is not left nearly silent. per_channel needs an autoencoder with measured statistics."""
     rows_per_shard: int = Field(default=2048, ge=1)
     """Rows per Parquet file (each write task packs this many rows before writing; its last file may hold fewer)."""
     scaling: EncodeScaling = EncodeScaling()

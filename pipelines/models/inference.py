@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from ldm_core.autoencoder import denormalize_latents
 from ldm_core.config import ConfigError
 from ldm_core.diffusion import NoiseSchedule
 from ldm_core.sampling import SAMPLERS, Condition, SamplingPlan, sampling_plan
@@ -83,11 +84,14 @@ def generate(
     batch_size: int = 64,
     mixed_precision: str = "no",
     progress: Progress | None = None,
+    latents_mean: list[float] | None = None,
+    latents_std: list[float] | None = None,
 ) -> torch.Tensor:
     """Images (P * N, C, H, W) in [-1, 1] for the P prompt conditions of `condition` (context (P, L, D)).
 
     Sample j of every prompt starts from the same x_T[j] (see `initial_noise`); the latents are divided
-    by `scale_factor` (the one the U-Net was trained with, LDM Sec. 4.3.2) and decoded. Batches of `batch_size` samples (2x that through the
+    by `scale_factor` (the one the U-Net was trained with, LDM Sec. 4.3.2), or with per-channel `latents_mean` /
+    `latents_std` denormalised channel by channel (`ldm_core.autoencoder.denormalize_latents`), and decoded. Batches of `batch_size` samples (2x that through the
     U-Net with guidance); samplers that add noise (eta > 0, ddpm) draw it from a generator seeded with
     `seed + 1 + batch index`, so results do not depend on anything but the arguments. `plan` holds the schedule the
     U-Net was trained with (rebuilt from its diffusion config, zero-terminal-SNR rescaling included).
@@ -106,7 +110,8 @@ def generate(
         g = torch.Generator().manual_seed(seed + 1 + b)
         with autocast(device, mixed_precision):
             z = SAMPLERS[sampler](unet, x_T[sl].to(device), plan, cond.rows(sl), generator=g)
-        out.append(autoencoder.decode(z.float() / scale_factor).float().clamp(-1, 1).cpu())
+        z = denormalize_latents(z.float(), scale_factor, latents_mean, latents_std)
+        out.append(autoencoder.decode(z).float().clamp(-1, 1).cpu())
         if progress is not None:
             progress.update(min(i + batch_size, p * n))
     return torch.cat(out)
@@ -131,7 +136,7 @@ def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
     plan = plan_for(sc, bundle.schedule.to(device))  # fail before loading the rest
     unet = bundle.unet.to(device).eval()
     autoencoder = load_autoencoder(bundle.autoencoder_uri).to(device)
-    if not math.isclose(float(autoencoder.scale_factor), bundle.scale_factor, rel_tol=1e-5):
+    if bundle.latents_mean is None and not math.isclose(float(autoencoder.scale_factor), bundle.scale_factor, rel_tol=1e-5):
         log.warning("autoencoder %s has scale_factor %.6g but the U-Net was trained on latents scaled by %.6g: using the U-Net's",
                     bundle.autoencoder_uri, float(autoencoder.scale_factor), bundle.scale_factor)
     text_encoder = load_text_encoder(bundle.text_encoder, device)
@@ -146,7 +151,8 @@ def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
     images = generate(
         unet, autoencoder, plan, condition, latent_shape=tuple(bundle.latent_shape), scale_factor=bundle.scale_factor,
         num_per_prompt=sc.num_per_prompt, seed=sc.seed, sampler=sc.sampler, batch_size=sc.batch_size,
-        mixed_precision=sc.mixed_precision, progress=progress,
+        mixed_precision=sc.mixed_precision, progress=progress, latents_mean=bundle.latents_mean,
+        latents_std=bundle.latents_std,
     )
     return images, bundle
 
