@@ -11,8 +11,11 @@ seeds and helpers are imported from there), measured and printed in one place fo
 - export: our models written by `pipelines/export.py` and read back by diffusers, `from_pretrained` for the
   diffusers layout, `from_single_file` (offline, with the config an SD reader builds: SD's conventions) for the
   single file;
-- DDIM: our `ddim_sample` against StableDiffusionPipeline's loop over `DDIMScheduler` with SD's settings, on the
-  same deterministic stand-in network, the same x_T and classifier-free guidance 4; the final latents.
+- DDIM: our `ddim_sample` against StableDiffusionPipeline's loop over `DDIMScheduler` with SD's settings, and with
+  trailing / linspace spacing (SD's schedule with eps, and zero terminal SNR with v), on the same deterministic
+  stand-in network, the same x_T and classifier-free guidance 4; the final latents. Where diffusers' trailing
+  spacing emits an extra timestep of -1 (61 steps), the row compares with its first `steps` steps, and a second row
+  shows diffusers as is.
 
 diffusers is optional: without it this prints why and exits 0. Float32 on the CPU; the tolerance the tests hold
 the import / export to is 1e-5, the sampler to 1e-4.
@@ -105,16 +108,15 @@ def _ddim_rows() -> list[tuple[str, str, float]]:
     import torch
 
     from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
-    from ldm_core.sampling import ddim_sample
-    from tests.test_sampler_parity import GUIDANCE, SD_DDIM, diffusers_loop, model
+    from ldm_core.sampling import Condition, ddim_sample, sampling_plan
+    from tests.test_sampler_parity import GUIDANCE, SD_DDIM, SPACING_SETTINGS, diffusers_loop, model, spacing_gap
 
     def gap(diffusion: DiffusionConfig, scheduler, steps: int, seed: int, **ours_settings) -> float:
         g = torch.Generator().manual_seed(seed)
         x_T = torch.randn(3, 4, 8, 8, generator=g)
         context, null_context = torch.randn(3, 5, 16, generator=g), torch.zeros(5, 16)
-        ours = ddim_sample(model, tuple(x_T.shape), schedule=NoiseSchedule(diffusion), context=context, context_mask=None,
-                           null_context=null_context, null_mask=None, steps=steps, guidance_scale=GUIDANCE,
-                           prediction=diffusion.prediction, x_T=x_T, **ours_settings)
+        ours = ddim_sample(model, x_T, sampling_plan(NoiseSchedule(diffusion), steps, **ours_settings),
+                           Condition(context, None, null_context, None, GUIDANCE))
         return (ours - diffusers_loop(scheduler, x_T, context, null_context, steps, eta=0.0)).abs().max().item()
 
     rows = []
@@ -130,6 +132,17 @@ def _ddim_rows() -> list[tuple[str, str, float]]:
                                             prediction_type="v_prediction", rescale_betas_zero_snr=True)
         rows.append(("DDIM vs DDIMScheduler, zero terminal SNR (trailing)", f"v, {steps} steps",
                      gap(DiffusionConfig(prediction="v", zero_terminal_snr=True), scheduler, steps, 1)))
+    for setting in sorted(SPACING_SETTINGS):
+        for spacing in ("trailing", "linspace"):
+            for steps in (7, 30, 48, 61):
+                value, theirs_count = spacing_gap(spacing, setting, steps)
+                bug = theirs_count != steps
+                rows.append((f"DDIM vs DDIMScheduler, {spacing} spacing", f"{setting}, {steps} steps"
+                             + (" (diffusers' first 61 of its 62 steps)" if bug else ""), value))
+                if bug:
+                    as_is, _ = spacing_gap(spacing, setting, steps, as_is=True)
+                    rows.append((f"DDIM vs DDIMScheduler, {spacing} spacing", f"{setting}, {steps} steps, diffusers as is: "
+                                 f"its extra t = -1 step (diffusers' own bug)", as_is))
     return rows
 
 

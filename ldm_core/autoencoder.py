@@ -19,7 +19,10 @@ Layout for `channel_mult = [1, 2, 4, 4]` (C = base_channels, N = num_res_blocks)
 
 The model carries the latent scale factor used by the diffusion stage (LDM Sec. 4.3.2 / App. G, "rescale
 the latent by the component-wise std"): a buffer `scale_factor`, 1.0 until a pipeline measures
-1 / std(z) on data and stores it; `encode_scaled` / `decode_scaled` apply it.
+1 / std(z) on data and stores it; `encode_scaled` / `decode_scaled` apply it. Beside it, the per-channel mean
+and std of z (`latents_mean`, `latents_std`, None until measured) allow a per-channel normalisation instead:
+`normalize_latents` / `denormalize_latents`, with the meaning of diffusers' AutoencoderKL config fields of the same
+names (SDXL-era VAEs). One scalar leaves a channel whose std is far below the others' nearly silent.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from torch.utils.checkpoint import checkpoint
 from ldm_core.config import ConfigError, StrictConfig, format_validation_error
 from ldm_core.metrics import bicubic_enlarge, bicubic_shrink
 
-__all__ = ["AutoencoderConfig", "DiagonalGaussian", "Encoder", "Decoder", "AutoencoderKL", "sample_latents"]
+__all__ = ["AutoencoderConfig", "DiagonalGaussian", "Encoder", "Decoder", "AutoencoderKL", "denormalize_latents",
+           "normalize_latents", "sample_latents"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -207,6 +211,31 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Gener
 # ----------------------------------------------------------------------------------------------------
 
 
+def _per_channel(values, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=like.dtype, device=like.device).reshape(1, -1, *([1] * (like.ndim - 2)))
+
+
+def normalize_latents(z: torch.Tensor, scale_factor: float, latents_mean=None, latents_std=None) -> torch.Tensor:
+    """The latent the diffusion model sees: scale_factor * (z - mean_c) / std_c per channel c (z is (B, C, ...)).
+    Without statistics, scale_factor * z (LDM Sec. 4.3.2, Stable Diffusion's scalar); without a mean, no shift (for
+    a posterior's std). diffusers' SDXL pipelines apply AutoencoderKL's `latents_mean` / `latents_std` so."""
+    if latents_mean is not None:
+        z = z - _per_channel(latents_mean, z)
+    if latents_std is not None:
+        z = z / _per_channel(latents_std, z)
+    return z * scale_factor
+
+
+def denormalize_latents(x: torch.Tensor, scale_factor: float, latents_mean=None, latents_std=None) -> torch.Tensor:
+    """The inverse of `normalize_latents`: x * std_c / scale_factor + mean_c, the latent the decoder takes."""
+    z = x / scale_factor
+    if latents_std is not None:
+        z = z * _per_channel(latents_std, x)
+    if latents_mean is not None:
+        z = z + _per_channel(latents_mean, x)
+    return z
+
+
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=NORM_EPS, affine=True)
 
@@ -370,6 +399,10 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.decoder = Decoder(config)
         self.register_buffer("scale_factor", torch.tensor(1.0))
+        self.latents_mean: list[float] | None = None
+        """Per-channel mean of z on data (Stage A measures it beside `scale_factor`); None: not measured."""
+        self.latents_std: list[float] | None = None
+        """Per-channel std of z on data; None: not measured."""
         if config.bicubic_shortcut:  # start as the bicubic codec: the learned paths add nothing until trained
             for conv in (self.encoder.conv_out, self.decoder.conv_out):
                 nn.init.zeros_(conv.weight)
@@ -442,6 +475,7 @@ class AutoencoderKL(nn.Module):
             "format_version": FORMAT_VERSION,
             "config": self.config.model_dump(mode="json"),
             "scale_factor": float(self.scale_factor),
+            **({"latents_mean": self.latents_mean, "latents_std": self.latents_std} if self.latents_mean is not None else {}),
         }
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return directory
@@ -471,6 +505,13 @@ class AutoencoderKL(nn.Module):
             raise ConfigError(f"{config_path}: scale_factor must be a positive finite number, got {scale_factor!r}")
 
         model = cls(config)
+        stats = [meta.get("latents_mean"), meta.get("latents_std")]
+        if stats != [None, None]:
+            if not all(isinstance(v, list) and len(v) == config.latent_channels and all(
+                    isinstance(x, (int, float)) and math.isfinite(x) for x in v) for v in stats) or min(stats[1]) <= 0:
+                raise ConfigError(f"{config_path}: latents_mean / latents_std must be {config.latent_channels} finite "
+                                  f"numbers each (the std positive), got {stats}")
+            model.latents_mean, model.latents_std = [float(x) for x in stats[0]], [float(x) for x in stats[1]]
         tensors = load_file(str(weights_path))
         tensors["scale_factor"] = torch.tensor(float(scale_factor))
         try:

@@ -33,7 +33,7 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL, normalize_latents
 from ldm_core.config import ConfigError
 from pipelines.data import latents
 from pipelines.platform import lease, storage, tracking
@@ -80,10 +80,11 @@ class LatentEncoder:
     def __init__(self, autoencoder: list, text_encoder: dict, holdout_fraction: float, encoded: "ray.actor.ActorHandle",
                  holdout_by: str = "sample"):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        weights = ray.get(autoencoder[0])  # {"config", "state", "scale_factor"} put in the object store by the driver
+        weights = ray.get(autoencoder[0])  # {"config", "state", "normalization"} put in the object store by the driver
         self.autoencoder = AutoencoderKL(AutoencoderConfig.model_validate(weights["config"]))
         self.autoencoder.load_state_dict(weights["state"])
         self.autoencoder.to(self.device).eval().requires_grad_(False)
+        self.normalization = weights["normalization"]  # `latent_normalization`'s scale_factor, latents_mean, latents_std
         self.text = load_text_encoder(TextEncoderConfig.model_validate(text_encoder), self.device)
         self.holdout_fraction = holdout_fraction
         self.holdout_by = holdout_by  # the same split as Stage A's (DataConfig.holdout_by)
@@ -93,9 +94,11 @@ class LatentEncoder:
     def __call__(self, batch: dict) -> dict:
         x = to_model_range(torch.as_tensor(batch["image"], device=self.device))  # (B, 3, H, W) in [-1, 1]
         posterior = self.autoencoder.encode(x)
-        s = self.autoencoder.scale_factor
-        mean = (posterior.mean * s).float().cpu().numpy()  # (B, C, h, w): scaled like the latents Stage B trains on
-        std = (posterior.std * s).float().cpu().numpy()
+        norm = self.normalization
+        s = self.autoencoder.scale_factor if norm["latents_mean"] is None else norm["scale_factor"]
+        # (B, C, h, w): normalised like the latents Stage B trains on; the std is only scaled (an affine map's)
+        mean = normalize_latents(posterior.mean, s, norm["latents_mean"], norm["latents_std"]).float().cpu().numpy()
+        std = normalize_latents(posterior.std, s, None, norm["latents_std"]).float().cpu().numpy()
         captions = [str(c) for c in batch["caption"]]
         # Captions repeat (MNIST has ten); encode each distinct one once.
         unique, inverse = np.unique(np.array(captions, dtype=object), return_inverse=True)
@@ -168,7 +171,21 @@ def encode_settings(cfg: PipelineConfig, autoencoder_uri: str, stage_a_run_id: s
         "holdout_by": cfg.data.holdout_by,
         "text_encoder": cfg.encode.text_encoder.name_or_path,
         "max_length": cfg.encode.text_encoder.max_length,
+        # only when not SD's scalar, so that the folders of scalar latents keep their names
+        **({"latent_normalization": cfg.encode.latent_normalization} if cfg.encode.latent_normalization != "scalar" else {}),
     }
+
+
+def latent_normalization(cfg: PipelineConfig, autoencoder: AutoencoderKL) -> dict:
+    """`encode.latent_normalization` as diffusers' three numbers: {"scale_factor", "latents_mean", "latents_std"}
+    (`ldm_core.autoencoder.normalize_latents`). Scalar: the autoencoder's scale, no statistics; per_channel: its
+    measured per-channel statistics and scale 1."""
+    if cfg.encode.latent_normalization == "scalar":
+        return {"scale_factor": float(autoencoder.scale_factor), "latents_mean": None, "latents_std": None}
+    if autoencoder.latents_mean is None:
+        raise ConfigError("encode.latent_normalization=per_channel: the autoencoder has no measured per-channel latent "
+                          "statistics (Stage A measures them since issue 33; retrain it, or use scalar)")
+    return {"scale_factor": 1.0, "latents_mean": autoencoder.latents_mean, "latents_std": autoencoder.latents_std}
 
 
 def default_output_uri(cfg: PipelineConfig, settings: dict) -> str:
@@ -257,7 +274,9 @@ def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: Autoencode
     # Stage A's crops may be random; latents are computed once, so take the centre, unflipped.
     data_cfg = cfg.data.model_copy(update={"crop": "center", "random_flip": False})
     images, skip_counter = build_dataset(data_cfg, split="all", storage=cfg.storage, shuffle=False, seed=cfg.run.seed)
-    weights = ray.put({"config": autoencoder.config.model_dump(mode="json"), "state": autoencoder.state_dict()})
+    normalization = latent_normalization(cfg, autoencoder)
+    weights = ray.put({"config": autoencoder.config.model_dump(mode="json"), "state": autoencoder.state_dict(),
+                       "normalization": normalization})
     counter = EncodedCount.remote()
     encoded = images.map_batches(
         LatentEncoder,
@@ -303,7 +322,9 @@ def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: Autoencode
         "num_holdout": totals["holdout"],
         "num_truncated": totals["truncated"],
         "latent_shape": list(latent_shape),
-        "scale_factor": float(autoencoder.scale_factor),
+        "scale_factor": normalization["scale_factor"],
+        **({"latents_mean": normalization["latents_mean"], "latents_std": normalization["latents_std"]}
+           if normalization["latents_mean"] is not None else {}),
         "latent_kind": autoencoder.config.kind,
         "autoencoder_uri": autoencoder_uri,
         "stage_a_run_id": settings["stage_a_run_id"],
@@ -376,7 +397,8 @@ STAGE = Stage(
     name=STAGE_NAME,
     run=run_encode,
     inputs=("stage_a",),
-    sections=("encode.text_encoder", "encode.output_uri", "data.resolution", "data.holdout_fraction", "data.holdout_by"),
+    sections=("encode.text_encoder", "encode.output_uri", "encode.latent_normalization", "data.resolution",
+              "data.holdout_fraction", "data.holdout_by"),
     wiring={"encode.autoencoder_uri": ("stage_a", "model_uri")},
     consumes=("autoencoder_uri", "dataset_uri"),
     produces=(TAG_LATENTS_URI,),

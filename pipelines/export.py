@@ -10,7 +10,10 @@
 - a U-Net bundle: `unet/`, `vae/` (the autoencoder of its lineage) and `scheduler/` (DDIM with SD's settings:
   "leading" spacing, steps_offset 1, set_alpha_to_one false, the bundle's beta schedule and prediction); when
   the text encoder is a CLIP text model also `text_encoder/`, `tokenizer/` and `model_index.json`, so
-  `StableDiffusionPipeline.from_pretrained(DIR)` loads it.
+  `StableDiffusionPipeline.from_pretrained(DIR)` loads it. `model_index.json` also records, under
+  `_call_defaults`, the classifier-free guidance `sample.*` settings as `StableDiffusionPipeline.__call__`
+  arguments (`guidance_scale`, `guidance_rescale`): diffusers skips keys that start with "_", so pass them
+  yourself, `pipe(prompt, **json.load(open(DIR + "/model_index.json"))["_call_defaults"])`.
 
 `--format sd-single-file`: the original CompVis layout ComfyUI / A1111 read: `vae.safetensors` (a standalone
 VAE, keys `encoder.*`, `decoder.*`) for an autoencoder; `model.safetensors` (`model.diffusion_model.*`,
@@ -51,7 +54,7 @@ from ldm_core.config import ConfigError
 from ldm_core.diffusion import DiffusionConfig
 from ldm_core.unet import UNet, UNetConfig
 from pipelines.platform import storage, tracking
-from pipelines.config import PipelineConfig
+from pipelines.config import PipelineConfig, SampleConfig
 from pipelines.platform.cli import parse_cli
 from pipelines.models.interop import SINGLE_FILE_FORMAT, TRAINING_OPTIONS, InteropError
 from pipelines.models.registry import UNetBundle, load_autoencoder, read_unet_bundle, run_id_of
@@ -84,8 +87,12 @@ class ExportResult:
 
 def sd_scheduler_config(diffusion: DiffusionConfig) -> dict:
     """A diffusers `DDIMScheduler` config with Stable Diffusion's DDIM settings for our noise schedule. A model
-    trained with `zero_terminal_snr` gets Lin et al.'s sampler instead, as our own sampler runs it: the rescaled
-    betas, trailing timesteps from t = T-1 and the final step to alpha_bar = 1 (tests/test_sampler_parity.py)."""
+    trained with `zero_terminal_snr` gets Lin et al.'s sampler instead: the rescaled betas, trailing timesteps from
+    t = T-1 and alpha_bar = 1 past t = 0. Either way diffusers then takes the steps `ldm_core.sampling.ddim_sample`
+    takes with the same settings (the same timesteps, each step landing on t - T // steps; final latents within 1e-4,
+    tests/test_sampler_parity.py), for every step count but those where diffusers' trailing spacing emits an extra
+    timestep of -1 (at T = 1000: 61, 497 and 60 other counts in [1, 1000]): there diffusers takes that one more,
+    wrong step, and our sampler does not."""
     zero = diffusion.zero_terminal_snr
     return {
         "_class_name": "DDIMScheduler",
@@ -103,6 +110,11 @@ def sd_scheduler_config(diffusion: DiffusionConfig) -> dict:
     }
 
 
+def pipeline_call_defaults(sample: SampleConfig) -> dict:
+    """`sample`'s guidance settings as `StableDiffusionPipeline.__call__` keyword arguments (diffusers' names)."""
+    return {"guidance_scale": sample.guidance, "guidance_rescale": sample.guidance_rescale}
+
+
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2) + "\n")
@@ -113,9 +125,15 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
-def write_diffusers_autoencoder(model: AutoencoderKL, folder: Path, sample_size: int | None = None) -> None:
+def write_diffusers_autoencoder(model: AutoencoderKL, folder: Path, sample_size: int | None = None,
+                                latents_mean: list[float] | None = None, latents_std: list[float] | None = None) -> None:
+    """A diffusers AutoencoderKL folder; `latents_mean` / `latents_std` (a U-Net trained on per-channel normalised
+    latents) go into its config.json under diffusers' names, beside `scaling_factor`."""
     tensors, cfg = convert.autoencoder_to_state(model, "diffusers")
-    _write_json(folder / "config.json", convert.autoencoder_config_to_diffusers(cfg, float(model.scale_factor), sample_size))
+    config = convert.autoencoder_config_to_diffusers(cfg, float(model.scale_factor), sample_size)
+    if latents_mean is not None:
+        config |= {"latents_mean": list(latents_mean), "latents_std": list(latents_std)}
+    _write_json(folder / "config.json", config)
     _save(folder / DIFFUSERS_WEIGHTS, tensors)
 
 
@@ -204,12 +222,20 @@ def export_autoencoder(model: AutoencoderKL, fmt: str, folder: Path) -> None:
     })
 
 
-def export_unet(bundle: UNetBundle, autoencoder: AutoencoderKL, fmt: str, folder: Path) -> None:
+def export_unet(bundle: UNetBundle, autoencoder: AutoencoderKL, fmt: str, folder: Path,
+                sample: SampleConfig | None = None) -> None:
+    """Write the U-Net bundle (with its autoencoder and, for CLIP, text encoder) as `fmt` into `folder`; `sample`
+    (default: SampleConfig's defaults) gives the diffusers pipeline's `_call_defaults`."""
     autoencoder.scale_factor.fill_(bundle.scale_factor)  # the scale the U-Net was trained with
     clip = _clip_text_encoder(bundle)
     if fmt == "diffusers":
         write_diffusers_unet(bundle.unet, folder / "unet", sample_size=bundle.latent_shape[-1])
-        write_diffusers_autoencoder(autoencoder, folder / "vae", sample_size=bundle.latent_shape[-1] * autoencoder.downsample_factor)
+        write_diffusers_autoencoder(autoencoder, folder / "vae", sample_size=bundle.latent_shape[-1] * autoencoder.downsample_factor,
+                                    latents_mean=bundle.latents_mean, latents_std=bundle.latents_std)
+        if bundle.latents_mean is not None:
+            log.warning("the U-Net was trained on per-channel normalised latents: vae/config.json has latents_mean / "
+                        "latents_std, which SDXL-style pipelines apply but StableDiffusionPipeline ignores (decode its "
+                        "output_type='latent' result as latents * latents_std + latents_mean yourself)")
         _write_json(folder / "scheduler" / "scheduler_config.json", sd_scheduler_config(bundle.diffusion))
         if clip is None:
             log.warning("text encoder %s is not a CLIP text model: no StableDiffusionPipeline layout (load unet/, vae/ "
@@ -224,8 +250,13 @@ def export_unet(bundle: UNetBundle, autoencoder: AutoencoderKL, fmt: str, folder
             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", type(clip.model).__name__],
             "tokenizer": ["transformers", type(clip.tokenizer).__name__], "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"],
+            "_call_defaults": pipeline_call_defaults(sample or SampleConfig()),
         })
         return
+    if bundle.latents_mean is not None:
+        raise InteropError("--format sd-single-file: the U-Net was trained on per-channel normalised latents "
+                           "(encode.latent_normalization=per_channel), which SD single files cannot record; export "
+                           "with --format diffusers (its vae/config.json has latents_mean / latents_std)")
     cfg = bundle.unet_config
     convert.unet_config_to_diffusers(cfg)  # the same limits apply
     links = convert.unet_links(cfg, "ldm", projection=_ldm_unet_projection(cfg))
@@ -326,7 +357,7 @@ def run_export(cfg: PipelineConfig, model_uri: str, fmt: str, out: str) -> Expor
         if kind == "autoencoder":
             export_autoencoder(model, fmt, local)
         else:
-            export_unet(model, load_autoencoder(model.autoencoder_uri), fmt, local)
+            export_unet(model, load_autoencoder(model.autoencoder_uri), fmt, local, cfg.sample)
         with tracking.stage_run(
             experiment_id=tracking.setup(cfg.mlflow, cfg.run.output_uri), stage=STAGE,
             run_name=f"{cfg.run.name}-export", upstream_run_ids=upstream,

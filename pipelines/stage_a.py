@@ -118,10 +118,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # --- after training: measure the latent scale and evaluate, both on the weights that are published
     with published_weights(model, ema):
-        final = finalize(cfg, model, lpips_module, lpips_backbone, batches, loop)
+        final, channel_stats = finalize(cfg, model, lpips_module, lpips_backbone, batches, loop)
     final["eval/ema_weights"] = float(ema is not None)
     loop.finish({**final, **loop.session_metrics()},
-                export=lambda directory: export_autoencoder(directory, sa, model, ema, final["scale_factor"]))
+                export=lambda directory: export_autoencoder(directory, sa, model, ema, final["scale_factor"], channel_stats))
 
 
 def perceptual_network(sa, device: torch.device) -> tuple[torch.nn.Module | None, str]:
@@ -162,14 +162,16 @@ def log_holdout_point(cfg: PipelineConfig, model: AutoencoderKL, ema: EMA | None
         loop.logger.log_metrics(scores, step)
 
 
-def export_autoencoder(directory: Path, sa, model: AutoencoderKL, ema: EMA | None, scale_factor: float) -> None:
+def export_autoencoder(directory: Path, sa, model: AutoencoderKL, ema: EMA | None, scale_factor: float,
+                       channel_stats: tuple[list[float], list[float]]) -> None:
     """The publishable autoencoder, written into the final checkpoint: the EMA weights when there are some,
-    with the measured latent scale."""
+    with the measured latent scale and per-channel (mean, std)."""
     published_model = AutoencoderKL(sa.model)
     published_model.load_state_dict(model.state_dict())
     if ema is not None:
         ema.copy_to(published_model)
     published_model.scale_factor.fill_(scale_factor)
+    published_model.latents_mean, published_model.latents_std = channel_stats
     published_model.save_pretrained(directory / "autoencoder")
 
 
@@ -234,30 +236,40 @@ def evaluate_holdout(cfg: PipelineConfig, model: AutoencoderKL, lpips_module, de
 @torch.no_grad()
 def finalize(cfg: PipelineConfig, model: AutoencoderKL, lpips_module, lpips_backbone: str, batches,
              loop: TrainLoop) -> dict:
-    """Latent scale factor (LDM's scale_by_std: 1 / std of sampled latents, over all ranks) and the held-out
-    evaluation (`evaluate_holdout`), for the weights `model` holds now (the caller loads the EMA weights first
-    when those are what gets published)."""
+    """Latent scale factor (LDM's scale_by_std: 1 / std of sampled latents, over all ranks), the per-channel mean and
+    std of the same latents, and the held-out evaluation (`evaluate_holdout`), for the weights `model` holds now (the
+    caller loads the EMA weights first when those are what gets published). Returns (final metrics, (per-channel
+    means, per-channel stds)); the metrics include each channel's as `latent_channel_{mean,std}_<c>`."""
     sa = cfg.stage_a
     device = loop.device
     ae = model.eval()
 
     moments = torch.zeros(3, dtype=torch.float64, device=device)  # count, sum, sum of squares
+    channel_moments = torch.zeros(2, sa.model.latent_channels, dtype=torch.float64, device=device)  # per channel: sum, sum sq
     for _ in range(sa.eval.scale_batches):
         z = ae.encode(next(batches)["image"]).sample().double()
         moments += torch.stack([torch.tensor(z.numel(), dtype=torch.float64, device=device), z.sum(), z.pow(2).sum()])
+        per_channel = z.transpose(0, 1).flatten(1)  # (C, B * h * w)
+        channel_moments += torch.stack([per_channel.sum(1), per_channel.pow(2).sum(1)])
     n, s, ss = all_reduce_sum(moments).tolist()
     std = max((ss / n - (s / n) ** 2), 1e-12) ** 0.5
+    n_c = n / sa.model.latent_channels  # every channel has the same number of elements
+    sums, squares = (all_reduce_sum(channel_moments) / n_c).tolist()
+    latents_mean = sums
+    latents_std = [max(sq - m * m, 1e-12) ** 0.5 for m, sq in zip(sums, squares)]
     # An imported SD VAE keeps its published scale (0.18215 for SD 1.x) unless asked to re-measure.
     scale_factor = float(model.scale_factor) if keeps_published_scale(sa) else 1.0 / std
 
     metrics, first_batch = evaluate_holdout(cfg, model, lpips_module, device)
-    final = {"scale_factor": scale_factor, "latent_std": std, **metrics}
+    final = {"scale_factor": scale_factor, "latent_std": std, **metrics,
+             **{f"latent_channel_mean_{c}": m for c, m in enumerate(latents_mean)},
+             **{f"latent_channel_std_{c}": v for c, v in enumerate(latents_std)}}
     if loop.logger:
         loop.logger.set_tag("lpips_backbone", lpips_backbone)
         loop.logger.set_tag("eval_weights", "ema" if sa.train.ema_decay else "raw")
         if first_batch is not None:
             log_reconstructions(loop.logger, first_batch, sa.eval.grid_images, "reconstructions/holdout_final.png")
-    return final
+    return final, (latents_mean, latents_std)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from torchvision.utils import make_grid
 from ldm_core.config import ConfigError
 from ldm_core.diffusion import NoiseSchedule, training_loss
 from ldm_core.ema import EMA
+from ldm_core.sampling import sampling_plan
 from ldm_core.unet import UNet
 from pipelines.data import latents
 from pipelines.platform import tracking
@@ -50,7 +51,7 @@ from pipelines.train.memory import check_memory_budget, estimate_stage_b
 from pipelines.models.interop import adopt_init_architectures, init_from_run_ids, load_init_unet
 from pipelines.models.registry import load_autoencoder, publish_unet, registered_model_lost, save_unet_bundle
 from pipelines.platform.runtime import exit_on, setup_logging
-from pipelines.models.inference import digit_prompt_accuracy, generate
+from pipelines.models.inference import condition_for, digit_prompt_accuracy, generate
 from pipelines.data.text_encoders import TextEncoderConfig, encode_prompts_remote
 from pipelines.train.run_logger import RunLogger
 from pipelines.train.loop import TrainLoop, TrainResult, Update, build_trainer, fingerprint_fields, fit_and_publish, training_run
@@ -125,25 +126,26 @@ class GridSampler:
         cond, bundle = loop_config["condition"], loop_config["bundle"]
         mlflow.set_tracking_uri(loop_config["tracking_uri"])
         self.autoencoder = load_autoencoder(bundle["autoencoder_uri"]).to(device)
-        self.schedule = NoiseSchedule(sb.diffusion, device)
-        self.condition = {
-            "context": torch.tensor(cond["prompt_context"], device=device),  # (P, L, D)
-            "context_mask": torch.tensor(cond["prompt_mask"], device=device),  # (P, L)
-            "null_context": torch.tensor(cond["null_context"], device=device),
-            "null_mask": torch.tensor(cond["null_mask"], device=device),
-        }
+        self.plan = sampling_plan(NoiseSchedule(sb.diffusion, device), min(sb.sample_steps, sb.diffusion.num_timesteps))
+        self.condition = condition_for(
+            cfg.sample,
+            torch.tensor(cond["prompt_context"], device=device),  # (P, L, D)
+            torch.tensor(cond["prompt_mask"], device=device),  # (P, L)
+            torch.tensor(cond["null_context"], device=device),
+            torch.tensor(cond["null_mask"], device=device),
+        )
         self.settings = {
             "latent_shape": tuple(bundle["latent_shape"]), "scale_factor": bundle["scale_factor"],
-            "num_per_prompt": sb.sample_columns, "steps": min(sb.sample_steps, sb.diffusion.num_timesteps),
-            "guidance": cfg.sample.guidance, "seed": cfg.run.seed + GRID_SEED_OFFSET,
-            "prediction": sb.diffusion.prediction, "mixed_precision": sb.train.mixed_precision,
+            "latents_mean": bundle["latents_mean"], "latents_std": bundle["latents_std"],
+            "num_per_prompt": sb.sample_columns, "seed": cfg.run.seed + GRID_SEED_OFFSET,
+            "mixed_precision": sb.train.mixed_precision,
         }
 
     @torch.no_grad()
     def log(self, logger: RunLogger, model: torch.nn.Module, ema: EMA | None, step: int) -> None:
         averaged = ema.average_parameters(model) if ema is not None else contextlib.nullcontext()
         with averaged:
-            images = generate(model, self.autoencoder, self.schedule, **self.condition, **self.settings)
+            images = generate(model, self.autoencoder, self.plan, self.condition, **self.settings)
         grid = make_grid(images, nrow=self.settings["num_per_prompt"], padding=1)
         logger.log_image(tracking.tensor_grid_to_uint8(grid), f"samples/step_{step:07d}.png")
 
@@ -197,6 +199,7 @@ def export_bundle(directory: Path, cfg: PipelineConfig, loop_config: dict, model
         latent_shape=info["latent_shape"], scale_factor=info["scale_factor"], autoencoder_uri=info["autoencoder_uri"],
         encode_run_id=info["encode_run_id"], stage_a_run_id=info["stage_a_run_id"], stage_b_run_id=loop_config["mlflow_run_id"],
         extra={"step": step, "latents_uri": info["latents_uri"], "latents_digest": info["latents_digest"]},
+        latents_mean=info["latents_mean"], latents_std=info["latents_std"],
     )
 
 
@@ -284,7 +287,8 @@ def run_stage_b(
         "text_encoder": text["name_or_path"], **(extra_tags or {}),
     }
     params = tracking.flatten({"stage_b": sb.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json"),
-                               "sample": {"prompts": cfg.sample.prompts, "guidance": cfg.sample.guidance}})
+                               "sample": {"prompts": cfg.sample.prompts, "guidance": cfg.sample.guidance,
+                                          "guidance_rescale": cfg.sample.guidance_rescale}})
     with training_run(
         cfg, stage=STAGE_NAME, experiment_id=experiment_id, trainer_name=trainer_name, fields=fields,
         upstream_run_ids=upstream, parent_run_id=parent_run_id, tags=tags, params=params,
@@ -299,6 +303,7 @@ def run_stage_b(
         bundle_info = {
             "text_encoder": text_cfg.model_dump(mode="json"), "hidden_size": text["hidden_size"],
             "latent_shape": manifest["latent_shape"], "scale_factor": manifest["scale_factor"],
+            "latents_mean": manifest.get("latents_mean"), "latents_std": manifest.get("latents_std"),
             "autoencoder_uri": manifest["autoencoder_uri"], "encode_run_id": manifest.get("encode_run_id"),
             "stage_a_run_id": manifest.get("stage_a_run_id"), "latents_uri": latents_uri, "latents_digest": manifest["digest"],
         }

@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 from torch.distributions import Normal
 
-from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
+from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, denormalize_latents, normalize_latents
 from ldm_core.config import ConfigError
 
 
@@ -200,6 +200,37 @@ def test_save_pretrained_round_trip_is_exact_and_keeps_scale_factor(tmp_path):
         assert torch.equal(loaded.decode(z), model.decode(z))
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_latent_normalisation_is_diffusers_and_inverts():
+    """Scalar: scale_factor * z (SD). Per channel: scale_factor * (z - mean_c) / std_c, diffusers' use of
+    AutoencoderKL's latents_mean / latents_std (its SDXL pipelines decode latents * std / scaling_factor + mean);
+    z's own statistics give each channel mean 0 and std 1."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 4, 6, 6, generator=g) * torch.tensor([0.5, 0.4, 0.4, 0.01]).reshape(1, 4, 1, 1) + 0.3
+    assert torch.equal(normalize_latents(z, 0.18215), z * 0.18215)
+    mean, std = z.mean(dim=(0, 2, 3)).tolist(), z.std(dim=(0, 2, 3), unbiased=False).tolist()
+    x = normalize_latents(z, 1.0, mean, std)
+    torch.testing.assert_close(x.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std(dim=(0, 2, 3), unbiased=False), torch.ones(4), atol=1e-4, rtol=0)
+    diffusers_decode = x * torch.tensor(std).reshape(1, 4, 1, 1) / 1.0 + torch.tensor(mean).reshape(1, 4, 1, 1)
+    torch.testing.assert_close(denormalize_latents(x, 1.0, mean, std), diffusers_decode)
+    torch.testing.assert_close(denormalize_latents(normalize_latents(z, 0.7, mean, std), 0.7, mean, std), z, atol=1e-5, rtol=0)
+
+
+def test_latent_statistics_travel_with_the_saved_model(tmp_path):
+    model = AutoencoderKL(tiny_config())
+    model.save_pretrained(tmp_path / "plain")
+    assert AutoencoderKL.from_pretrained(tmp_path / "plain").latents_mean is None
+    model.latents_mean, model.latents_std = [0.1, -0.2, 0.3, 0.0], [0.5, 0.4, 0.4, 0.01]
+    model.save_pretrained(tmp_path / "stats")
+    back = AutoencoderKL.from_pretrained(tmp_path / "stats")
+    assert (back.latents_mean, back.latents_std) == (model.latents_mean, model.latents_std)
+    meta = json.loads((tmp_path / "stats" / "config.json").read_text())
+    meta["latents_std"] = [0.5, 0.4, 0.4]
+    (tmp_path / "stats" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="latents_mean / latents_std must be 4 finite numbers"):
+        AutoencoderKL.from_pretrained(tmp_path / "stats")
 
 
 def test_from_pretrained_errors_name_the_file_and_field(tmp_path):

@@ -25,7 +25,8 @@ from ldm_core.diffusion import (
     training_loss,
     v_target,
 )
-from ldm_core.sampling import SAMPLERS, ddim_sample, ddpm_sample, guided_eps, guided_prediction, sample_timesteps
+from ldm_core.sampling import (SAMPLERS, Condition, ddim_sample, ddpm_sample, guided_eps, guided_prediction,
+                               rescale_guidance, sample_timesteps, sampling_plan)
 from ldm_core.unet import UNet, UNetConfig
 
 T = 1000
@@ -372,23 +373,48 @@ def test_guidance_matches_separate_forwards():
     with torch.no_grad():
         cond = model(x, t, context, mask)
         uncond = model(x, t, null_context.expand(2, -1, -1), null_mask.expand(2, -1))
-        guide = lambda scale: guided_prediction(model, x, t, context, mask, null_context, null_mask, scale)  # noqa: E731
+        guide = lambda scale: guided_prediction(model, x, t, Condition(context, mask, null_context, null_mask, scale))  # noqa: E731
         assert torch.allclose(guide(1.0), cond, atol=1e-5)
         assert torch.allclose(guide(0.0), uncond, atol=1e-5)
-        guided = guided_eps(model, x, t, context, mask, null_context, null_mask, 3.0)
+        guided = guided_eps(model, x, t, Condition(context, mask, null_context, null_mask, 3.0))
         assert torch.allclose(guided, uncond + 3.0 * (cond - uncond), atol=1e-4)
         assert (cond - uncond).abs().mean() > 1e-3
 
         # A shorter null prompt is padded with masked tokens: same result as the unpadded one.
-        short = guided_prediction(model, x, t, context, mask, null_context[:2], null_mask[:2], 0.0)
+        short = guided_prediction(model, x, t, Condition(context, mask, null_context[:2], null_mask[:2], 0.0))
         assert torch.allclose(short, uncond, atol=1e-5)
 
         # v-prediction: guided eps = sqrt(1 - alpha_bar) x + sqrt(alpha_bar) v_guided.
         ab = NoiseSchedule(DiffusionConfig()).alpha_bar
-        v_eps = guided_eps(model, x, t, context, mask, null_context, null_mask, 1.0, prediction="v", alpha_bar=ab)
+        unguided = Condition(context, mask, null_context, null_mask, 1.0)
+        v_eps = guided_eps(model, x, t, unguided, prediction="v", alpha_bar=ab)
         assert torch.allclose(v_eps, predict_eps_from_v(x, t, cond, ab), atol=1e-5)
     with pytest.raises(ValueError, match="alpha_bar"):
-        guided_eps(model, x, t, context, mask, null_context, null_mask, 1.0, prediction="v")
+        guided_eps(model, x, t, unguided, prediction="v")
+
+
+def test_guidance_rescale_restores_the_conditional_std_per_sample():
+    """Lin et al. 2024, Sec. 3.4: phi = 1 gives the guided output the conditional output's std, sample by sample;
+    phi = 0 is plain guidance; in between, the linear mix of the two."""
+    g = torch.Generator().manual_seed(4)
+    guided, out_c = 3.0 * torch.randn(3, 4, 8, 8, generator=g) + 1.0, torch.randn(3, 4, 8, 8, generator=g)
+    full = rescale_guidance(guided, out_c, 1.0)
+    torch.testing.assert_close(full.flatten(1).std(1), out_c.flatten(1).std(1))
+    torch.testing.assert_close(full / guided, (out_c.flatten(1).std(1) / guided.flatten(1).std(1)).reshape(3, 1, 1, 1)
+                               .expand_as(guided))
+    assert torch.equal(rescale_guidance(guided, out_c, 0.0), guided)
+    torch.testing.assert_close(rescale_guidance(guided, out_c, 0.7), 0.7 * full + 0.3 * guided)
+    model = tiny_unet()
+    context, mask, null_context, null_mask = condition()
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100, 800])
+    with torch.no_grad():
+        plain = guided_prediction(model, x, t, Condition(context, mask, null_context, null_mask, 5.0))
+        cond = guided_prediction(model, x, t, Condition(context, mask, null_context, null_mask, 1.0))
+        rescaled = guided_prediction(model, x, t, Condition(context, mask, null_context, null_mask, 5.0, guidance_rescale=0.7))
+    torch.testing.assert_close(rescaled, rescale_guidance(plain, cond, 0.7))
+    assert (rescaled - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        Condition(context, mask, null_context, null_mask, 5.0, guidance_rescale=1.5)
 
 
 # ---------------------------------------------------------------------------------------------- samplers
@@ -409,23 +435,41 @@ def test_timestep_spacings():
         sample_timesteps(T, 10, "karras")
 
 
-@pytest.mark.parametrize("steps", [61, 497, 3, 7, 333, 999])
+@pytest.mark.parametrize("steps", [61, 497, 3, 7, 48, 333, 999])
 def test_trailing_spacing_gives_exactly_steps_timesteps(steps):
-    """A float arange(T, 0, -T/steps) yields steps + 1 values for 61 or 497 steps at T = 1000 (the old crash).
-    Expected: round(T (steps - k) / steps) - 1 in exact rational arithmetic (round half to even, as numpy)."""
-    from fractions import Fraction
-
+    """A float arange(T, 0, -T/steps) yields steps + 1 values for 61 or 497 steps at T = 1000 (diffusers' t = -1):
+    exactly `steps` are kept, from T-1 down, each within one half of T (steps - k) / steps - 1."""
     ts = sample_timesteps(T, steps, "trailing")
-    assert ts == [round(Fraction(T * (steps - k), steps)) - 1 for k in range(steps)]
     assert len(ts) == steps and ts[0] == T - 1 and all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] >= 0
+    assert all(abs(t - (T * (steps - k) / steps - 1)) <= 0.5 + 1e-9 for k, t in enumerate(ts))
+
+
+def test_trailing_spacing_rounds_as_diffusers_and_lands_where_diffusers_steps():
+    """Golden values of DDIMScheduler (diffusers 0.42): at 48 steps T - k T/48 = 937.5 for k = 3 comes out of the float
+    arange a hair below, so it rounds to 937 - 1 = 936; each step lands on t - T // steps (here 20), not on the next
+    visited timestep, and the last one on t = 0 when T // steps <= the last timestep (7 steps: 142 -> 0)."""
+    ts = sample_timesteps(T, 48, "trailing")
+    assert [ts[k] for k in (3, 15, 27, 39)] == [936, 686, 436, 186]
+    plan = sampling_plan(NoiseSchedule(DiffusionConfig()), 48)
+    assert plan.targets[:4] == (979, 958, 937, 916) and plan.timesteps[1:4] == (978, 957, 936)
+    seven = sampling_plan(NoiseSchedule(DiffusionConfig()), 7)
+    assert seven.timesteps == (999, 856, 713, 570, 428, 285, 142)
+    assert seven.targets == (857, 714, 571, 428, 286, 143, 0)
+    fifty = sampling_plan(NoiseSchedule(DiffusionConfig()), 50)  # steps divide T: the next visited timestep, then past 0
+    assert fifty.targets == fifty.timesteps[1:] + (-1,)
+    linspace = sampling_plan(NoiseSchedule(DiffusionConfig()), 4, spacing="linspace")
+    assert linspace.timesteps == (999, 666, 333, 0) and linspace.targets == (749, 416, 83, -1)
 
 
 def test_stable_diffusion_leading_spacing_with_offset():
     sd = sample_timesteps(T, 50, "leading", steps_offset=1)
     assert sd == list(range(981, 0, -20))  # 981, 961, ..., 1: Stable Diffusion's 50 DDIM steps
     assert sample_timesteps(T, 30, "leading", steps_offset=1)[:2] == [958, 925]
-    with pytest.raises(ValueError, match="steps_offset=1"):
-        sample_timesteps(T, 50, "trailing", steps_offset=1)  # 999 + 1 is past the schedule
+    # diffusers adds steps_offset for "leading" only; so does sample_timesteps.
+    assert sample_timesteps(T, 50, "trailing", steps_offset=1) == sample_timesteps(T, 50, "trailing")
+    assert sample_timesteps(T, 7, "linspace", steps_offset=1) == sample_timesteps(T, 7, "linspace")
+    with pytest.raises(ValueError, match="steps_offset=20"):
+        sample_timesteps(T, 50, "leading", steps_offset=20)  # 980 + 20 is past the schedule
 
 
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])
@@ -436,12 +480,12 @@ def test_ddim_last_step_goes_to_alpha_bar_one_or_alpha_bar_zero(set_alpha_to_one
     model = tiny_unet()
     context, mask, null_context, null_mask = condition()
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    out = ddim_sample(model, x_T.shape, schedule=schedule, context=context, context_mask=mask, null_context=null_context,
-                      null_mask=null_mask, steps=1, guidance_scale=2.0, x_T=x_T, spacing="leading", steps_offset=1,
-                      set_alpha_to_one=set_alpha_to_one)
+    cond = Condition(context, mask, null_context, null_mask, 2.0)
+    plan = sampling_plan(schedule, 1, spacing="leading", steps_offset=1, set_alpha_to_one=set_alpha_to_one)
+    out = ddim_sample(model, x_T, plan, cond)
     t = torch.tensor([1, 1])
     with torch.no_grad():
-        eps = guided_prediction(model, x_T, t, context, mask, null_context, null_mask, 2.0)
+        eps = guided_prediction(model, x_T, t, cond)
     x0 = predict_x0_from_eps(x_T, t, eps, schedule.alpha_bar)
     ab0 = schedule.alpha_bar[0]
     expected = x0 if set_alpha_to_one else ab0.sqrt() * x0 + (1 - ab0).sqrt() * eps
@@ -457,14 +501,12 @@ def test_zero_terminal_snr_sampling_starts_from_pure_noise(sampler, eta):
     oracle = GaussianOracle(mu, sigma, schedule.alpha_bar, "v")
     context, mask, null_context, null_mask = condition(batch=n)
     x_T = torch.randn(n, 1, 1, 1, generator=torch.Generator().manual_seed(1))
-    kwargs = {} if eta is None else dict(eta=eta)
-    common = dict(schedule=schedule, context=context, context_mask=mask, null_context=null_context, null_mask=null_mask,
-                  guidance_scale=1.0, prediction="v", x_T=x_T, **kwargs)
-    out = SAMPLERS[sampler](oracle, (n, 1, 1, 1), steps=T, generator=torch.Generator().manual_seed(0), **common)
+    cond = Condition(context, mask, null_context, null_mask, 1.0)
+    out = SAMPLERS[sampler](oracle, x_T, sampling_plan(schedule, T, eta=eta), cond, generator=torch.Generator().manual_seed(0))
     print(f"zero terminal SNR, {sampler} eta={eta}: mean {out.mean().item():.4f} std {out.std().item():.4f}")
     assert out.mean().item() == pytest.approx(mu, abs=0.02)
     assert out.std().item() == pytest.approx(sigma, abs=0.02)
-    short = SAMPLERS[sampler](oracle, (n, 1, 1, 1), steps=25, generator=torch.Generator().manual_seed(0), **common)
+    short = SAMPLERS[sampler](oracle, x_T, sampling_plan(schedule, 25, eta=eta), cond, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(short).all() and short.mean().item() == pytest.approx(mu, abs=0.05)
 
 
@@ -474,17 +516,15 @@ def test_samplers_reproduce_a_gaussian_data_distribution(sampler, eta, predictio
     """With the exact optimal predictor for x0 ~ N(mu, sigma^2) and x_T from the true marginal q(x_T),
     all T steps must give samples with mean mu and std sigma (few steps underestimate the std: a
     discretisation error, e.g. 0.47 at 50 DDIM steps, 0.39 at 10)."""
-    schedule = NoiseSchedule(DiffusionConfig())
+    schedule = NoiseSchedule(DiffusionConfig(prediction=prediction))
     mu, sigma, n = 1.5, 0.5, 4096
     oracle = GaussianOracle(mu, sigma, schedule.alpha_bar, prediction)
     context, mask, null_context, null_mask = condition(batch=n)
     ab_T = schedule.alpha_bar[-1]
     z = torch.randn(n, 1, 1, 1, generator=torch.Generator().manual_seed(1))
     x_T = ab_T.sqrt() * mu + (ab_T * sigma**2 + 1 - ab_T).sqrt() * z
-    kwargs = {} if eta is None else dict(eta=eta)
-    out = SAMPLERS[sampler](oracle, (n, 1, 1, 1), schedule=schedule, context=context, context_mask=mask,
-                            null_context=null_context, null_mask=null_mask, steps=T, guidance_scale=4.0,
-                            generator=torch.Generator().manual_seed(0), prediction=prediction, x_T=x_T, **kwargs)
+    out = SAMPLERS[sampler](oracle, x_T, sampling_plan(schedule, T, eta=eta),
+                            Condition(context, mask, null_context, null_mask, 4.0), generator=torch.Generator().manual_seed(0))
     print(f"{sampler} eta={eta} {prediction}: mean {out.mean().item():.4f} std {out.std().item():.4f}")
     assert out.mean().item() == pytest.approx(mu, abs=0.02)
     assert out.std().item() == pytest.approx(sigma, abs=0.02)
@@ -498,9 +538,10 @@ def test_ddim_eta0_is_deterministic_and_eta1_depends_on_the_generator():
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(1))
 
     def run(eta, seed, x_T=None):
-        return ddim_sample(model, shape, schedule=schedule, context=context, context_mask=mask,
-                           null_context=null_context, null_mask=null_mask, steps=5, guidance_scale=2.0,
-                           eta=eta, generator=torch.Generator().manual_seed(seed), x_T=x_T)
+        g = torch.Generator().manual_seed(seed)
+        x_T = torch.randn(shape, generator=g) if x_T is None else x_T
+        return ddim_sample(model, x_T, sampling_plan(schedule, 5, eta=eta),
+                           Condition(context, mask, null_context, null_mask, 2.0), generator=g)
 
     a, b = run(0.0, 0, x_T), run(0.0, 1, x_T)
     assert torch.equal(a, b)  # eta = 0: the generator is never used once x_T is given
@@ -514,13 +555,16 @@ def test_ddim_eta0_is_deterministic_and_eta1_depends_on_the_generator():
 
 def test_ddpm_equals_ddim_with_eta_one():
     """DDIM with eta = 1 is ancestral sampling (Song et al. 2021, Sec. 4.1): two different formulas, same draws."""
-    schedule = NoiseSchedule(DiffusionConfig())
+    schedule = NoiseSchedule(DiffusionConfig(prediction="v"))
     model = tiny_unet()
     model.train()
-    context, mask, null_context, null_mask = condition()
-    common = dict(schedule=schedule, context=context, context_mask=mask, null_context=null_context,
-                  null_mask=null_mask, steps=8, guidance_scale=3.0, prediction="v")
-    ddpm = ddpm_sample(model, (2, 4, 8, 8), generator=torch.Generator().manual_seed(0), **common)
-    ddim = ddim_sample(model, (2, 4, 8, 8), eta=1.0, generator=torch.Generator().manual_seed(0), **common)
+    cond = Condition(*condition(), guidance_scale=3.0)
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    ddpm = ddpm_sample(model, x_T, sampling_plan(schedule, 8), cond, generator=torch.Generator().manual_seed(0))
+    ddim = ddim_sample(model, x_T, sampling_plan(schedule, 8, eta=1.0), cond, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(ddpm, ddim, atol=1e-4)
     assert model.training  # the samplers restore the caller's mode
+    with pytest.raises(ValueError, match="eta"):  # ddpm is ancestral: it refuses any other eta
+        ddpm_sample(model, x_T, sampling_plan(schedule, 8, eta=0.0), cond)
+    with pytest.raises(ValueError, match="eta"):
+        sampling_plan(schedule, 8, eta=-0.1)

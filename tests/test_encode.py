@@ -59,15 +59,28 @@ def digits_dataset(tmp_path: Path, num: int = NUM_IMAGES, resolution: int = RESO
     return uri
 
 
-def publish_tiny_autoencoder(cfg: PipelineConfig, workdir: Path) -> tuple[str, str, AutoencoderKL]:
-    """A random tiny autoencoder with a scale factor, published as Stage A would. Returns (model URI, run id, model)."""
+def publish_tiny_autoencoder(cfg: PipelineConfig, workdir: Path, channel_stats=None) -> tuple[str, str, AutoencoderKL]:
+    """A random tiny autoencoder with a scale factor (and per-channel `channel_stats` (means, stds) when given),
+    published as Stage A would. Returns (model URI, run id, model)."""
     torch.manual_seed(0)
     model = AutoencoderKL(TINY_AE).eval()
     model.scale_factor.fill_(SCALE_FACTOR)
+    if channel_stats is not None:
+        model.latents_mean, model.latents_std = channel_stats
     experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
     with tracking.stage_run(experiment_id=experiment_id, stage="stage_a", run_name="tiny-stage_a") as run:
         uri, _ = publish_autoencoder(model, workdir, cfg.mlflow.autoencoder_model_name)
     return uri, run.info.run_id, model
+
+
+def first_posteriors(cfg: PipelineConfig, model: AutoencoderKL, rows: dict[str, np.ndarray]):
+    """(indices into `rows`, the autoencoder's posterior) of the dataset's first 4 (centre-cropped) images."""
+    images, _ = build_dataset(cfg.data.model_copy(update={"crop": "center"}), split="all", shuffle=False)
+    first = images.take(4)
+    index = {k: i for i, k in enumerate(rows["key"])}
+    x = to_model_range(torch.as_tensor(np.stack([r["image"] for r in first])))
+    with torch.no_grad():
+        return [index[r["key"]] for r in first], model.encode(x)
 
 
 def read_rows(uri: str, storage_cfg=None) -> dict[str, np.ndarray]:
@@ -134,13 +147,7 @@ def test_interrupted_encode_leaves_no_manifest_then_a_rerun_completes_it(setup, 
     assert train.count() == NUM_IMAGES - manifest["num_holdout"]
 
     # The moments are the autoencoder's posterior of the (centre-cropped) image, times the scale factor.
-    images, _ = build_dataset(cfg.data.model_copy(update={"crop": "center"}), split="all", shuffle=False)
-    first = images.take(4)
-    index = {k: i for i, k in enumerate(rows["key"])}
-    x = to_model_range(torch.as_tensor(np.stack([r["image"] for r in first])))
-    with torch.no_grad():
-        posterior = model.encode(x)
-    picked = [index[r["key"]] for r in first]
+    picked, posterior = first_posteriors(cfg, model, rows)
     assert np.allclose(rows["latent_mean"][picked], (posterior.mean * SCALE_FACTOR).numpy(), atol=1e-5)
     assert np.allclose(rows["latent_std"][picked], (posterior.std * SCALE_FACTOR).numpy(), atol=1e-5)
     assert (rows["latent_std"] > 0).all()
@@ -180,6 +187,28 @@ def test_interrupted_encode_leaves_no_manifest_then_a_rerun_completes_it(setup, 
         run_encode(other)
 
 
+
+
+def test_per_channel_normalisation_encodes_with_the_autoencoders_statistics(tmp_path, mlflow_uri, ray_local):
+    """encode.latent_normalization=per_channel: rows hold (mu - mean_c) / std_c and sigma / std_c (scale 1), the
+    manifest records the three numbers Stage B and the export read, the folder differs from the scalar one's, and an
+    autoencoder without measured statistics is refused before any work."""
+    data_uri = digits_dataset(tmp_path)
+    cfg = tiny_config(tmp_path, data_uri, "encode.latent_normalization=per_channel")
+    publish_tiny_autoencoder(cfg, tmp_path / "plain")
+    with pytest.raises(ConfigError, match="per_channel: the autoencoder has no measured per-channel"):
+        run_encode(cfg)
+    mean, std = [0.1, -0.2, 0.3, 0.05], [0.5, 0.4, 0.45, 0.01]
+    _, _, model = publish_tiny_autoencoder(cfg, tmp_path / "stats", channel_stats=(mean, std))
+    result = run_encode(cfg)  # the latest registered version: the one with statistics
+    manifest = result.manifest
+    assert (manifest["scale_factor"], manifest["latents_mean"], manifest["latents_std"]) == (1.0, mean, std)
+    assert manifest["settings"]["latent_normalization"] == "per_channel"  # so its default folder is not the scalar one's
+    rows = read_rows(result.latents_uri)
+    picked, posterior = first_posteriors(cfg, model, rows)
+    m, s = torch.tensor(mean).reshape(1, 4, 1, 1), torch.tensor(std).reshape(1, 4, 1, 1)
+    assert np.allclose(rows["latent_mean"][picked], ((posterior.mean - m) / s).numpy(), atol=1e-4)
+    assert np.allclose(rows["latent_std"][picked], (posterior.std / s).numpy(), atol=1e-4)
 
 
 def test_missing_autoencoder_and_bad_resolution_fail_before_any_work(tmp_path, mlflow_uri, ray_local):

@@ -603,6 +603,51 @@ def test_scheduler_config_is_sds_ddim_and_matches_our_schedule():
     assert sched.timesteps.tolist() == sample_timesteps(zero.num_timesteps, 25, "trailing")
 
 
+def test_diffusers_pipeline_export_carries_the_guidance_settings(tmp_path):
+    """model_index.json records sample.guidance / sample.guidance_rescale as StableDiffusionPipeline.__call__ arguments
+    under `_call_defaults`, which diffusers' loader skips ("_" keys) and its pipeline takes as they are."""
+    from pipelines.config import SampleConfig
+    from pipelines.export import export_unet
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], num_heads=8,
+                     norm_groups=32, context_dim=32, transformer_norm_eps=convert.SD_TRANSFORMER_NORM_EPS)
+    vae = AutoencoderKL(AutoencoderConfig(base_channels=32, channel_mult=[1, 2], num_res_blocks=1)).eval()
+    export_unet(_bundle_on_tiny_clip(_perturbed(UNet(cfg), 6), tmp_path, 0.8), vae, "diffusers", tmp_path / "sd",
+                SampleConfig(guidance=5.0, guidance_rescale=0.7))
+    call = json.loads((tmp_path / "sd" / "model_index.json").read_text())["_call_defaults"]
+    assert call == {"guidance_scale": 5.0, "guidance_rescale": 0.7}
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "sd"), safety_checker=None)
+    side = UNET_LATENT * vae.downsample_factor
+
+    def run(**kwargs):
+        return pipe("a cat", num_inference_steps=2, height=side, width=side, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    rescaled = run(**call)
+    assert torch.isfinite(rescaled).all() and not torch.allclose(rescaled, run(guidance_scale=5.0), atol=1e-6)
+
+
+def test_per_channel_bundle_exports_latents_mean_and_std(tmp_path):
+    """A U-Net trained on per-channel normalised latents: vae/config.json gets diffusers' latents_mean / latents_std
+    (scaling_factor 1), which diffusers' AutoencoderKL reads; an SD single file, which cannot record them, is refused."""
+    import dataclasses
+
+    from pipelines.export import export_unet
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], num_heads=8,
+                     norm_groups=32, context_dim=32, transformer_norm_eps=convert.SD_TRANSFORMER_NORM_EPS)
+    vae = AutoencoderKL(AutoencoderConfig(base_channels=32, channel_mult=[1, 2], num_res_blocks=1)).eval()
+    mean, std = [0.2, -0.1, 0.0, 0.3], [0.5, 0.4, 0.45, 0.02]
+    bundle = dataclasses.replace(_bundle_on_tiny_clip(UNet(cfg), tmp_path, 1.0), latents_mean=mean, latents_std=std)
+    export_unet(bundle, vae, "diffusers", tmp_path / "sd")
+    ref = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "sd" / "vae"))
+    assert (ref.config.scaling_factor, list(ref.config.latents_mean), list(ref.config.latents_std)) == (1.0, mean, std)
+    with pytest.raises(interop.InteropError, match="per-channel normalised latents"):
+        export_unet(bundle, vae, "sd-single-file", tmp_path / "single")
+
+
 def _publish_tiny_autoencoder(tmp_path, seed: int = 5, sd_conventions: bool = False) -> tuple[AutoencoderKL, str, str]:
     """`sd_conventions`: 32 GroupNorm groups (32 channels), so that it can also be exported as an SD single file."""
     import mlflow

@@ -21,14 +21,14 @@ from PIL import Image
 from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_core.config import ConfigError
 from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
-from ldm_core.sampling import ddim_sample
+from ldm_core.sampling import Condition, ddim_sample, sampling_plan
 from ldm_core.unet import UNet, UNetConfig
 from pipelines import sample
 from pipelines.models import inference
 from pipelines.platform import storage, tracking
-from pipelines.config import load_config
+from pipelines.config import SampleConfig, load_config
 from pipelines.models.judge import load_or_train_classifier
-from pipelines.models.registry import publish_autoencoder, publish_unet, save_unet_bundle
+from pipelines.models.registry import publish_autoencoder, publish_unet, read_unet_bundle, save_unet_bundle
 from pipelines.data.text_encoders import TextEncoderConfig, load_text_encoder
 from tests.helpers import REPO
 
@@ -63,11 +63,14 @@ def tiny():
     return {"unet": unet, "ae": ae, "schedule": NoiseSchedule(TINY_DIFFUSION), "context": context, "mask": mask, "null": null}
 
 
-def _generate(tiny, **overrides):
-    kwargs = dict(context=tiny["context"], context_mask=tiny["mask"], null_context=tiny["null"], null_mask=None,
-                  latent_shape=(4, 4, 4), scale_factor=0.7, num_per_prompt=2, steps=4, guidance=3.0, seed=0)
-    kwargs.update(overrides)
-    return inference.generate(tiny["unet"], tiny["ae"], tiny["schedule"], **kwargs)
+def _generate(tiny, context=None, context_mask=None, **settings):
+    """`inference.generate` with `sample.*` settings (defaults: 2 per prompt, 4 steps, guidance 3) on the tiny models."""
+    sc = SampleConfig(**{"num_per_prompt": 2, "steps": 4, "guidance": 3.0, **settings})
+    condition = inference.condition_for(sc, tiny["context"] if context is None else context,
+                                     tiny["mask"] if context_mask is None else context_mask, tiny["null"], None)
+    return inference.generate(tiny["unet"], tiny["ae"], inference.plan_for(sc, tiny["schedule"]), condition, latent_shape=(4, 4, 4),
+                           scale_factor=0.7, num_per_prompt=sc.num_per_prompt, seed=sc.seed, sampler=sc.sampler,
+                           batch_size=sc.batch_size, mixed_precision="no")
 
 
 def test_generate_is_reproducible_and_seeded(tiny):
@@ -80,6 +83,8 @@ def test_generate_is_reproducible_and_seeded(tiny):
     assert torch.allclose(a, _generate(tiny, batch_size=4), atol=1e-5)
     assert torch.equal(_generate(tiny, eta=1.0), _generate(tiny, eta=1.0))
     assert torch.equal(_generate(tiny, sampler="ddpm"), _generate(tiny, sampler="ddpm"))
+    with pytest.raises(ValueError, match="sample.eta=0.5: sampler=ddpm is ancestral"):
+        SampleConfig(sampler="ddpm", eta=0.5)  # the ddpm sampler would refuse it too; the config says so first
 
 
 def test_generate_matches_ddim_with_the_given_steps_and_guidance(tiny):
@@ -87,13 +92,47 @@ def test_generate_matches_ddim_with_the_given_steps_and_guidance(tiny):
     steps, guidance = 3, 2.5
     images = _generate(tiny, steps=steps, guidance=guidance, num_per_prompt=1)
     x_T = inference.initial_noise(0, 1, (4, 4, 4)).repeat(3, 1, 1, 1)
-    z = ddim_sample(tiny["unet"], (3, 4, 4, 4), schedule=tiny["schedule"], context=tiny["context"],
-                    context_mask=tiny["mask"], null_context=tiny["null"], null_mask=None, steps=steps,
-                    guidance_scale=guidance, x_T=x_T)
+    z = ddim_sample(tiny["unet"], x_T, sampling_plan(tiny["schedule"], steps),
+                    Condition(tiny["context"], tiny["mask"], tiny["null"], None, guidance_scale=guidance))
     expected = tiny["ae"].decode(z / 0.7).clamp(-1, 1)
     assert torch.allclose(images, expected, atol=1e-5)
     assert not torch.allclose(images, _generate(tiny, steps=steps + 2, guidance=guidance, num_per_prompt=1), atol=1e-3)
     assert not torch.allclose(images, _generate(tiny, steps=steps, guidance=0.0, num_per_prompt=1), atol=1e-3)
+
+
+def test_generate_rescales_guidance_when_asked(tiny):
+    """sample.guidance_rescale reaches the sampler's guidance (Lin et al. 2024, Sec. 3.4); 0 is plain guidance."""
+    images = _generate(tiny, steps=3, guidance=6.0, guidance_rescale=0.7, num_per_prompt=1)
+    x_T = inference.initial_noise(0, 1, (4, 4, 4)).repeat(3, 1, 1, 1)
+    z = ddim_sample(tiny["unet"], x_T, sampling_plan(tiny["schedule"], 3),
+                    Condition(tiny["context"], tiny["mask"], tiny["null"], None, guidance_scale=6.0, guidance_rescale=0.7))
+    assert torch.allclose(images, tiny["ae"].decode(z / 0.7).clamp(-1, 1), atol=1e-5)
+    assert not torch.allclose(images, _generate(tiny, steps=3, guidance=6.0, num_per_prompt=1), atol=1e-3)
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        SampleConfig(guidance_rescale=1.5)
+
+
+def test_generate_decodes_per_channel_normalised_latents(tiny, tmp_path):
+    """A U-Net trained on per-channel normalised latents: its samples are denormalised channel by channel before the
+    decoder (x * std_c + mean_c), and the bundle carries the statistics."""
+    mean, std = [0.2, -0.1, 0.0, 0.3], [0.5, 0.4, 0.45, 0.02]
+    sc = SampleConfig(steps=3, guidance=3.0, num_per_prompt=1)
+    condition = inference.condition_for(sc, tiny["context"], tiny["mask"], tiny["null"], None)
+    images = inference.generate(tiny["unet"], tiny["ae"], inference.plan_for(sc, tiny["schedule"]), condition,
+                                latent_shape=(4, 4, 4), scale_factor=1.0, num_per_prompt=1, seed=0, latents_mean=mean,
+                                latents_std=std)
+    x_T = inference.initial_noise(0, 1, (4, 4, 4)).repeat(3, 1, 1, 1)
+    z = ddim_sample(tiny["unet"], x_T, sampling_plan(tiny["schedule"], 3), condition)
+    z = z * torch.tensor(std).reshape(1, 4, 1, 1) + torch.tensor(mean).reshape(1, 4, 1, 1)
+    assert torch.allclose(images, tiny["ae"].decode(z).clamp(-1, 1), atol=1e-5)
+
+    folder = save_unet_bundle(
+        tmp_path / "unet", unet_state=tiny["unet"].state_dict(), ema_state=None, unet_config=TINY_UNET,
+        diffusion=TINY_DIFFUSION, text_encoder=TextEncoderConfig(), hidden_size=CONTEXT_DIM, null_context=tiny["null"],
+        null_mask=torch.ones(5, dtype=torch.bool), latent_shape=(4, 4, 4), scale_factor=1.0, autoencoder_uri="",
+        latents_mean=mean, latents_std=std)
+    bundle = read_unet_bundle(folder)
+    assert (bundle.scale_factor, bundle.latents_mean, bundle.latents_std) == (1.0, mean, std)
 
 
 def test_generate_takes_stable_diffusions_ddim_steps_when_asked(tiny):
@@ -102,9 +141,8 @@ def test_generate_takes_stable_diffusions_ddim_steps_when_asked(tiny):
     sd = dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
     images = _generate(tiny, steps=3, num_per_prompt=1, **sd)
     x_T = inference.initial_noise(0, 1, (4, 4, 4)).repeat(3, 1, 1, 1)
-    z = ddim_sample(tiny["unet"], (3, 4, 4, 4), schedule=tiny["schedule"], context=tiny["context"],
-                    context_mask=tiny["mask"], null_context=tiny["null"], null_mask=None, steps=3,
-                    guidance_scale=3.0, x_T=x_T, spacing="leading", steps_offset=1, set_alpha_to_one=False)
+    z = ddim_sample(tiny["unet"], x_T, sampling_plan(tiny["schedule"], 3, spacing="leading", steps_offset=1, set_alpha_to_one=False),
+                    Condition(tiny["context"], tiny["mask"], tiny["null"], None, guidance_scale=3.0))
     assert torch.allclose(images, tiny["ae"].decode(z / 0.7).clamp(-1, 1), atol=1e-5)
     assert not torch.allclose(images, _generate(tiny, steps=3, num_per_prompt=1), atol=1e-3)
 

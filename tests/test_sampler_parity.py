@@ -12,15 +12,25 @@ import torch
 from torch import nn
 
 from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
-from ldm_core.sampling import ddim_sample, sample_timesteps
+from ldm_core.sampling import Condition, ddim_sample, guided_prediction, sample_timesteps, sampling_plan
 
 diffusers = pytest.importorskip("diffusers")
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg  # noqa: E402
 
 T = 1000
 GUIDANCE = 4.0
 SD_DDIM = dict(num_train_timesteps=T, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 """Stable Diffusion v1's published scheduler settings (its scheduler_config.json), with diffusers' names."""
+SPACING_SETTINGS = {
+    "eps, SD schedule": (DiffusionConfig(), dict(prediction_type="epsilon")),
+    "v, zero terminal SNR": (DiffusionConfig(prediction="v", zero_terminal_snr=True),
+                             dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True)),
+}
+"""The two settings the trailing / linspace parity runs under: SD's scheduler with only the spacing changed (its
+steps_offset=1 stays, and both sides ignore it), and Lin et al.'s recipe (what `pipelines/export.py` writes)."""
+MALFORMED_TRAILING = 62
+"""Step counts in [1, 1000] for which diffusers 0.42's trailing spacing emits steps + 1 timesteps, the last -1."""
 
 
 class StandIn(nn.Module):
@@ -35,15 +45,20 @@ class StandIn(nn.Module):
 model = StandIn()
 
 
-def diffusers_loop(scheduler, x_T, context, null_context, steps: int, eta: float) -> torch.Tensor:
-    """StableDiffusionPipeline's denoising loop, reduced to its arithmetic."""
+def diffusers_loop(scheduler, x_T, context, null_context, steps: int, eta: float, as_is: bool = False,
+                   guidance_rescale: float = 0.0) -> torch.Tensor:
+    """StableDiffusionPipeline's denoising loop, reduced to its arithmetic, over the scheduler's first `steps` timesteps
+    (all of them with `as_is`, diffusers' extra t = -1 included where its trailing spacing emits one), with its
+    `rescale_noise_cfg` when `guidance_rescale` > 0."""
     scheduler.set_timesteps(steps)
     x = x_T.clone()
-    for t in scheduler.timesteps:
+    for t in scheduler.timesteps if as_is else scheduler.timesteps[:steps]:
         t_batch = torch.full((x.shape[0],), int(t), dtype=torch.long)
         out_u = model(x, t_batch, null_context.expand(x.shape[0], -1, -1))
         out_c = model(x, t_batch, context)
         out = out_u + GUIDANCE * (out_c - out_u)
+        if guidance_rescale > 0:
+            out = rescale_noise_cfg(out, out_c, guidance_rescale)
         x = scheduler.step(out, t, x, eta=eta).prev_sample
     return x
 
@@ -59,21 +74,14 @@ def test_ddim_matches_diffusers_with_stable_diffusion_settings(steps, prediction
     x_T = torch.randn(3, 4, 8, 8, generator=g)
     context = torch.randn(3, 5, 16, generator=g)
     null_context = torch.zeros(5, 16)
-    ours = ddim_sample(
-        model, tuple(x_T.shape), schedule=NoiseSchedule(DiffusionConfig(prediction=prediction)), context=context,
-        context_mask=None, null_context=null_context, null_mask=None, steps=steps, guidance_scale=GUIDANCE,
-        prediction=prediction, x_T=x_T, spacing="leading", steps_offset=1, set_alpha_to_one=False,
-    )
+    schedule, cond = NoiseSchedule(DiffusionConfig(prediction=prediction)), Condition(context, None, null_context, None, GUIDANCE)
+    ours = ddim_sample(model, x_T, sampling_plan(schedule, steps, spacing="leading", steps_offset=1, set_alpha_to_one=False), cond)
     theirs = diffusers_loop(scheduler, x_T, context, null_context, steps, eta=0.0)
     diff = (ours - theirs).abs().max().item()
     print(f"DDIM {steps} steps, {prediction}: max |ours - diffusers| = {diff:.2e} (latent std {theirs.std().item():.3f})")
     assert diff <= 1e-4
     # The settings matter: SD's alpha_bar_0 as the last target differs from alpha_bar = 1.
-    to_one = ddim_sample(
-        model, tuple(x_T.shape), schedule=NoiseSchedule(DiffusionConfig(prediction=prediction)), context=context,
-        context_mask=None, null_context=null_context, null_mask=None, steps=steps, guidance_scale=GUIDANCE,
-        prediction=prediction, x_T=x_T, spacing="leading", steps_offset=1,
-    )
+    to_one = ddim_sample(model, x_T, sampling_plan(schedule, steps, spacing="leading", steps_offset=1), cond)
     assert (to_one - theirs).abs().max().item() > 1e-3
 
 
@@ -97,13 +105,82 @@ def test_zero_terminal_snr_trailing_ddim_matches_diffusers(steps):
     x_T = torch.randn(3, 4, 8, 8, generator=g)
     context = torch.randn(3, 5, 16, generator=g)
     null_context = torch.zeros(5, 16)
-    ours = ddim_sample(
-        model, tuple(x_T.shape), schedule=NoiseSchedule(DiffusionConfig(prediction="v", zero_terminal_snr=True)),
-        context=context, context_mask=None, null_context=null_context, null_mask=None, steps=steps,
-        guidance_scale=GUIDANCE, prediction="v", x_T=x_T,
-    )
+    schedule = NoiseSchedule(DiffusionConfig(prediction="v", zero_terminal_snr=True))
+    ours = ddim_sample(model, x_T, sampling_plan(schedule, steps), Condition(context, None, null_context, None, GUIDANCE))
     theirs = diffusers_loop(scheduler, x_T, context, null_context, steps, eta=0.0)
     assert scheduler.timesteps.tolist() == sample_timesteps(T, steps, "trailing")
     diff = (ours - theirs).abs().max().item()
     print(f"zero-terminal-SNR DDIM {steps} steps, v: max |ours - diffusers| = {diff:.2e}")
     assert torch.isfinite(ours).all() and diff <= 1e-4
+
+
+def spacing_gap(spacing: str, setting: str, steps: int, as_is: bool = False) -> tuple[float, int]:
+    """(max |ours - diffusers| of the final latents, diffusers' timestep count) for DDIM with `spacing`, steps_offset=1
+    on both sides, under SPACING_SETTINGS[setting]."""
+    diffusion, theirs_settings = SPACING_SETTINGS[setting]
+    scheduler = diffusers.DDIMScheduler(**{**SD_DDIM, "timestep_spacing": spacing, **theirs_settings})
+    g = torch.Generator().manual_seed(2)
+    x_T = torch.randn(3, 4, 8, 8, generator=g)
+    context, null_context = torch.randn(3, 5, 16, generator=g), torch.zeros(5, 16)
+    plan = sampling_plan(NoiseSchedule(diffusion), steps, spacing=spacing, steps_offset=1,
+                         set_alpha_to_one=scheduler.config.set_alpha_to_one)
+    ours = ddim_sample(model, x_T, plan, Condition(context, None, null_context, None, GUIDANCE))
+    theirs = diffusers_loop(scheduler, x_T, context, null_context, steps, eta=0.0, as_is=as_is)
+    assert list(plan.timesteps) == scheduler.timesteps[:steps].tolist()
+    return (ours - theirs).abs().max().item(), len(scheduler.timesteps)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_timesteps_match_diffusers_for_every_step_count(spacing):
+    """Every step count in [1, T]: our timesteps are DDIMScheduler's (its steps_offset=1 ignored, as diffusers does
+    outside "leading"); where diffusers' trailing spacing emits an extra t = -1, ours are its first `steps`."""
+    scheduler = diffusers.DDIMScheduler(**{**SD_DDIM, "timestep_spacing": spacing})
+    malformed = []
+    for steps in range(1, T + 1):
+        scheduler.set_timesteps(steps)
+        theirs = scheduler.timesteps.tolist()
+        ours = sample_timesteps(T, steps, spacing, steps_offset=1)
+        if len(theirs) != steps:
+            malformed.append(steps)
+            assert (len(theirs), theirs[-1]) == (steps + 1, -1), steps
+        assert ours == theirs[:steps], steps
+    assert len(malformed) == (MALFORMED_TRAILING if spacing == "trailing" else 0)
+    assert spacing == "linspace" or {61, 497} <= set(malformed)
+
+
+@pytest.mark.parametrize("steps", [7, 30, 48, 61])
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+@pytest.mark.parametrize("setting", sorted(SPACING_SETTINGS))
+def test_trailing_and_linspace_ddim_match_diffusers(steps, spacing, setting):
+    """Final latents within 1e-4 of DDIMScheduler's, each step landing on t - T // steps as there. At 61 trailing steps
+    diffusers visits an extra t = -1 (its bug): the comparison is with its first 61 steps, and its own result is off."""
+    gap, theirs_count = spacing_gap(spacing, setting, steps)
+    print(f"DDIM {spacing} {steps} steps, {setting}: max |ours - diffusers| = {gap:.2e}")
+    assert gap <= 1e-4
+    if theirs_count != steps:
+        assert (spacing, steps) == ("trailing", 61)
+        as_is, _ = spacing_gap(spacing, setting, steps, as_is=True)
+        assert not as_is <= 1e-2  # diffusers' extra step at t = -1 (alpha_bar[-1], the noisiest) moves the result
+
+
+@pytest.mark.parametrize("phi", [0.7, 1.0])
+def test_guidance_rescale_matches_diffusers_rescale_noise_cfg(phi):
+    """Lin et al.'s guidance rescale (Sec. 3.4) as diffusers' StableDiffusionPipeline applies it: one guided prediction,
+    then a whole zero-terminal-SNR DDIM run (where it matters) with guidance_rescale on both sides."""
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([999, 500, 20])
+    context, null_context = torch.randn(3, 5, 16, generator=g), torch.zeros(5, 16)
+    out_u, out_c = model(x, t, null_context.expand(3, -1, -1)), model(x, t, context)
+    theirs = rescale_noise_cfg(out_u + GUIDANCE * (out_c - out_u), out_c, guidance_rescale=phi)
+    ours = guided_prediction(model, x, t, Condition(context, None, null_context, None, GUIDANCE, guidance_rescale=phi))
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+    scheduler = diffusers.DDIMScheduler(**{**SD_DDIM, "timestep_spacing": "trailing", "set_alpha_to_one": True},
+                                        prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    schedule = NoiseSchedule(DiffusionConfig(prediction="v", zero_terminal_snr=True))
+    cond = Condition(context, None, null_context, None, GUIDANCE, guidance_rescale=phi)
+    ours = ddim_sample(model, x, sampling_plan(schedule, 25), cond)
+    theirs = diffusers_loop(scheduler, x, context, null_context, 25, eta=0.0, guidance_rescale=phi)
+    plain = ddim_sample(model, x, sampling_plan(schedule, 25), Condition(context, None, null_context, None, GUIDANCE))
+    print(f"guidance rescale {phi}: max |ours - diffusers| = {(ours - theirs).abs().max().item():.2e}")
+    assert (ours - theirs).abs().max().item() <= 1e-4 and (ours - plain).abs().max().item() > 1e-3

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -60,6 +61,14 @@ def test_two_worker_run_publishes_checkpoint_metrics_images_and_model(ray_local,
     model = load_autoencoder(result.model_uri)
     assert model.scale_factor.item() == pytest.approx(result.metrics["scale_factor"], rel=1e-6)
     assert model.scale_factor.item() != 1.0
+    # ... and the per-channel statistics of the same latents, beside it: with equal counts per channel their pooled
+    # std is the scalar's 1 / scale_factor, and each is a metric of the run.
+    mean = torch.tensor(model.latents_mean, dtype=torch.float64)
+    std = torch.tensor(model.latents_std, dtype=torch.float64)
+    assert mean.shape == std.shape == (cfg.stage_a.model.latent_channels,) and (std > 0).all()
+    pooled = (std.pow(2) + (mean - mean.mean()).pow(2)).mean().sqrt().item()
+    assert pooled == pytest.approx(1.0 / model.scale_factor.item(), rel=1e-5)
+    assert run.data.metrics["latent_channel_std_3"] == pytest.approx(model.latents_std[3])
     assert client.get_model_version(cfg.mlflow.autoencoder_model_name, str(result.model_version)).run_id == result.run_id
 
     # Checkpoint: safetensors + resolved config + step, nothing pickled.

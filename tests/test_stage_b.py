@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from ldm_core.config import ConfigError
-from ldm_core.sampling import ddim_sample
+from ldm_core.sampling import Condition, ddim_sample, sampling_plan
 from pipelines.data import latents
 from pipelines.encode_latents import run_encode
 from pipelines.models.registry import load_unet_bundle
@@ -86,9 +86,9 @@ def test_encode_to_s3_then_two_worker_stage_b_with_crash_resume_and_published_bu
         ae_uri, encoded.run_id, stage_a_run, result.run_id)
     null_context, null_mask = latents.read_null_condition(latents_uri, encoded.manifest)
     assert torch.equal(bundle.null_context, null_context) and torch.equal(bundle.null_mask, null_mask)
-    z = ddim_sample(bundle.unet, (2, *bundle.latent_shape), schedule=bundle.schedule, context=null_context.expand(2, -1, -1),
-                    context_mask=null_mask.expand(2, -1), null_context=bundle.null_context, null_mask=bundle.null_mask,
-                    steps=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    z = ddim_sample(bundle.unet, torch.randn(2, *bundle.latent_shape, generator=torch.Generator().manual_seed(0)),
+                    sampling_plan(bundle.schedule, 2), Condition(null_context.expand(2, -1, -1), null_mask.expand(2, -1),
+                                                                 bundle.null_context, bundle.null_mask, guidance_scale=2.0))
     assert z.shape == (2, 4, 8, 8) and torch.isfinite(z).all()
 
     # The pyfunc flavour: prompts -> scaled latents, reproducible by seed.

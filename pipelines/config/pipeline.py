@@ -152,6 +152,11 @@ class EncodeConfig(StrictConfig):
     """Text encoder whose hidden states condition the U-Net."""
     batch_size: int = Field(default=64, ge=1)
     """Images per encoder call."""
+    latent_normalization: Literal["scalar", "per_channel"] = "scalar"
+    """How the latents are normalised for Stage B (which reads it from the latents' manifest, never from here):
+    "scalar", Stable Diffusion's scale_factor * z (LDM Sec. 4.3.2), or "per_channel", (z - mean_c) / std_c with the
+    per-channel statistics Stage A measured (diffusers' `latents_mean` / `latents_std`, SDXL-era VAEs), so that a
+    channel with a small std is not left nearly silent. per_channel needs an autoencoder with measured statistics."""
     rows_per_shard: int = Field(default=2048, ge=1)
     """Rows per Parquet file (each write task packs this many rows before writing; its last file may hold fewer)."""
     scaling: EncodeScaling = EncodeScaling()
@@ -171,7 +176,8 @@ class StageBTrainLoop(TrainLoopSection):
     ema_decay: float | None = Field(default=0.999, gt=0, lt=1)
     """Keep an exponential moving average of the U-Net weights with this decay (sampled from and published); None: no EMA."""
     image_every: int = Field(default=500, ge=1)
-    """Every this many steps rank 0 logs a grid of samples for `sample.prompts` (EMA weights, DDIM, `sample.guidance`)."""
+    """Every this many steps rank 0 logs a grid of samples for `sample.prompts` (EMA weights, DDIM, `sample.guidance`,
+    `sample.guidance_rescale`)."""
 
 
 class StageBPromptEval(StrictConfig):
@@ -190,6 +196,8 @@ class StageBPromptEval(StrictConfig):
     """DDIM steps."""
     guidance: float = Field(default=4.0, ge=0)
     """Classifier-free guidance scale."""
+    guidance_rescale: float = Field(default=0.0, ge=0, le=1)
+    """Guidance rescale phi (Lin et al. 2024, Sec. 3.4; `sample.guidance_rescale`); 0: off."""
     seed: int = 0
     """Seed of the initial noise (the same noise for every run, so runs differ only by their U-Net)."""
 
@@ -250,16 +258,24 @@ class SampleConfig(StrictConfig):
     guidance: float = Field(default=4.0, ge=0, le=100)
     """Classifier-free guidance scale s in eps_u + s * (eps_c - eps_u); 1 = no guidance. At most 100 (usual values
     are 1 to 15; far larger ones only saturate the image, and 1e30 overflows)."""
-    eta: float = Field(default=0.0, ge=0)
-    """DDIM eta (0: deterministic DDIM, 1: DDPM-like ancestral noise)."""
+    guidance_rescale: float = Field(default=0.0, ge=0, le=1)
+    """Guidance rescale phi (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+    Sec. 3.4; diffusers' `guidance_rescale`): the guided prediction x_cfg is rescaled to the conditional one's std,
+    x = phi * x_cfg * std(x_cond) / std(x_cfg) + (1 - phi) * x_cfg, per sample. Zero-terminal-SNR models need it
+    against over-exposure at high guidance; the paper uses 0.7. 0: off (plain guidance). Also used by the Stage B
+    sample grids, and recorded in a diffusers export's model_index.json (`_call_defaults`)."""
+    eta: float | None = Field(default=None, ge=0)
+    """Fresh noise per step in DDIM's terms (Song et al. 2021, eq. 16): 0 deterministic DDIM, 1 DDPM-like ancestral
+    noise. None: the sampler's own (ddim: 0; ddpm is ancestral, eta 1 by construction, and takes no other)."""
     sampler: Literal["ddim", "ddpm"] = "ddim"
     """Sampling algorithm."""
     timestep_spacing: Literal["trailing", "leading", "linspace"] = "trailing"
-    """Which `steps` of the T timesteps the sampler visits (`ldm_core.sampling` docstring; Lin et al. 2024,
-    Table 2). "trailing" starts at t = T-1, which a zero-terminal-SNR model needs; Stable Diffusion's DDIM uses
-    "leading" with steps_offset=1 and set_alpha_to_one=false."""
+    """Which `steps` of the T timesteps the sampler visits, exactly as diffusers' DDIMScheduler (`ldm_core.sampling`
+    docstring; Lin et al. 2024, Table 2). "trailing" and "linspace" start at t = T-1, which a zero-terminal-SNR model
+    needs; Stable Diffusion's DDIM uses "leading" with steps_offset=1 and set_alpha_to_one=false."""
     steps_offset: int = Field(default=0, ge=0)
-    """Added to every visited timestep (Stable Diffusion: 1 with "leading" spacing)."""
+    """Added to every visited timestep of "leading" spacing (Stable Diffusion: 1); ignored by "trailing" and
+    "linspace", as in diffusers."""
     set_alpha_to_one: bool = True
     """After the last visited timestep step to alpha_bar = 1, the clean sample (true), or to alpha_bar_0
     (false, Stable Diffusion's setting)."""
@@ -279,6 +295,13 @@ class SampleConfig(StrictConfig):
     """Where to sample: "auto" picks CUDA when visible, else the CPU."""
     mixed_precision: Literal["no", "bf16"] = "bf16"
     """bf16 autocast of the U-Net on CUDA. Ignored on CPU."""
+
+    @model_validator(mode="after")
+    def _ddpm_is_ancestral(self):
+        if self.sampler == "ddpm" and self.eta not in (None, 1.0):
+            raise ValueError(f"sample.eta={self.eta}: sampler=ddpm is ancestral (eta 1 by construction); "
+                             f"use sampler=ddim for another eta, or leave eta unset")
+        return self
 
 
 class PipelineConfig(StrictConfig):

@@ -4,13 +4,16 @@ Used by `pipelines/sample.py` and by Stage B's own prompt evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
 import torch
 
+from ldm_core.autoencoder import denormalize_latents
 from ldm_core.config import ConfigError
-from ldm_core.sampling import SAMPLERS, sample_timesteps
+from ldm_core.diffusion import NoiseSchedule
+from ldm_core.sampling import SAMPLERS, Condition, SamplingPlan, sampling_plan
 from pipelines.config import PipelineConfig, SampleConfig
 from pipelines.data.text_encoders import load_text_encoder
 from pipelines.models.judge import load_or_train_classifier, prompt_adherence
@@ -40,60 +43,75 @@ def initial_noise(seed: int, num: int, latent_shape: tuple[int, ...]) -> torch.T
     return torch.randn((num, *latent_shape), generator=g, dtype=torch.float32)
 
 
+def plan_for(sc: SampleConfig, schedule: NoiseSchedule) -> SamplingPlan:
+    """The sampler's plan for `sc`'s steps and step settings on the U-Net's `schedule`; a zero-terminal-SNR model
+    must start from pure noise at t = T-1."""
+    T = schedule.num_timesteps
+    if sc.steps > T:
+        raise ConfigError(f"sample.steps={sc.steps}: more than the model's {T} diffusion timesteps")
+    try:
+        plan = sampling_plan(schedule, sc.steps, spacing=sc.timestep_spacing, steps_offset=sc.steps_offset,
+                             set_alpha_to_one=sc.set_alpha_to_one, eta=sc.eta)
+    except ValueError as e:
+        raise ConfigError(f"sample.timestep_spacing/steps_offset: {e}") from None
+    first = plan.timesteps[0]
+    if schedule.config.zero_terminal_snr and first != T - 1:
+        raise ConfigError(f"sample.timestep_spacing={sc.timestep_spacing!r} (steps_offset={sc.steps_offset}) starts at t={first}, "
+                          f"but the model was trained with zero terminal SNR: sampling must start from pure noise at "
+                          f"t={T - 1} (Lin et al. 2024, Sec. 3.3); use sample.timestep_spacing=trailing")
+    return plan
+
+
+def condition_for(sc: SampleConfig, context: torch.Tensor, context_mask: torch.Tensor | None, null_context: torch.Tensor,
+                  null_mask: torch.Tensor | None) -> Condition:
+    """The sampler's condition for prompt states context (P, L, D) / mask (P, L), with `sc`'s guidance settings."""
+    return Condition(context, context_mask, null_context, null_mask, guidance_scale=sc.guidance,
+                     guidance_rescale=sc.guidance_rescale)
+
+
 @torch.no_grad()
 def generate(
     unet: torch.nn.Module,
     autoencoder: torch.nn.Module,
-    schedule,
+    plan: SamplingPlan,
+    condition: Condition,
     *,
-    context: torch.Tensor,
-    context_mask: torch.Tensor | None,
-    null_context: torch.Tensor,
-    null_mask: torch.Tensor | None,
     latent_shape: tuple[int, ...],
     scale_factor: float,
     num_per_prompt: int,
-    steps: int,
-    guidance: float,
     seed: int,
     sampler: str = "ddim",
-    eta: float = 0.0,
-    prediction: str = "eps",
     batch_size: int = 64,
     mixed_precision: str = "no",
-    timestep_spacing: str = "trailing",
-    steps_offset: int = 0,
-    set_alpha_to_one: bool = True,
     progress: Progress | None = None,
+    latents_mean: list[float] | None = None,
+    latents_std: list[float] | None = None,
 ) -> torch.Tensor:
-    """Images (P * N, C, H, W) in [-1, 1] for P prompt conditions context (P, L, D) / mask (P, L).
+    """Images (P * N, C, H, W) in [-1, 1] for the P prompt conditions of `condition` (context (P, L, D)).
 
     Sample j of every prompt starts from the same x_T[j] (see `initial_noise`); the latents are divided
-    by `scale_factor` (the one the U-Net was trained with, LDM Sec. 4.3.2) and decoded. Batches of `batch_size` samples (2x that through the
+    by `scale_factor` (the one the U-Net was trained with, LDM Sec. 4.3.2), or with per-channel `latents_mean` /
+    `latents_std` denormalised channel by channel (`ldm_core.autoencoder.denormalize_latents`), and decoded. Batches of `batch_size` samples (2x that through the
     U-Net with guidance); samplers that add noise (eta > 0, ddpm) draw it from a generator seeded with
-    `seed + 1 + batch index`, so results do not depend on anything but the arguments. `schedule` is the one the
+    `seed + 1 + batch index`, so results do not depend on anything but the arguments. `plan` holds the schedule the
     U-Net was trained with (rebuilt from its diffusion config, zero-terminal-SNR rescaling included).
     """
     if sampler not in SAMPLERS:
         raise ConfigError(f"sample.sampler: unknown {sampler!r}; choose one of {sorted(SAMPLERS)}")
-    device = context.device
-    p, n = context.shape[0], num_per_prompt
+    device = condition.context.device
+    p, n = condition.context.shape[0], num_per_prompt
     x_T = initial_noise(seed, n, latent_shape).repeat(p, 1, 1, 1)  # (N, C, h, w) -> (P * N, C, h, w)
-    cond = context.repeat_interleave(n, 0)  # (P, L, D) -> (P * N, L, D), prompt-major
-    cond_mask = None if context_mask is None else context_mask.repeat_interleave(n, 0)
-    kwargs = {"eta": eta} if sampler == "ddim" else {}
+    mask = condition.context_mask
+    cond = dataclasses.replace(condition, context=condition.context.repeat_interleave(n, 0),  # (P, L, D) -> (P * N, L, D)
+                               context_mask=None if mask is None else mask.repeat_interleave(n, 0))  # prompt-major
     out = []
     for b, i in enumerate(range(0, p * n, batch_size)):
         sl = slice(i, i + batch_size)
         g = torch.Generator().manual_seed(seed + 1 + b)
         with autocast(device, mixed_precision):
-            z = SAMPLERS[sampler](
-                unet, tuple(x_T[sl].shape), schedule=schedule, context=cond[sl],
-                context_mask=None if cond_mask is None else cond_mask[sl], null_context=null_context, null_mask=null_mask,
-                steps=steps, guidance_scale=guidance, generator=g, prediction=prediction, x_T=x_T[sl].to(device),
-                spacing=timestep_spacing, steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one, **kwargs,
-            )
-        out.append(autoencoder.decode(z.float() / scale_factor).float().clamp(-1, 1).cpu())
+            z = SAMPLERS[sampler](unet, x_T[sl].to(device), plan, cond.rows(sl), generator=g)
+        z = denormalize_latents(z.float(), scale_factor, latents_mean, latents_std)
+        out.append(autoencoder.decode(z).float().clamp(-1, 1).cpu())
         if progress is not None:
             progress.update(min(i + batch_size, p * n))
     return torch.cat(out)
@@ -115,20 +133,10 @@ def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
         storage.check_writable(storage.resolve(output_dir(cfg, bundle), cfg.storage))
     except (OSError, ValueError) as e:
         raise ConfigError(f"sample.out_dir: {e}") from None
-    T = bundle.diffusion.num_timesteps
-    if sc.steps > T:
-        raise ConfigError(f"sample.steps={sc.steps}: more than the model's {T} diffusion timesteps")
-    try:
-        first = sample_timesteps(T, sc.steps, sc.timestep_spacing, sc.steps_offset)[0]
-    except ValueError as e:
-        raise ConfigError(f"sample.timestep_spacing/steps_offset: {e}") from None
-    if bundle.diffusion.zero_terminal_snr and first != T - 1:
-        raise ConfigError(f"sample.timestep_spacing={sc.timestep_spacing!r} (steps_offset={sc.steps_offset}) starts at t={first}, "
-                          f"but {model_uri} was trained with zero terminal SNR: sampling must start from pure noise at "
-                          f"t={T - 1} (Lin et al. 2024, Sec. 3.3); use sample.timestep_spacing=trailing")
+    plan = plan_for(sc, bundle.schedule.to(device))  # fail before loading the rest
     unet = bundle.unet.to(device).eval()
     autoencoder = load_autoencoder(bundle.autoencoder_uri).to(device)
-    if not math.isclose(float(autoencoder.scale_factor), bundle.scale_factor, rel_tol=1e-5):
+    if bundle.latents_mean is None and not math.isclose(float(autoencoder.scale_factor), bundle.scale_factor, rel_tol=1e-5):
         log.warning("autoencoder %s has scale_factor %.6g but the U-Net was trained on latents scaled by %.6g: using the U-Net's",
                     bundle.autoencoder_uri, float(autoencoder.scale_factor), bundle.scale_factor)
     text_encoder = load_text_encoder(bundle.text_encoder, device)
@@ -138,15 +146,13 @@ def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
     context, mask = text_encoder.encode(prompts)
     log.info("sampling %d x %d images with %s (autoencoder %s, text encoder %s) on %s",
              len(prompts), sc.num_per_prompt, model_uri, bundle.autoencoder_uri, bundle.text_encoder.name_or_path, device)
+    condition = condition_for(sc, context.to(device), mask.to(device), bundle.null_context.to(device),
+                              bundle.null_mask.to(device))
     images = generate(
-        unet, autoencoder, bundle.schedule.to(device),
-        context=context.to(device), context_mask=mask.to(device),
-        null_context=bundle.null_context.to(device), null_mask=bundle.null_mask.to(device),
-        latent_shape=tuple(bundle.latent_shape), scale_factor=bundle.scale_factor, num_per_prompt=sc.num_per_prompt,
-        steps=sc.steps, guidance=sc.guidance, seed=sc.seed, sampler=sc.sampler, eta=sc.eta,
-        prediction=bundle.diffusion.prediction, batch_size=sc.batch_size, mixed_precision=sc.mixed_precision,
-        timestep_spacing=sc.timestep_spacing, steps_offset=sc.steps_offset, set_alpha_to_one=sc.set_alpha_to_one,
-        progress=progress,
+        unet, autoencoder, plan, condition, latent_shape=tuple(bundle.latent_shape), scale_factor=bundle.scale_factor,
+        num_per_prompt=sc.num_per_prompt, seed=sc.seed, sampler=sc.sampler, batch_size=sc.batch_size,
+        mixed_precision=sc.mixed_precision, progress=progress, latents_mean=bundle.latents_mean,
+        latents_std=bundle.latents_std,
     )
     return images, bundle
 
@@ -169,6 +175,7 @@ def digit_prompt_accuracy(cfg: PipelineConfig, model_uri: str) -> dict[str, floa
     budget = cfg.stage_b.prompt_eval
     settings = SampleConfig(
         prompts=cfg.sample.prompts, num_per_prompt=budget.num_per_prompt, steps=budget.steps, guidance=budget.guidance,
+        guidance_rescale=budget.guidance_rescale,
         seed=budget.seed, evaluate_digits=True, digit_classifier=cfg.sample.digit_classifier, batch_size=cfg.sample.batch_size,
         device=cfg.sample.device, mixed_precision=cfg.sample.mixed_precision,
     )

@@ -172,8 +172,9 @@ UNET_FORMAT_VERSION = 1
 UNET_WEIGHTS = "unet.safetensors"
 UNET_EMA_WEIGHTS = "unet_ema.safetensors"
 NULL_CONDITION_FILE = "null_condition.safetensors"
-UNET_PYFUNC_PARAMS = {"steps": 50, "guidance_scale": 4.0, "eta": 0.0, "seed": 0, "use_ema": True}
-"""Inference params of the U-Net pyfunc (DDIM steps, CFG scale, DDIM eta, noise seed, EMA weights) and their defaults."""
+UNET_PYFUNC_PARAMS = {"steps": 50, "guidance_scale": 4.0, "guidance_rescale": 0.0, "eta": 0.0, "seed": 0, "use_ema": True}
+"""Inference params of the U-Net pyfunc (DDIM steps, CFG scale, CFG rescale, DDIM eta, noise seed, EMA weights) and
+their defaults."""
 
 
 @dataclass
@@ -199,7 +200,8 @@ class UNetBundle:
     latent_shape: tuple[int, int, int]
     """(C, h, w) of the scaled latents the U-Net denoises."""
     scale_factor: float
-    """The autoencoder's latent scale: decode `z / scale_factor`."""
+    """The latent scale the U-Net was trained with: decode `denormalize_latents(z, scale_factor, latents_mean,
+    latents_std)`, that is z / scale_factor for Stable Diffusion's scalar normalisation."""
     autoencoder_uri: str
     """MLflow URI of the Stage A autoencoder whose latents the U-Net denoises (decode with it)."""
     encode_run_id: str | None
@@ -213,6 +215,10 @@ class UNetBundle:
     step: int = 0
     """Optimiser steps the weights were trained for."""
     meta: dict = field(default_factory=dict)
+    latents_mean: list[float] | None = None
+    """Per-channel latent mean of a per-channel normalisation (`encode.latent_normalization`); None: scalar."""
+    latents_std: list[float] | None = None
+    """Per-channel latent std of a per-channel normalisation; None: scalar."""
     """The whole config.json."""
 
 
@@ -234,6 +240,8 @@ def save_unet_bundle(
     stage_a_run_id: str | None = None,
     stage_b_run_id: str | None = None,
     extra: Mapping[str, Any] | None = None,
+    latents_mean: list[float] | None = None,
+    latents_std: list[float] | None = None,
 ) -> Path:
     """Write a U-Net bundle folder: raw (+ EMA) weights, the null condition and config.json. Nothing pickled.
 
@@ -253,6 +261,7 @@ def save_unet_bundle(
         "text_encoder": {**text_encoder.model_dump(mode="json"), "hidden_size": int(hidden_size)},
         "latent_shape": [int(s) for s in latent_shape],
         "scale_factor": float(scale_factor),
+        **({"latents_mean": list(latents_mean), "latents_std": list(latents_std)} if latents_mean is not None else {}),
         "autoencoder_uri": autoencoder_uri,
         "encode_run_id": encode_run_id,
         "stage_a_run_id": stage_a_run_id,
@@ -296,6 +305,7 @@ def read_unet_bundle(directory: str | Path, use_ema: bool = True) -> UNetBundle:
         autoencoder_uri=meta["autoencoder_uri"], encode_run_id=meta.get("encode_run_id"),
         stage_a_run_id=meta.get("stage_a_run_id"), stage_b_run_id=meta.get("stage_b_run_id"),
         use_ema=chosen == ema_file, step=int(meta.get("step", 0)), meta=meta,
+        latents_mean=meta.get("latents_mean"), latents_std=meta.get("latents_std"),
     )
 
 

@@ -1,8 +1,8 @@
 """pyfunc flavour of the Stage B U-Net: prompts -> scaled latents (N, C, h, w), by DDIM with classifier-free guidance.
 
 Logged as code by `pipelines.models.registry.publish_unet`. Input: a list of prompts, or a DataFrame with a `prompt`
-column. Params (all optional, defaults in `pipelines.models.registry.UNET_PYFUNC_PARAMS`): `steps`, `guidance_scale`, `eta`,
-`seed`, `use_ema`.
+column. Params (all optional, defaults in `pipelines.models.registry.UNET_PYFUNC_PARAMS`): `steps`, `guidance_scale`,
+`guidance_rescale`, `eta`, `seed`, `use_ema`.
 Decode the result with the bundle's autoencoder: `autoencoder.decode_scaled(latents)`.
 """
 
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from mlflow.pyfunc import PythonModel
 
-from ldm_core.sampling import ddim_sample
+from ldm_core.sampling import Condition, ddim_sample, sampling_plan
 from pipelines.models.registry import UNET_PYFUNC_PARAMS, read_unet_bundle
 from pipelines.data.text_encoders import load_text_encoder
 
@@ -37,12 +37,11 @@ class UNetPyfunc(PythonModel):
             self.text_encoder = load_text_encoder(bundle.text_encoder)
         hidden, mask = self.text_encoder.encode(prompts)
         generator = torch.Generator().manual_seed(int(p["seed"]))
-        z = ddim_sample(
-            bundle.unet, (len(prompts), *bundle.latent_shape), schedule=bundle.schedule, context=hidden, context_mask=mask,
-            null_context=bundle.null_context, null_mask=bundle.null_mask, steps=int(p["steps"]),
-            guidance_scale=float(p["guidance_scale"]), eta=float(p["eta"]), generator=generator,
-            prediction=bundle.diffusion.prediction,
-        )
+        x_T = torch.randn((len(prompts), *bundle.latent_shape), generator=generator)  # then any eta noise, same generator
+        plan = sampling_plan(bundle.schedule, int(p["steps"]), eta=float(p["eta"]))
+        condition = Condition(hidden, mask, bundle.null_context, bundle.null_mask, float(p["guidance_scale"]),
+                              float(p["guidance_rescale"]))
+        z = ddim_sample(bundle.unet, x_T, plan, condition, generator=generator)
         return np.asarray(z.numpy(), dtype=np.float32)
 
 
