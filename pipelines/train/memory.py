@@ -418,9 +418,9 @@ def check_memory_budget(cfg: PipelineConfig, stage: "Stage", budget: MemoryBudge
 def print_budgets(stages: "tuple[Stage, ...]", cfg: PipelineConfig) -> None:
     """`run.py --memory`: every training stage's estimate; exits with the check's one-line error if a GPU stage
     does not fit."""
-    budgets = {stage: estimate(cfg, stage) for stage in stages if stage.memory is not None}
-    for budget in budgets.values():
+    budgets = [(stage, estimate(cfg, stage)) for stage in stages if stage.memory is not None]
+    for _, budget in budgets:
         print(budget.table())
     with exit_on(ConfigError):
-        for stage, budget in budgets.items():
+        for stage, budget in budgets:
             check_memory_budget(cfg, stage, budget)
