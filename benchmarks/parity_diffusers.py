@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/parity_diffusers.py
 
-The same comparisons the tests assert (tests/test_interop.py, tests/test_sampler_parity.py; their tiny configs,
-seeds and helpers are imported from there), measured and printed in one place for benchmarks/README.md:
+The same comparisons the tests assert (tests/test_interop.py, tests/test_sampler_parity.py; the tiny configs, seeds
+and helpers both use are in benchmarks/parity_cases.py), measured and printed in one place for benchmarks/README.md:
 
 - import: randomly initialised (and perturbed) diffusers `AutoencoderKL` / `UNet2DConditionModel` of several
   configs, read by `pipelines/models/interop.py` from a diffusers folder or an SD single file; the encoder's posterior
@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _import_rows(tmp: Path) -> list[tuple[str, str, float]]:
     from pipelines.models import interop
     from safetensors.torch import save_file
-    from tests.test_interop import (UNET_CONFIGS, VAE_CONFIGS, diffusers_unet, diffusers_vae, save_diffusers,
-                                    sd_single_file, unet_gap, vae_gaps)
+    from benchmarks.parity_cases import (UNET_CONFIGS, VAE_CONFIGS, diffusers_unet, diffusers_vae, save_diffusers,
+                                         sd_single_file, unet_gap, vae_gaps)
 
     rows = []
     for name in VAE_CONFIGS:
@@ -63,8 +63,8 @@ def _export_rows(tmp: Path) -> list[tuple[str, str, float]]:
     from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
     from ldm_core.unet import UNet, UNetConfig
     from pipelines.export import export_unet, write_diffusers_autoencoder, write_diffusers_unet
-    from tests.test_interop import (SD_HEADS, SD_READER_UNET, UNET_LATENT, _bundle_on_tiny_clip, _perturbed, unet_gap,
-                                    vae_gaps)
+    from benchmarks.parity_cases import (SD_HEADS, SD_READER_UNET, UNET_LATENT, _bundle_on_tiny_clip, _perturbed,
+                                         unet_gap, vae_gaps)
 
     rows = []
     torch.manual_seed(0)
@@ -109,7 +109,7 @@ def _ddim_rows() -> list[tuple[str, str, float]]:
 
     from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
     from ldm_core.sampling import Condition, ddim_sample, sampling_plan
-    from tests.test_sampler_parity import GUIDANCE, SD_DDIM, SPACING_SETTINGS, diffusers_loop, model, spacing_gap
+    from benchmarks.parity_cases import GUIDANCE, SD_DDIM, SPACING_SETTINGS, diffusers_loop, model, spacing_gap
 
     def gap(diffusion: DiffusionConfig, scheduler, steps: int, seed: int, **ours_settings) -> float:
         g = torch.Generator().manual_seed(seed)

@@ -24,90 +24,13 @@ from ldm_core.unet import UNet, UNetConfig
 
 diffusers = pytest.importorskip("diffusers")
 
+from benchmarks.parity_cases import (SD_HEADS, SD_READER_UNET, UNET_CONFIGS, UNET_LATENT, VAE_CONFIGS,  # noqa: E402
+                                      _bundle_on_tiny_clip, _perturbed, diffusers_unet, diffusers_vae, save_diffusers,
+                                      sd_single_file, tiny_clip, unet_gap, vae_gaps)
 from pipelines.models import interop  # noqa: E402  (after the skip: the module is only useful with diffusers around)
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
-
-SD1_VAE = dict(block_out_channels=[32, 64, 128, 128], layers_per_block=2, norm_num_groups=32,
-               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
-VAE_CONFIGS = {
-    "sd1-layout": SD1_VAE,
-    "no-mid-attention-no-quant-conv": dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4,
-                                           latent_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                                           up_block_types=["UpDecoderBlock2D"] * 2, mid_block_add_attention=False,
-                                           use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.5),
-    "grey-3-levels": dict(in_channels=1, out_channels=1, block_out_channels=[16, 32, 32], layers_per_block=2,
-                          norm_num_groups=8, down_block_types=["DownEncoderBlock2D"] * 3,
-                          up_block_types=["UpDecoderBlock2D"] * 3),
-}
-SD1_UNET = dict(block_out_channels=[32, 64, 128, 128], layers_per_block=2, norm_num_groups=32, cross_attention_dim=48,
-                attention_head_dim=8)  # SD 1.x: CrossAttn x3 + Down, 8 heads, conv projections (diffusers defaults)
-UNET_CONFIGS = {
-    "sd1-layout": SD1_UNET,
-    "sd2-style-linear-per-level-heads": dict(
-        block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, cross_attention_dim=24,
-        attention_head_dim=[2, 4], use_linear_projection=True, transformer_layers_per_block=2, upcast_attention=True,
-        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D"] * 2),
-    "attention-at-full-resolution-only": dict(
-        block_out_channels=[16, 32, 32], layers_per_block=1, norm_num_groups=8, cross_attention_dim=16, attention_head_dim=4,
-        in_channels=3, out_channels=3,
-        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-        up_block_types=["UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"]),
-}
-VAE_IMAGE = 32
-UNET_LATENT = 8
-
-
-def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights everywhere (also where a library initialises zeros or ones), eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
-
-
-def diffusers_vae(name: str, seed: int = 0):
-    torch.manual_seed(seed)
-    return _perturbed(diffusers.AutoencoderKL(**VAE_CONFIGS[name]), seed)
-
-
-def diffusers_unet(name: str, seed: int = 0):
-    torch.manual_seed(seed)
-    return _perturbed(diffusers.UNet2DConditionModel(sample_size=UNET_LATENT, **UNET_CONFIGS[name]), seed)
-
-
-def save_diffusers(model, folder: Path) -> Path:
-    model.save_pretrained(str(folder), safe_serialization=True)
-    return folder
-
-
-def vae_gaps(ref, ours: AutoencoderKL, seed: int = 1) -> dict[str, float]:
-    """max-abs differences of the posterior mean / logvar and of the decoder output."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(2, ref.config.in_channels, VAE_IMAGE, VAE_IMAGE, generator=g) * 2 - 1
-    f = 2 ** (len(ref.config.block_out_channels) - 1)
-    z = torch.randn(2, ref.config.latent_channels, VAE_IMAGE // f, VAE_IMAGE // f, generator=g)
-    with torch.no_grad():
-        theirs, mine = ref.encode(x).latent_dist, ours.eval().encode(x)
-        out_ref, out = ref.decode(z).sample, ours.decode(z)
-    assert out_ref.abs().max() > 0.1 and theirs.mean.abs().max() > 0.1  # a real signal, not zeros on both sides
-    return {"mean": (theirs.mean - mine.mean).abs().max().item(), "logvar": (theirs.logvar - mine.logvar).abs().max().item(),
-            "decoder": (out_ref - out).abs().max().item()}
-
-
-def unet_gap(ref, ours: UNet, seed: int = 2) -> float:
-    g = torch.Generator().manual_seed(seed)
-    c = ref.config
-    x = torch.randn(2, c.in_channels, UNET_LATENT, UNET_LATENT, generator=g)
-    t = torch.tensor([3, 517])
-    ctx = torch.randn(2, 7, c.cross_attention_dim, generator=g)
-    with torch.no_grad():
-        out_ref = ref(x, t, encoder_hidden_states=ctx).sample
-        out = ours.eval()(x, t, ctx)
-    assert out_ref.abs().max() > 0.1
-    return (out_ref - out).abs().max().item()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,21 +157,6 @@ SD1_KEYS = {
     "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn1.to_out.0.weight": 2,
     "model.diffusion_model.out.2.weight": 4,
 }
-
-
-def sd_single_file(vae, unet) -> dict[str, torch.Tensor]:
-    """An SD v1-style single-file state dict from diffusers models, through our own inverse mapping
-    (diffusers -> ours -> original layout), plus a text-encoder tensor that must be ignored."""
-    ours_vae = convert.autoencoder_from_state(vae.state_dict(), convert.autoencoder_config_from_diffusers(dict(vae.config))[0],
-                                              "diffusers", 1.0)
-    ucfg = convert.unet_config_from_diffusers(dict(unet.config))
-    ours_unet = convert.unet_from_state(unet.state_dict(), ucfg, "diffusers")
-    state = {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(10, 4)}
-    for k, v in convert.export_state(ours_vae.state_dict(), convert.autoencoder_links(ours_vae.config, "ldm")).items():
-        state[convert.LDM_VAE_PREFIX + k] = v
-    for k, v in convert.export_state(ours_unet.state_dict(), convert.unet_links(ucfg, "ldm")).items():
-        state[convert.LDM_UNET_PREFIX + k] = v
-    return state
 
 
 def test_single_file_checkpoint_imports_to_diffusers_outputs(tmp_path):
@@ -494,29 +402,6 @@ def test_unet_with_our_default_norm_eps_is_not_exported_inexactly(tmp_path):
         write_diffusers_unet(UNet(cfg), tmp_path / "unet")
 
 
-# What an SD single-file reader assumes (CompVis' v1 / v2 inference configs), written into the diffusers config it
-# builds: 32 GroupNorm groups; 8 heads with conv projections (SD 1.x), 64-channel heads with linear ones (SD 2.x).
-SD_READER_UNET = {
-    "sd1": lambda chans: {"norm_num_groups": 32, "attention_head_dim": 8, "use_linear_projection": False},
-    "sd2": lambda chans: {"norm_num_groups": 32, "attention_head_dim": [c // 64 for c in chans], "use_linear_projection": True},
-}
-SD_HEADS = {"sd1": dict(num_heads=8), "sd2": dict(head_dim=64)}
-
-
-def _bundle_on_tiny_clip(unet: UNet, tmp_path: Path, scale_factor: float):
-    from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
-    from pipelines.models.registry import UNetBundle
-    from pipelines.data.text_encoders import TextEncoderConfig
-
-    diffusion = DiffusionConfig()
-    return UNetBundle(
-        unet=unet, unet_config=unet.config, diffusion=diffusion, schedule=NoiseSchedule(diffusion),
-        text_encoder=TextEncoderConfig(name_or_path=str(tiny_clip(tmp_path / "clip")), max_length=16), hidden_size=32,
-        null_context=torch.zeros(16, 32), null_mask=torch.zeros(16, dtype=torch.bool), latent_shape=(4, UNET_LATENT, UNET_LATENT),
-        scale_factor=scale_factor, autoencoder_uri="", encode_run_id=None, stage_a_run_id=None, stage_b_run_id=None,
-        use_ema=True)
-
-
 @pytest.mark.parametrize("convention", ["sd1", "sd2"])
 def test_sd_single_file_export_is_read_by_diffusers_from_single_file_with_sds_conventions(tmp_path, convention):
     """Another tool's reading of our single file: diffusers' from_single_file, offline, given the config an SD reader
@@ -719,28 +604,6 @@ def test_export_cli_refuses_bad_input_in_one_line_and_overwrites_nothing(tmp_pat
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --format 'nope'")
-
-
-def tiny_clip(folder: Path) -> Path:
-    """A randomly initialised CLIP text model (hidden size 32) with a byte-level tokenizer of 514 tokens, saved
-    as a local folder (no download): what SD conditions on, at a toy size."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    folder.mkdir(parents=True)
-    # GPT-2 / CLIP byte-level alphabet: printable bytes stand for themselves, the others for 256 + n.
-    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)}
-    extra = iter(range(256, 512))
-    chars = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16).save_pretrained(str(folder))
-    torch.manual_seed(0)
-    end = vocab["<|endoftext|>"]
-    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"],
-                                 eos_token_id=end, pad_token_id=end)).save_pretrained(str(folder))
-    return folder
 
 
 @pytest.mark.slow  # publishes models to a real MLflow store (tens of seconds on a loaded 2-core box)

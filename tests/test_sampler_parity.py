@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
 from ldm_core.sampling import Condition, ddim_sample, guided_prediction, sample_timesteps, sampling_plan
@@ -17,50 +16,10 @@ from ldm_core.sampling import Condition, ddim_sample, guided_prediction, sample_
 diffusers = pytest.importorskip("diffusers")
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg  # noqa: E402
 
-T = 1000
-GUIDANCE = 4.0
-SD_DDIM = dict(num_train_timesteps=T, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-               clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
-"""Stable Diffusion v1's published scheduler settings (its scheduler_config.json), with diffusers' names."""
-SPACING_SETTINGS = {
-    "eps, SD schedule": (DiffusionConfig(), dict(prediction_type="epsilon")),
-    "v, zero terminal SNR": (DiffusionConfig(prediction="v", zero_terminal_snr=True),
-                             dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True)),
-}
-"""The two settings the trailing / linspace parity runs under: SD's scheduler with only the spacing changed (its
-steps_offset=1 stays, and both sides ignore it), and Lin et al.'s recipe (what `pipelines/export.py` writes)."""
+from benchmarks.parity_cases import GUIDANCE, SD_DDIM, SPACING_SETTINGS, T, diffusers_loop, model, spacing_gap  # noqa: E402
+
 MALFORMED_TRAILING = 62
 """Step counts in [1, 1000] for which diffusers 0.42's trailing spacing emits steps + 1 timesteps, the last -1."""
-
-
-class StandIn(nn.Module):
-    """A deterministic stand-in for a U-Net: nonlinear in x, depends on t and on the condition."""
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask=None) -> torch.Tensor:
-        t = t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        c = context.mean(dim=(1, 2)).reshape(-1, *([1] * (x.ndim - 1)))
-        return torch.tanh(x * (0.5 + t / T)) + 0.3 * torch.sin(x + t / 100) * (1 + c)
-
-
-model = StandIn()
-
-
-def diffusers_loop(scheduler, x_T, context, null_context, steps: int, eta: float, as_is: bool = False,
-                   guidance_rescale: float = 0.0) -> torch.Tensor:
-    """StableDiffusionPipeline's denoising loop, reduced to its arithmetic, over the scheduler's first `steps` timesteps
-    (all of them with `as_is`, diffusers' extra t = -1 included where its trailing spacing emits one), with its
-    `rescale_noise_cfg` when `guidance_rescale` > 0."""
-    scheduler.set_timesteps(steps)
-    x = x_T.clone()
-    for t in scheduler.timesteps if as_is else scheduler.timesteps[:steps]:
-        t_batch = torch.full((x.shape[0],), int(t), dtype=torch.long)
-        out_u = model(x, t_batch, null_context.expand(x.shape[0], -1, -1))
-        out_c = model(x, t_batch, context)
-        out = out_u + GUIDANCE * (out_c - out_u)
-        if guidance_rescale > 0:
-            out = rescale_noise_cfg(out, out_c, guidance_rescale)
-        x = scheduler.step(out, t, x, eta=eta).prev_sample
-    return x
 
 
 @pytest.mark.parametrize("steps", [50, 30, 7])
@@ -112,22 +71,6 @@ def test_zero_terminal_snr_trailing_ddim_matches_diffusers(steps):
     diff = (ours - theirs).abs().max().item()
     print(f"zero-terminal-SNR DDIM {steps} steps, v: max |ours - diffusers| = {diff:.2e}")
     assert torch.isfinite(ours).all() and diff <= 1e-4
-
-
-def spacing_gap(spacing: str, setting: str, steps: int, as_is: bool = False) -> tuple[float, int]:
-    """(max |ours - diffusers| of the final latents, diffusers' timestep count) for DDIM with `spacing`, steps_offset=1
-    on both sides, under SPACING_SETTINGS[setting]."""
-    diffusion, theirs_settings = SPACING_SETTINGS[setting]
-    scheduler = diffusers.DDIMScheduler(**{**SD_DDIM, "timestep_spacing": spacing, **theirs_settings})
-    g = torch.Generator().manual_seed(2)
-    x_T = torch.randn(3, 4, 8, 8, generator=g)
-    context, null_context = torch.randn(3, 5, 16, generator=g), torch.zeros(5, 16)
-    plan = sampling_plan(NoiseSchedule(diffusion), steps, spacing=spacing, steps_offset=1,
-                         set_alpha_to_one=scheduler.config.set_alpha_to_one)
-    ours = ddim_sample(model, x_T, plan, Condition(context, None, null_context, None, GUIDANCE))
-    theirs = diffusers_loop(scheduler, x_T, context, null_context, steps, eta=0.0, as_is=as_is)
-    assert list(plan.timesteps) == scheduler.timesteps[:steps].tolist()
-    return (ours - theirs).abs().max().item(), len(scheduler.timesteps)
 
 
 @pytest.mark.parametrize("spacing", ["trailing", "linspace"])
