@@ -46,7 +46,7 @@ from pipelines.data.reader import in_split
 from pipelines.models.registry import load_autoencoder, model_to_load, run_id_of
 from pipelines.platform.progress import print_summary, run_with_progress
 from pipelines.platform.runtime import exit_on, setup_logging
-from pipelines.data.text_encoders import TextEncoderConfig, encode_prompts_remote, load_text_encoder
+from pipelines.data.text_encoders import TextEncoderConfig, check_text_encoder, encode_prompts_remote, load_text_encoder
 
 log = logging.getLogger("encode")
 STAGE_NAME = latents.ENCODE_STAGE
@@ -91,7 +91,8 @@ class LatentEncoder:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        x = to_model_range(torch.as_tensor(batch["image"], device=self.device))  # (B, 3, H, W) in [-1, 1]
+        # Ray Data's arrays are read-only: a copy (uint8, small), not a tensor over memory torch must not write.
+        x = to_model_range(torch.tensor(batch["image"], device=self.device))  # (B, 3, H, W) in [-1, 1]
         posterior = self.autoencoder.encode(x)
         s = self.autoencoder.scale_factor
         mean = (posterior.mean * s).float().cpu().numpy()  # (B, C, h, w): scaled like the latents Stage B trains on
@@ -171,9 +172,14 @@ def encode_settings(cfg: PipelineConfig, autoencoder_uri: str, stage_a_run_id: s
     }
 
 
+def latents_parent(cfg: PipelineConfig) -> str:
+    """Where encode's default output folders live, one per execution."""
+    return f"{cfg.run.output_uri.rstrip('/')}/latents"
+
+
 def default_output_uri(cfg: PipelineConfig, settings: dict) -> str:
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{cfg.run.output_uri.rstrip('/')}/latents/{settings['stage_a_run_id']}-{key}"
+    return f"{latents_parent(cfg)}/{settings['stage_a_run_id']}-{key}"
 
 
 def check_resolution(cfg: PipelineConfig, autoencoder: AutoencoderKL) -> tuple[int, int, int]:
@@ -185,6 +191,12 @@ def check_resolution(cfg: PipelineConfig, autoencoder: AutoencoderKL) -> tuple[i
     return (autoencoder.config.latent_channels, side, side)
 
 
+def check_encode(cfg: PipelineConfig) -> PipelineConfig:
+    """Before any Ray work: the text encoder can be loaded on this machine (`check_text_encoder`)."""
+    check_text_encoder(cfg.encode.text_encoder)
+    return cfg
+
+
 def run_encode(
     cfg: PipelineConfig, *, parent_run_id: str | None = None, upstream_run_ids: tuple[str, ...] = (),
     extra_tags: dict | None = None, checked: bool = False,
@@ -192,6 +204,7 @@ def run_encode(
     """Encode the dataset with the autoencoder and the text encoder into Parquet latents (or reuse a complete folder
     made from the same inputs). `checked`: Ray is already started or joined for `cfg` (the DAG does it first)."""
     if not checked:
+        cfg = check_encode(cfg)
         connect(cfg)
     ec = cfg.encode
     experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
@@ -381,7 +394,9 @@ STAGE = Stage(
     consumes=("autoencoder_uri", "dataset_uri"),
     produces=(TAG_LATENTS_URI,),
     key_metrics=("encode/rows", "perf/images_per_s"),
+    check=check_encode,
     lost_outputs=latents_lost,
+    output_parent=latents_parent,
 )
 
 
