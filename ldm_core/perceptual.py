@@ -104,7 +104,6 @@ def build_lpips(cfg: LPIPSConfig) -> tuple[nn.Module, str]:
                 "loss still trains but its values are not true LPIPS (do not compare them with published "
                 "numbers). Place the torchvision checkpoint there to get real LPIPS."
             )
-            log.warning(message)
             warnings.warn(message, RandomBackboneWarning, stacklevel=2)
         else:
             log.info("LPIPS (%s): random backbone (seed %d) as configured", cfg.net, cfg.random_seed)

@@ -46,7 +46,7 @@ from pipelines.data.reader import in_split
 from pipelines.models.registry import load_autoencoder, model_to_load, run_id_of
 from pipelines.platform.progress import print_summary, run_with_progress
 from pipelines.platform.runtime import exit_on, setup_logging
-from pipelines.data.text_encoders import TextEncoderConfig, encode_prompts_remote, load_text_encoder
+from pipelines.data.text_encoders import TextEncoderConfig, check_text_encoder, encode_prompts_remote, load_text_encoder
 
 log = logging.getLogger("encode")
 STAGE_NAME = latents.ENCODE_STAGE
@@ -92,7 +92,8 @@ class LatentEncoder:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        x = to_model_range(torch.as_tensor(batch["image"], device=self.device))  # (B, 3, H, W) in [-1, 1]
+        # Ray Data's arrays are read-only: a copy (uint8, small), not a tensor over memory torch must not write.
+        x = to_model_range(torch.tensor(batch["image"], device=self.device))  # (B, 3, H, W) in [-1, 1]
         posterior = self.autoencoder.encode(x)
         norm = self.normalization
         s = self.autoencoder.scale_factor if norm["latents_mean"] is None else norm["scale_factor"]
@@ -188,9 +189,14 @@ def latent_normalization(cfg: PipelineConfig, autoencoder: AutoencoderKL) -> dic
     return {"scale_factor": 1.0, "latents_mean": autoencoder.latents_mean, "latents_std": autoencoder.latents_std}
 
 
+def latents_parent(cfg: PipelineConfig) -> str:
+    """Where encode's default output folders live, one per execution."""
+    return f"{cfg.run.output_uri.rstrip('/')}/latents"
+
+
 def default_output_uri(cfg: PipelineConfig, settings: dict) -> str:
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{cfg.run.output_uri.rstrip('/')}/latents/{settings['stage_a_run_id']}-{key}"
+    return f"{latents_parent(cfg)}/{settings['stage_a_run_id']}-{key}"
 
 
 def check_resolution(cfg: PipelineConfig, autoencoder: AutoencoderKL) -> tuple[int, int, int]:
@@ -202,6 +208,12 @@ def check_resolution(cfg: PipelineConfig, autoencoder: AutoencoderKL) -> tuple[i
     return (autoencoder.config.latent_channels, side, side)
 
 
+def check_encode(cfg: PipelineConfig) -> PipelineConfig:
+    """Before any Ray work: the text encoder can be loaded on this machine (`check_text_encoder`)."""
+    check_text_encoder(cfg.encode.text_encoder)
+    return cfg
+
+
 def run_encode(
     cfg: PipelineConfig, *, parent_run_id: str | None = None, upstream_run_ids: tuple[str, ...] = (),
     extra_tags: dict | None = None, checked: bool = False,
@@ -209,6 +221,7 @@ def run_encode(
     """Encode the dataset with the autoencoder and the text encoder into Parquet latents (or reuse a complete folder
     made from the same inputs). `checked`: Ray is already started or joined for `cfg` (the DAG does it first)."""
     if not checked:
+        cfg = check_encode(cfg)
         connect(cfg)
     ec = cfg.encode
     experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
@@ -403,7 +416,9 @@ STAGE = Stage(
     consumes=("autoencoder_uri", "dataset_uri"),
     produces=(TAG_LATENTS_URI,),
     key_metrics=("encode/rows", "perf/images_per_s"),
+    check=check_encode,
     lost_outputs=latents_lost,
+    output_parent=latents_parent,
 )
 
 

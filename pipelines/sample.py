@@ -44,7 +44,7 @@ from pipelines.config import PipelineConfig
 from pipelines.dag.stage import Stage
 from pipelines.platform.cli import add_config_args, config_from_args
 from pipelines.config.prompts import prompt_digit
-from pipelines.models.inference import output_dir, render, score_digits
+from pipelines.models.inference import output_dir, render, samples_parent, score_digits
 from pipelines.models.registry import model_to_load
 from pipelines.platform.progress import Progress
 from pipelines.platform.runtime import exit_on, setup_logging
@@ -213,6 +213,7 @@ STAGE = Stage(
     key_metrics=("eval/prompt_accuracy", "eval/classifier_holdout_accuracy"),
     summary_artifact=GRID_ARTIFACT,
     lost_outputs=samples_lost,
+    output_parent=samples_parent,
 )
 
 

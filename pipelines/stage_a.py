@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import logging
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from ldm_core.config import ConfigError
 from ldm_core.discriminator import NLayerDiscriminator
 from ldm_core.ema import EMA
 from ldm_core.metrics import bicubic_baseline, psnr, ssim
-from ldm_core.perceptual import build_lpips
+from ldm_core.perceptual import RandomBackboneWarning, build_lpips
 from pipelines.dag.stage import Stage
 from pipelines.platform import tracking
 from pipelines.config import PipelineConfig
@@ -58,8 +59,9 @@ from pipelines.train.steps import autoencoder_loss, discriminator_update_loss
 
 log = logging.getLogger("stage_a")
 STAGE_NAME = "stage_a"
-TRAINED_DATA_FIELDS = {"uri", "resolution", "crop", "random_flip", "batch_size", "holdout_fraction", "holdout_by"}
-"""The `data` fields that shape what Stage A trains on (part of its checkpoints' config fingerprint)."""
+TRAINED_DATA_FIELDS = {"resolution", "crop", "random_flip", "batch_size", "holdout_fraction", "holdout_by"}
+"""The `data` fields that shape what Stage A trains on (part of its checkpoints' config fingerprint, with the dataset's
+content digest: not its path, so a moved project resumes its checkpoints)."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -78,7 +80,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if sa.train_decoder_only:
         freeze_encoder(model)  # SD's ft-MSE recipe: existing latents stay valid
     disc = NLayerDiscriminator(sa.discriminator).to(loop.device)
-    lpips_module, lpips_backbone = perceptual_network(sa, loop.device)
+    lpips_module, lpips_backbone = perceptual_network(sa, loop.device, loop.rank)
     loss_cfg = effective_loss(sa, lpips_backbone, loop.logger)
     disc_lr = sa.optim.disc_lr or sa.optim.lr
     opt_g = loop.adamw([p for p in model.parameters() if p.requires_grad], sa.optim.lr)
@@ -124,12 +126,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 export=lambda directory: export_autoencoder(directory, sa, model, ema, final["scale_factor"], channel_stats))
 
 
-def perceptual_network(sa, device: torch.device) -> tuple[torch.nn.Module | None, str]:
+def perceptual_network(sa, device: torch.device, rank: int = 0) -> tuple[torch.nn.Module | None, str]:
     """The LPIPS network of the loss and the metrics, and which backbone it has (pretrained, random); (None,
-    "none") when the loss has no perceptual term."""
+    "none") when the loss has no perceptual term. A random backbone is said once per run: by rank 0, as one log
+    line (not a warning with its source line from every worker)."""
     if sa.loss.perceptual_weight <= 0:
         return None, "none"
-    module, backbone = build_lpips(sa.lpips)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RandomBackboneWarning)
+        module, backbone = build_lpips(sa.lpips)
+    for w in caught:
+        if not issubclass(w.category, RandomBackboneWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif rank == 0:
+            log.warning("%s", w.message)
     return module.to(device), backbone
 
 
@@ -308,7 +318,7 @@ def run_stage_a(
     experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
     trainer_name = f"{cfg.run.name}-{STAGE_NAME}"
     fields = fingerprint_fields({STAGE_NAME: sa.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json", include=TRAINED_DATA_FIELDS),
-                                 "run": {"seed": cfg.run.seed}}, STAGE_NAME)
+                                 "dataset": {"digest": manifest["digest"]}, "run": {"seed": cfg.run.seed}}, STAGE_NAME)
     tags = {"dataset_uri": cfg.data.uri, "dataset_digest": manifest["digest"], **(extra_tags or {})}
     with training_run(
         cfg, stage=STAGE_NAME, experiment_id=experiment_id, trainer_name=trainer_name, fields=fields,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.helpers import REPO, tiny_later_stages, tiny_overrides
+from tests.conftest import free_port, wait_for_port
+from tests.helpers import REPO, stop_process_group, tiny_later_stages, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -119,6 +122,17 @@ def test_plan_reuses_everything_after_a_run_and_explains_a_changed_field(dag):
     assert len(dag.client.search_runs([experiment])) == len(STAGES) + 1
 
 
+def test_the_same_dataset_at_another_path_keeps_the_cache(dag):
+    # A copied or moved project: cache keys hash the dataset's content digest, not its path.
+    moved = dag.tmp / "moved" / "mnist"
+    shutil.copytree(dag.tmp / "data" / "mnist", moved)
+    rc, plan = _run(["pipelines/run.py", *dag.args, f"--set=data.uri={moved}", "--plan"], dag.env,
+                    dag.tmp / "plan_moved.log", timeout=300)
+    assert rc == 0, plan
+    for stage in STAGES[1:]:
+        assert f"[{stage}] reuse run {dag.runs[stage].info.run_id}" in plan.splitlines(), plan
+
+
 def test_lineage_walks_from_samples_or_a_model_version_back_to_the_dataset(dag):
     sample_id = dag.runs["sample"].info.run_id
     env = {**dag.env, "MLFLOW_TRACKING_URI": dag.store}
@@ -164,8 +178,12 @@ def test_a_failing_stage_ends_the_console_with_stage_run_cause_and_resume_comman
     assert len(failed) == 1
     assert last.startswith(f"[sample] FAILED  MLflow pipeline run {failed[0].info.run_id}  cause: ConfigError: ")
     assert "sample.steps=1000: more than the model's 100 diffusion timesteps" in last
+    # The suggested command gets past it: the --set the cause names is dropped, the rest is reused.
     resume = last.split("  resume: ", 1)[1]
-    assert resume.endswith("--set=sample.steps=1000 --from sample") and " pipelines/run.py --config " in resume
+    assert resume.endswith(" --from sample") and " pipelines/run.py --config " in resume
+    assert "sample.steps=1000" not in resume
+    rc, out = _run(shlex.split(resume)[1:], dag.env, dag.tmp / "fail_resume.log", timeout=600)
+    assert rc == 0 and "[sample] reused" in out, out[-3000:]
 
 
 def test_verbose_brings_rays_own_output_back(dag):
@@ -196,9 +214,56 @@ def test_a_failed_train_worker_ends_the_console_with_the_stage_run_and_resume_th
     resume = last.split("  resume: ", 1)[1]
     assert " pipelines/run.py --config " in resume and resume.endswith("--set=stage_b.train.fail_at_step=3 --from stage_b")
 
+    # --from a later stage refuses at once (no Ray started), naming the command that gets past it: the same resume.
+    rc, refused = _run(["pipelines/run.py", *dag.args, *fail, "--from", "sample"], dag.env, dag.tmp / "from.log", timeout=300)
+    assert rc == 1 and len(refused.strip().splitlines()) == 1, refused
+    assert refused.startswith("error: --from sample: stage stage_b has no finished run for this config"), refused
+    assert refused.strip().endswith(f"run from it: {resume}"), refused
+
     rc, plan = _run(["pipelines/run.py", *dag.args, *fail, "--plan"], dag.env, dag.tmp / "plan_resume.log", timeout=300)
     assert rc == 0, plan
     lines = plan.splitlines()
     assert f"[encode] reuse run {dag.runs['encode'].info.run_id}" in lines
     assert f"[stage_b] resume run {run_id} from step 2" in lines, plan
     assert lines[lines.index("[sample] run") + 1] == "    input changed: stage_b will resume"
+
+    rc, resumed = _run(shlex.split(resume)[1:], dag.env, dag.tmp / "train_resume.log", timeout=900)
+    assert rc == 0 and "[stage_b] resumed" in resumed and "[sample] ran" in resumed, resumed[-3000:]
+
+
+def _dom(url: str, profile: Path) -> str:
+    """The page at `url` as a headless Chromium renders it, from a fresh profile (no remembered UI state)."""
+    chromium = shutil.which("chromium")
+    assert chromium, "this test needs Debian's chromium package (.ci/run installs it)"
+    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+                           "--virtual-time-budget=30000", "--dump-dom", url], capture_output=True, text=True, timeout=300)
+    return proc.stdout
+
+
+def test_the_mlflow_ui_as_printed_shows_the_stage_runs_a_metric_chart_and_the_sample_grid(dag):
+    ui_line, open_line = [line.strip() for line in dag.console.splitlines()
+                          if line.strip().startswith(("MLflow:", "then open http"))]
+    command = shlex.split(ui_line.removeprefix("MLflow:"))
+    assert command[1:4] == ["ui", "--workers", "1"]
+    port = free_port()
+    ui = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_port(port, timeout=600, proc=ui)
+        experiment = dag.client.get_experiment_by_name("ldm-quickstart")
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        url = open_line.removeprefix("then open ").replace(":5000/", f":{port}/")
+        runs = _dom(url, dag.tmp / "chromium-runs")
+        for stage in STAGES:
+            assert dag.runs[stage].info.run_name in runs, f"no {stage} run on the experiment page"
+        base = f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs"
+        chart = _dom(f"{base}/{dag.runs['stage_a'].info.run_id}/model-metrics", dag.tmp / "chromium-chart")
+        assert "js-plotly-plot" in chart and "eval/psnr" in chart
+        grid = _dom(f"{base}/{dag.runs['sample'].info.run_id}/artifacts/samples/grid.png", dag.tmp / "chromium-grid")
+        assert re.search(r'<img alt="samples/grid.png" src="blob:', grid), "the sample grid is not shown"
+    finally:
+        stop_process_group(ui)
+    for stage in STAGES:
+        assert dag.runs[stage].data.tags.get("mlflow.note.content"), f"the {stage} run has no description"
+    assert dag.client.get_registered_model("ldm-unet").description

@@ -39,7 +39,9 @@ def _checkpoints(cfg) -> list[Path]:
     return sorted(Path(cfg.run.checkpoint_root).rglob("checkpoint_*"))
 
 
-def test_full_dag_with_lineage_then_cache_hits_then_only_changed_stages_rerun(ray_local, mlflow_uri, tmp_path, capsys):
+@pytest.mark.timeout(1800)  # six pipeline runs and a --clean: past the default 600 s on a loaded 2-core box
+def test_full_dag_with_lineage_then_cache_hits_then_only_changed_stages_rerun(ray_local, mlflow_uri, tmp_path, capsys,
+                                                                             monkeypatch):
     cfg = _cfg(tmp_path)
     first = pipeline.run_pipeline(cfg)
     assert [first[s].status for s in STAGES] == ["ran"] * len(STAGES)
@@ -107,6 +109,39 @@ def test_full_dag_with_lineage_then_cache_hits_then_only_changed_stages_rerun(ra
     assert started["stage_b"].status == "reused" and started["stage_b"].run_id == forced["stage_b"].run_id
     assert started["sample"].status == "ran"
     assert client.get_run(started["sample"].run_id).data.tags["upstream_run_ids"] == forced["stage_b"].run_id
+
+    # A new MLflow store over the same outputs/ (a deleted store, a team server): a complete result with its own
+    # lineage. Stage A adopts its checkpoint folder (same config, same dataset: no step runs) and says so; encode
+    # runs again, so Stage B's upstream runs are new: it trains fresh in its own folder, never resuming the one
+    # trained on the first store's latents.
+    capsys.readouterr()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    elsewhere = pipeline.run_pipeline(_cfg(tmp_path))
+    assert [elsewhere[s].status for s in STAGES] == ["skipped", "ran", "ran", "ran", "ran"]
+    assert "[stage_a] adopting checkpoint " in capsys.readouterr().out
+    other = MlflowClient(f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    runs = {s: other.get_run(elsewhere[s].run_id) for s in STAGES}
+    assert all(run.info.status == "FINISHED" for run in runs.values())
+    assert runs["stage_b"].data.tags["upstream_run_ids"] == f"{elsewhere['encode'].run_id},{elsewhere['stage_a'].run_id}"
+    assert runs["stage_b"].data.tags["latents_uri"] == elsewhere["encode"].outputs["latents_uri"] != first["encode"].outputs["latents_uri"]
+    assert runs["stage_a"].data.metrics["train/resumed_from_step"] == cfg.stage_a.train.max_steps
+    assert "train/resumed_from_step" not in runs["stage_b"].data.metrics
+
+    # --clean stage_b removes the folders of stage_b and sample that only this store points at, and keeps those
+    # that the first store's runs still point at; this store's runs of those stages are no longer reused.
+    capsys.readouterr()
+    assert pipeline.main(["--config", str(REPO / "configs/quickstart.yaml"),
+                          *[f"--set={o}" for o in _overrides(tmp_path)], "--clean", "stage_b"]) == {}
+    out = capsys.readouterr().out
+    ours = [f"{cfg.run.checkpoint_root}/{runs['stage_b'].data.tags['ray_train_name']}", elsewhere["sample"].outputs["out_dir"]]
+    theirs = [f"{cfg.run.checkpoint_root}/{client.get_run(first['stage_b'].run_id).data.tags['ray_train_name']}",
+              first["sample"].outputs["out_dir"]]
+    for folder in ours:
+        assert f"removed  {folder}" in out and not Path(folder).exists(), out
+    for folder in theirs:
+        assert f"kept     {folder}: run " in out and Path(folder).is_dir(), out
+    assert "cache_key" not in other.get_run(elsewhere["stage_b"].run_id).data.tags
+    assert "cache_key" in other.get_run(elsewhere["encode"].run_id).data.tags
 
 
 def test_a_driver_killed_during_stage_b_resumes_it_from_its_checkpoint(ray_local, mlflow_uri, tmp_path):

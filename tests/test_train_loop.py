@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray.train
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -18,7 +19,9 @@ from mlflow.tracking import MlflowClient
 from ldm_core.config import ConfigError
 from pipelines.train.run_logger import RunLogger
 from pipelines.config.sections import OptimSection, TrainLoopSection
-from pipelines.train.loop import TrainLoop, Update, Worker, check_resumable, fingerprint_fields, poison_nonfinite
+from pipelines.models.checkpoints import save_checkpoint
+from pipelines.train.loop import (TrainLoop, Update, Worker, check_resumable, fingerprint_fields, newest_intact,
+                                  poison_nonfinite)
 from tests.conftest import free_port
 from tests.helpers import start_mlflow_server, stop_process_group
 
@@ -238,3 +241,23 @@ def test_buffered_logger_memory_is_bounded(tmp_path):
         logger.log_image(torch.zeros(2, 2, 3, dtype=torch.uint8).numpy(), f"img{i}.png")
     assert logger.pending() <= 5 + 1  # the bound, plus the one call in flight
     assert logger.dropped >= 45
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_newest_intact_one_naming_the_damaged_file(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    for i, step in enumerate((2, 4, 6)):
+        save_checkpoint(tmp_path / f"checkpoint_00000{i}", modules={"model": model}, meta={"step": step})
+    newest = tmp_path / "checkpoint_000002"
+    intact = ray.train.Checkpoint(str(newest))
+    assert newest_intact(intact) == (intact, "")
+
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])  # a copy cut short
+    chosen, why = newest_intact(ray.train.Checkpoint(str(newest)))
+    assert chosen.path == str(tmp_path / "checkpoint_000001")
+    assert why.startswith(f"checkpoint {newest} is damaged (model.safetensors: ") and why.endswith("(step 4)"), why
+
+    for older in ("checkpoint_000000", "checkpoint_000001"):
+        (tmp_path / older / "meta.json").write_text("{")
+    chosen, why = newest_intact(ray.train.Checkpoint(str(newest)))
+    assert chosen is None and why.endswith("no intact one is left: training from step 0")

@@ -38,13 +38,17 @@ from pipelines.dag.stage import Outcome, Stage, section_values, set_field
 from pipelines.models.interop import init_from_run_ids
 from pipelines.platform import lease, storage, tracking
 from pipelines.platform.cluster import autoscaler_running, check_cluster_paths, check_cpu_budget, cluster_resources
-from pipelines.platform.runtime import ANSI, init_ray
+from pipelines.platform.runtime import ANSI, init_ray, local_ray_cpus
 
 log = logging.getLogger("pipeline")
 
 
 class CacheMiss(RuntimeError):
-    """`--from S`: a stage before S has no usable finished run for this config."""
+    """`--from S`: a stage before S (`stage`) has no usable finished run for this config."""
+
+    def __init__(self, message: str, stage: str):
+        super().__init__(message)
+        self.stage = stage
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -59,12 +63,47 @@ def project_version() -> str:
         return "unknown"
 
 
+LOCATION_FIELDS = ("data.uri",)
+"""Config fields that say where an input lives, not what it holds: left out of cache keys, which have the dataset's
+content digest instead, so a moved or copied project (same dataset, another path) keeps its cache."""
+
+
+def _without_locations(sections: dict) -> dict:
+    config = json.loads(json.dumps(sections, default=str))
+    for dotted in LOCATION_FIELDS:
+        config.pop(dotted, None)
+        parent, _, leaf = dotted.rpartition(".")
+        if isinstance(config.get(parent), dict):
+            config[parent].pop(leaf, None)
+    return config
+
+
 def cache_key(stage: str, sections: dict, input_keys: list[str], dataset_digest: str) -> str:
     payload = json.dumps(
-        {"stage": stage, "config": sections, "inputs": input_keys, "dataset": dataset_digest, "version": project_version()},
+        {"stage": stage, "config": _without_locations(sections), "inputs": input_keys, "dataset": dataset_digest,
+         "version": project_version()},
         sort_keys=True, default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def run_name(cfg: PipelineConfig, key: str, upstream: dict[str, str]) -> str:
+    """The name a node executes under: `run.name` + a digest of its cache key and of the upstream runs it consumes
+    (`upstream`: stage -> run id, from `upstream_runs`). A training stage's Ray Train name, and so its checkpoint
+    folder, is this name: a checkpoint folder belongs to one config and one set of upstream runs, the lineage its
+    MLflow run records. So a second MLflow store over the same `outputs/` (a deleted store, a team server) never
+    resumes a checkpoint trained on another store's upstream outputs: its own upstream runs make a new folder
+    (Stage B trains fresh), while a stage whose only input is the dataset (Stage A) finds its folder again and
+    adopts it (`training_run` says so)."""
+    payload = json.dumps({"key": key, "upstream": upstream}, sort_keys=True)
+    return f"{cfg.run.name}-{hashlib.sha256(payload.encode()).hexdigest()[:8]}"
+
+
+def upstream_runs(stage: Stage, stages: tuple[Stage, ...], run_ids: dict[str, str | None]) -> dict[str, str]:
+    """The run ids of `stage`'s inputs (`run_ids`: stage -> run id) for its `run_name`. The dataset stage is left
+    out: it runs every time (a new run each invocation), and the dataset is in the key by its content digest."""
+    by_name = {s.name: s for s in stages}
+    return {s: run_ids[s] for s in stage.inputs if run_ids.get(s) and not by_name[s].provides_dataset}
 
 
 def find_finished_run(experiment_id: str, stage: str, key: str, upstream: tuple[str, ...] | None = None):
@@ -105,6 +144,8 @@ class Context:
     outcomes: dict[str, Outcome]
     stage: Stage
     key: str
+    name: str
+    """The run name it executes under (`run_name`): its Ray Train name and checkpoint folder for a training stage."""
     forced: bool = False
 
     def upstream(self) -> tuple[str, ...]:
@@ -114,11 +155,11 @@ class Context:
         return consumed + init_from_run_ids(self.cfg, self.stage.name)
 
     def run_cfg(self) -> PipelineConfig:
-        """The config the stage runs with: the checked one, its inputs' outputs wired in, and a run name that carries
-        the cache key (Ray Train resumes only matching runs). A forced node gets a fresh name, so it trains from
-        scratch instead of resuming."""
+        """The config the stage runs with: the checked one, its inputs' outputs wired in, and its run name (`run_name`:
+        Ray Train resumes only a checkpoint folder of the same inputs). A forced node gets a fresh name, so it trains
+        from scratch instead of resuming."""
         cfg = self.checked.model_copy(deep=True)
-        cfg.run.name = f"{self.cfg.run.name}-{self.key[:8]}" + (f"-forced{int(time.time())}" if self.forced else "")
+        cfg.run.name = self.name + (f"-forced{int(time.time())}" if self.forced else "")
         for dotted, (source, output) in self.stage.wiring.items():
             set_field(cfg, dotted, self.outcomes[source].outputs[output])
         return cfg
@@ -215,18 +256,25 @@ def check_stages(stages: tuple[Stage, ...], cfg: PipelineConfig, first: int, las
     """Every stage's own checks that need no cluster (`Stage.check`), before any stage runs; then the cluster's:
     Ray started or joined, local paths usable from every node, and enough CPUs for each training stage (an
     autoscaling cluster is asked for them by each stage). Once per process: the stages are then run `checked`."""
+    tracking.check_reachable(cfg.mlflow)
     if first == 0 and not cfg.data.source and not storage.exists(storage.resolve(cfg.data.uri, cfg.storage).join("manifest.json")):
         raise ConfigError(f"data.uri={cfg.data.uri} has no manifest.json and data.source is not set, so there is nothing to prepare")
     checked = cfg
     for stage in stages[: last + 1]:
         if stage.check is not None:
             checked = stage.check(checked)  # a GPU stage that cannot fit its GPU fails here, before any stage runs
+    training = [s for s in stages[: last + 1] if s.trains]
+
+    def check_cpus(cpus: float) -> None:  # fail before any stage, not in one
+        for stage in training:
+            check_cpu_budget(cpus, getattr(cfg, stage.name).scaling, cfg.data, section=stage.name)
+
+    if (local_cpus := local_ray_cpus(cfg.ray)) is not None:  # a local Ray's CPUs are known before it starts
+        check_cpus(local_cpus)
     init_ray(cfg.ray)
     check_cluster_paths(cfg)
     if not autoscaler_running():
-        cluster_cpus = cluster_resources().get("CPU", 0)
-        for stage in (s for s in stages[: last + 1] if s.trains):  # fail before any stage, not in one
-            check_cpu_budget(cluster_cpus, getattr(cfg, stage.name).scaling, cfg.data, section=stage.name)
+        check_cpus(cluster_resources().get("CPU", 0))
     return checked
 
 
@@ -239,7 +287,9 @@ def run_pipeline(stages: tuple[Stage, ...], cfg: PipelineConfig, *, from_stage: 
     close_dead_pipelines(client, experiment_id)
     driver_tags = {TAG_DRIVER_HOST: socket.gethostname(), TAG_DRIVER_PID: str(os.getpid())}
     parent = client.create_run(experiment_id, run_name=f"{cfg.run.name}-pipeline",
-                               tags={tracking.TAG_STAGE: "pipeline", **driver_tags})
+                               tags={tracking.TAG_STAGE: "pipeline", **driver_tags, tracking.TAG_DESCRIPTION: (
+                                   "One `pipelines/run.py` invocation: its stage runs are nested below it; the artifact "
+                                   "summary.md holds their metrics table and the lineage, summary/ their image grids.")})
     parent_id = parent.info.run_id
     tracking.log_params(client, parent_id, tracking.flatten(cfg.model_dump(mode="json")))
     outcomes: dict[str, Outcome] = {}
@@ -252,7 +302,8 @@ def run_pipeline(stages: tuple[Stage, ...], cfg: PipelineConfig, *, from_stage: 
             key = keys[stage.name] = cache_key(stage.name, section_values(cfg, stage.sections),
                                                [keys[s] for s in stage.inputs], dataset_digest)
             t0 = time.monotonic()
-            ctx = Context(cfg, checked, experiment_id, parent_id, outcomes, stage, key, forced=i >= forced_from)
+            ctx = Context(cfg, checked, experiment_id, parent_id, outcomes, stage, key,
+                          run_name(cfg, key, upstream_runs(stage, stages, {n: o.run_id for n, o in outcomes.items()})), forced=i >= forced_from)
             upstream = ctx.upstream() if stage.lineage_checked else None
             cached = None
             if stage.cached and i < forced_from:
@@ -268,10 +319,8 @@ def run_pipeline(stages: tuple[Stage, ...], cfg: PipelineConfig, *, from_stage: 
             elif cached is not None:
                 outcome = restore(stage, cached, key)
             elif i < first:
-                raise CacheMiss(
-                    f"--from {from_stage}: stage {stage.name} has no finished run for this config (cache key {key[:12]}); "
-                    f"run without --from first"
-                )
+                raise CacheMiss(f"--from {from_stage}: stage {stage.name} has no finished run for this config "
+                                f"(cache key {key[:12]})", stage.name)
             else:
                 print(f"[{stage.name}] running ...", flush=True)
                 outcome = run_owned(ctx, upstream)
@@ -388,12 +437,15 @@ def _stage_run_id(experiment_id: str, stage: str, key: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def resume_command(argv: list[str], stage: str, force: str | None, first_stage: str) -> str:
+def resume_command(argv: list[str], stage: str, force: str | None, first_stage: str, cause: str = "") -> str:
     """The command that picks up where a failed invocation stopped: the same arguments, `--from` the failed stage
     (finished stages come from the cache, a training stage resumes from its last checkpoint). `--force` is dropped
-    unless the forced stage is the one that failed (its earlier forced stages are finished now)."""
+    unless the forced stage is the one that failed (its earlier forced stages are finished now). A config error
+    (`cause` "ConfigError: a.b=value: ...") would fail again with the same settings: the `--set` of each field it
+    names is dropped, so the command runs with the config file's value."""
+    bad = set(re.findall(r"\b([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)+)=", cause)) if cause.startswith("ConfigError") else set()
     kept, skip = [], False
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if skip:
             skip = False
             continue
@@ -401,6 +453,11 @@ def resume_command(argv: list[str], stage: str, force: str | None, first_stage: 
         if name in ("--from", "--plan") or (name == "--force" and force != stage):
             skip = "=" not in arg and name != "--plan"
             continue
+        if name == "--set" and bad:
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            if value.split("=", 1)[0] in bad:
+                skip = "=" not in arg
+                continue
         kept.append(arg)
     if stage != first_stage and force != stage:
         kept += ["--from", stage]

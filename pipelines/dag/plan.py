@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.platform import storage, tracking
 from pipelines.config import PipelineConfig
-from pipelines.dag.executor import cache_key, find_finished_run, lost_outputs, stage_range
+from pipelines.dag.executor import cache_key, find_finished_run, lost_outputs, run_name, stage_range, upstream_runs
 from pipelines.dag.stage import Stage, section_values
 from pipelines.train.loop import latest_checkpoint_meta
 
@@ -78,10 +78,11 @@ def plan_pipeline(stages: tuple[Stage, ...], cfg: PipelineConfig, *, from_stage:
     """The decision run_pipeline would take for each stage (same cache keys, same lineage check)."""
     first, last, forced_from = stage_range(stages, from_stage, until, force)
 
+    tracking.check_reachable(cfg.mlflow)
     uri = tracking.tracking_uri(cfg.mlflow)
     mlflow.set_tracking_uri(uri)  # the store the lookups below read (nothing is written to it)
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    client = None if tracking.store_absent(uri) else MlflowClient(uri)  # (opening a SQLite store creates it)
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment) if client is not None else None
     digest = _dataset_digest(cfg)
     keys: dict[str, str] = {}
     chosen: dict[str, PlanStep] = {}
@@ -122,7 +123,8 @@ def plan_pipeline(stages: tuple[Stage, ...], cfg: PipelineConfig, *, from_stage:
                                                     "finished run for this config: the pipeline would stop here"])
         elif step.action == "run" and i < forced_from:
             if stage.trains and experiment is not None and digest is not None:
-                trainer_name = f"{cfg.run.name}-{key[:8]}-{name}"
+                upstream_ids = upstream_runs(stage, stages, {s: u.run_id for s, u in chosen.items()})
+                trainer_name = f"{run_name(cfg, key, upstream_ids)}-{name}"
                 resumed = tracking.unfinished_training_run(experiment.experiment_id, trainer_name)
                 if resumed is not None:
                     step = PlanStep(name, "resume", resumed, _last_checkpoint_step(cfg, trainer_name),
@@ -134,7 +136,7 @@ def plan_pipeline(stages: tuple[Stage, ...], cfg: PipelineConfig, *, from_stage:
     return steps
 
 
-def _why_not_cached(client: MlflowClient, experiment, cfg: PipelineConfig, stage: Stage, digest: str | None) -> list[str]:
+def _why_not_cached(client: MlflowClient | None, experiment, cfg: PipelineConfig, stage: Stage, digest: str | None) -> list[str]:
     if digest is None:
         return ["input changed: the dataset is to be prepared"]
     if experiment is None:

@@ -70,6 +70,9 @@ class Stage:
     """Its `digest` output is the dataset digest that every later stage's cache key includes."""
     existing: Callable[["PipelineConfig"], dict[str, str]] | None = None
     """For an uncached stage before `--from`: its outputs as they exist, without running it."""
+    output_parent: Callable[["PipelineConfig"], str] | None = None
+    """The folder holding one output folder per execution (encode's latents, sample's samples): what
+    `run.py --clean` removes. A training stage's are its checkpoint folders, found without it."""
     lease_name: Callable[["PipelineConfig", str], str] | None = None
     """Its execution lease's name from (config, cache key); None: `<stage>-<key prefix>`."""
 

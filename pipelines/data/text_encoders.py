@@ -175,6 +175,28 @@ def _model_limit(tokenizer, model) -> int | None:
     return min(limits) if limits else None
 
 
+def _cannot_load(cfg: TextEncoderConfig, e: Exception) -> TextEncoderError:
+    hint = "" if cfg.allow_download else (
+        " It is neither a local folder nor in the Hugging Face cache, and downloads are off: download it first "
+        "(`huggingface-cli download NAME`), point name_or_path at a local copy, or set text_encoder.allow_download=true."
+    )
+    return TextEncoderError(f"text_encoder.name_or_path={cfg.name_or_path!r}: cannot load the model "
+                            f"({type(e).__name__}: {str(e).splitlines()[0]}).{hint}")
+
+
+def check_text_encoder(cfg: TextEncoderConfig) -> None:
+    """Driver side, before any Ray work: with downloads off, the model must be a local folder or in the local
+    Hugging Face cache. Reads its config only; a missing model fails here in one line, not in every actor of a pool."""
+    if cfg.allow_download:
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(resolve_name_or_path(cfg.name_or_path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise _cannot_load(cfg, e) from e
+
+
 def load_text_encoder(cfg: TextEncoderConfig, device: torch.device | str = "cpu") -> TextEncoder:
     """Load the tokenizer and text tower named by `cfg` (eval mode, frozen) onto `device`."""
     from transformers import AutoConfig, AutoTokenizer
@@ -189,11 +211,7 @@ def load_text_encoder(cfg: TextEncoderConfig, device: torch.device | str = "cpu"
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
         model = TEXT_TOWERS.get(model_type, _auto)(path, **kw)
     except (OSError, ValueError) as e:
-        hint = "" if cfg.allow_download else (
-            " It is neither a local folder nor in the Hugging Face cache, and downloads are off: download it first "
-            "(`huggingface-cli download NAME`), point name_or_path at a local copy, or set text_encoder.allow_download=true."
-        )
-        raise TextEncoderError(f"{where}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0]}).{hint}") from e
+        raise _cannot_load(cfg, e) from e
     if len(tokenizer) < MIN_VOCAB_SIZE:
         raise TextEncoderError(f"{where}: the tokenizer loaded from {path} has only {len(tokenizer)} tokens: not a usable "
                                "vocabulary (an incomplete offline copy?)")

@@ -80,6 +80,30 @@ def load_meta(directory: str | Path) -> dict[str, Any]:
     return json.loads((Path(directory) / "meta.json").read_text())
 
 
+def damage(directory: str | Path) -> str:
+    """What is wrong with a checkpoint folder ("" when intact): an unreadable `meta.json`, or a safetensors file
+    whose size is not the one its header declares (a truncated copy or upload). Reads headers only."""
+    directory = Path(directory)
+    try:
+        load_meta(directory)
+    except (OSError, ValueError) as e:
+        return f"meta.json: {type(e).__name__}"
+    for file in sorted(directory.glob("*.safetensors")):
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            try:
+                header = json.loads(f.read(header_len)) if 8 + header_len <= size else None
+            except ValueError:
+                header = None
+        if not isinstance(header, dict):
+            return f"{file.name}: unreadable header ({size} bytes)"
+        end = 8 + header_len + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if size != end:
+            return f"{file.name}: {size} bytes where its header declares {end} (truncated)"
+    return ""
+
+
 def load_module(directory: str | Path, name: str, module: torch.nn.Module, strict: bool = True) -> None:
     unwrap(module).load_state_dict(load_file(str(Path(directory) / f"{name}.safetensors")), strict=strict)
 

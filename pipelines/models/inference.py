@@ -27,7 +27,12 @@ log = logging.getLogger("sample")
 
 def output_dir(cfg: PipelineConfig, bundle: UNetBundle) -> str:
     """`sample.out_dir`, else `<run.output_uri>/samples/<stage B run id>`."""
-    return cfg.sample.out_dir or f"{cfg.run.output_uri.rstrip('/')}/samples/{bundle.stage_b_run_id}"
+    return cfg.sample.out_dir or f"{samples_parent(cfg)}/{bundle.stage_b_run_id}"
+
+
+def samples_parent(cfg) -> str:
+    """Where the default sample folders live, one per Stage B run sampled."""
+    return f"{cfg.run.output_uri.rstrip('/')}/samples"
 
 
 

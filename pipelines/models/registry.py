@@ -43,9 +43,10 @@ PYFUNC_REQUIREMENTS = ["torch==2.14.1", "numpy", "safetensors", "pydantic>=2.9"]
 
 def publish_pretrained(
     directory: str | Path, *, artifact_key: str, code_file: str, name: str, registered_model_name: str | None,
-    signature=None,
+    description: str, signature=None,
 ) -> tuple[str, int | None]:
-    """Log a `save_pretrained` folder as a pyfunc model of the active run (and register it).
+    """Log a `save_pretrained` folder as a pyfunc model of the active run (and register it, with `description` on
+    the registered model and the run that made the version on the version).
 
     Returns (model_uri, registered_version). The model URI is `models:/<registered name>/<version>` when
     registered, else the logged model's own URI. A registered version is tagged with the sha256 of its files.
@@ -61,6 +62,10 @@ def publish_pretrained(
     version = info.registered_model_version
     if registered_model_name and version is not None:
         record_artifact_digests(registered_model_name, version)
+        client = MlflowClient()
+        client.update_registered_model(registered_model_name, description=description)
+        client.update_model_version(registered_model_name, version,
+                                    description=f"Trained by run {mlflow.active_run().info.run_id}.")
         return f"models:/{registered_model_name}/{version}", int(version)
     return info.model_uri, None
 
@@ -107,6 +112,8 @@ def publish_autoencoder(model: AutoencoderKL, workdir: str | Path, registered_mo
     return publish_pretrained(
         folder, artifact_key="autoencoder", code_file="autoencoder.py", name="autoencoder",
         registered_model_name=registered_model_name,
+        description="Stage A's autoencoder: images to latents and back, with the latent scale factor it measured. "
+                    "pipelines/encode_latents.py loads it by this name; as a pyfunc it reconstructs images.",
     )
 
 
@@ -326,6 +333,9 @@ def publish_unet(directory: str | Path, registered_model_name: str | None) -> tu
     signature = infer_signature(["a prompt"], example_out, params=dict(UNET_PYFUNC_PARAMS))
     return publish_pretrained(
         directory, artifact_key="unet", code_file="unet.py", name="unet", registered_model_name=registered_model_name,
+        description="Stage B's text-conditioned U-Net bundle: weights and EMA weights, configs, the null condition, and "
+                    "the autoencoder and text encoder it was trained with. pipelines/sample.py --model-uri "
+                    "models:/ldm-unet/VERSION draws images from it.",
         signature=signature,
     )
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import ray
+from ray._private import ray_constants
 
 from pipelines.platform import progress
 from pipelines.platform.progress import ANSI, is_terminal
@@ -103,6 +104,14 @@ def _drop_mlflow_advice(record: logging.LogRecord) -> bool:
 _QUIET_ENV_SET: list[str] = []
 
 
+def local_ray_cpus(cfg: RaySection) -> float | None:
+    """The CPUs of the local Ray that `init_ray` would start (None: it attaches to a running Ray or cluster), so
+    a CPU budget can be checked before anything starts."""
+    if ray.is_initialized() or cfg.address or os.environ.get("RAY_ADDRESS"):
+        return None
+    return float(cfg.num_cpus or os.cpu_count() or 1)
+
+
 def init_ray(cfg: RaySection) -> None:
     """Attach to the configured cluster (or RAY_ADDRESS, as set by `ray job submit`), else start a local Ray.
 
@@ -117,6 +126,8 @@ def init_ray(cfg: RaySection) -> None:
     # quiet, the "ray" logger shows warnings only.
     runtime_env = {"worker_process_setup_hook": worker_setup, **({} if quiet else {"env_vars": {VERBOSE_ENV: "1"}})}
     options = {"runtime_env": runtime_env, **({"logging_level": logging.WARNING} if quiet else {})}
+    if quiet:  # a rank's progress lines reach the console as the driver's own, without "(RayTrainWorker pid=...)"
+        ray_constants.RAY_DISABLE_WORKER_LOG_PREFIX = True
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("attaching to Ray at %s", address)
@@ -126,7 +137,11 @@ def init_ray(cfg: RaySection) -> None:
         # "local" always starts a fresh Ray for this process, never a stale or foreign `ray start` cluster
         # (attach to one of those explicitly with ray.address=auto).
         log.info("starting a local Ray (num_cpus=%s)", cfg.num_cpus or "all")
-        ray.init(address="local", num_cpus=cfg.num_cpus, **options)
+        # Two training stages' worker groups, Ray Data's actors and tasks start more workers at once than the
+        # raylet's default (one per CPU) expects, and it warns at 4x that: the quickstart started 8 on 2 CPUs.
+        cpus = cfg.num_cpus or os.cpu_count() or 1
+        ray.init(address="local", num_cpus=cfg.num_cpus,
+                 _system_config={"worker_maximum_startup_concurrency": max(16, int(4 * cpus))}, **options)
     if quiet:
         _quiet_ray_data_in_this_process()
         _filter_stderr()

@@ -10,8 +10,10 @@ variable.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,8 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from pipelines.config.sections import SCHEMES, StorageConfig, check_uri  # noqa: F401  (the URI rules live with the config)
+
+log = logging.getLogger(__name__)
 
 
 class RetryingS3FileSystem(pafs.S3FileSystem):
@@ -69,6 +73,25 @@ def _region(cfg: StorageConfig | None) -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
+_probed: set[str] = set()
+
+
+def _say_if_unreachable(endpoint: str, attempts: int) -> None:
+    """Once per endpoint and process: when it does not accept a connection (2 s), say that every request will be
+    retried and for about how long, rather than staying silent through the retries."""
+    if endpoint in _probed:
+        return
+    _probed.add(endpoint)
+    parsed = urlparse(endpoint)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)), timeout=2).close()
+    except OSError as e:
+        # AWS standard retries: exponential backoff with jitter, at most 20 s apart (measured: 10 attempts, 81 s).
+        longest = sum(min(20.0, 0.4 * 2 ** i) for i in range(1, attempts))
+        log.warning("S3 endpoint %s is unreachable (%s): retrying each request up to storage.s3_max_attempts=%d times, "
+                    "for up to about %.0f s, before giving up", endpoint, e.strerror or type(e).__name__, attempts, longest)
+
+
 def is_remote(uri: str) -> bool:
     return urlparse(str(uri)).scheme in ("s3", "s3a")
 
@@ -82,6 +105,7 @@ def resolve(uri: str | os.PathLike, cfg: StorageConfig | None = None) -> Locatio
         attempts = cfg.s3_max_attempts if cfg is not None else StorageConfig().s3_max_attempts
         kwargs: dict[str, Any] = {"region": _region(cfg)}
         if endpoint:
+            _say_if_unreachable(endpoint, attempts)
             kwargs["endpoint_override"] = endpoint
             kwargs["scheme"] = urlparse(endpoint).scheme or "https"
         fs = RetryingS3FileSystem(attempts, **kwargs)

@@ -8,13 +8,16 @@ process-global "active run" (which would not exist in a worker process).
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import re
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
@@ -31,6 +34,10 @@ TAG_STAGE = "stage"
 TAG_UPSTREAM = "upstream_run_ids"
 TAG_PIPELINE = "pipeline_run"
 TAG_CACHE_KEY = "cache_key"
+TAG_DESCRIPTION = "mlflow.note.content"
+"""A run's description in the MLflow UI."""
+TAG_EXPERIMENT_KIND, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+"""MLflow 3's UI opens an experiment without this tag on its GenAI traces page; model training opens on its runs."""
 
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key)", re.I)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
@@ -46,9 +53,62 @@ def tracking_uri(cfg: MlflowSection) -> str:
     return uri
 
 
+class TrackingUnreachable(ConfigError):
+    """The MLflow tracking server named by the config or MLFLOW_TRACKING_URI does not accept connections."""
+
+
+def check_reachable(cfg: MlflowSection) -> None:
+    """An http(s) tracking server must accept a connection (5 s), checked before anything starts: a refused or
+    unroutable address fails in seconds with one line, not after MLflow's retries."""
+    check_reachable_uri(tracking_uri(cfg))
+
+
+def check_reachable_uri(uri: str) -> None:
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=5).close()
+    except OSError as e:
+        raise TrackingUnreachable(f"MLflow tracking server {mask_http_userinfo(uri)} is unreachable "
+                                  f"({e.strerror or type(e).__name__}): start it, or point MLFLOW_TRACKING_URI "
+                                  f"(or mlflow.tracking_uri) at one that runs") from None
+
+
+def store_absent(uri: str) -> bool:
+    """A local SQLite store whose file does not exist yet. Opening it would create it, so a lookup that must write
+    nothing (`--plan`, the `--from` check) treats it as an empty store instead."""
+    return uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists()
+
+
+STORES_FILE = "stores.json"
+"""Under a local `run.output_uri`: the MLflow stores that have written into it (what `run.py --clean` consults)."""
+
+
+def known_stores(output_uri: str) -> list[str]:
+    path = Path(output_uri) / STORES_FILE
+    return json.loads(path.read_text()) if "://" not in output_uri and path.is_file() else []
+
+
+def _record_store(uri: str, output_uri: str) -> None:
+    if "://" in output_uri or uri in (stores := known_stores(output_uri)):
+        return
+    Path(output_uri).mkdir(parents=True, exist_ok=True)
+    (Path(output_uri) / STORES_FILE).write_text(json.dumps(stores + [uri], indent=1) + "\n")
+
+
 def setup(cfg: MlflowSection, output_uri: str) -> str:
-    """Point MLflow at the store and make sure the experiment exists. Returns the experiment id."""
+    """Point MLflow at the store and make sure the experiment exists (recording the store under a local
+    `output_uri`, `known_stores`). Returns the experiment id."""
     uri = tracking_uri(cfg)
+    check_reachable(cfg)
+    # A driver's calls to a server that stops answering: MLflow's defaults (7 retries, backoff factor 2) retry for
+    # about 4.5 minutes; 4 with factor 1 ride out about 15 s of a restarting server. A user's own settings win (and
+    # a Train worker's logger sets its own, pipelines/train/run_logger.py).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    _record_store(uri, output_uri)
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
@@ -62,6 +122,8 @@ def setup(cfg: MlflowSection, output_uri: str) -> str:
         client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
+        if exp.tags.get(TAG_EXPERIMENT_KIND) != EXPERIMENT_KIND:
+            client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         mlflow.set_experiment(cfg.experiment)
         return exp.experiment_id
     location = cfg.artifact_location
@@ -71,7 +133,8 @@ def setup(cfg: MlflowSection, output_uri: str) -> str:
             Path(location).mkdir(parents=True, exist_ok=True)
             location = Path(location).resolve().as_uri()
     try:
-        exp_id = client.create_experiment(cfg.experiment, artifact_location=location)
+        exp_id = client.create_experiment(cfg.experiment, artifact_location=location,
+                                          tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
     except mlflow.exceptions.MlflowException:
         exp_id = client.get_experiment_by_name(cfg.experiment).experiment_id  # created concurrently
     mlflow.set_experiment(cfg.experiment)
@@ -157,7 +220,10 @@ def stage_run(
     tags: Mapping[str, str] | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """Start (or resume) one stage's MLflow run with the lineage tags every stage carries."""
-    all_tags = {TAG_STAGE: stage, TAG_UPSTREAM: ",".join(upstream_run_ids)}
+    all_tags = {TAG_STAGE: stage, TAG_UPSTREAM: ",".join(upstream_run_ids),
+                TAG_DESCRIPTION: f"The `{stage}` stage of the latent-diffusion pipeline (`pipelines/{stage}`). "
+                                 f"Upstream runs: {', '.join(upstream_run_ids) or 'none'}; "
+                                 f"`python pipelines/lineage.py RUN_ID` prints the chain back to the dataset."}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
         all_tags[TAG_PIPELINE] = parent_run_id

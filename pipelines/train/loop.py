@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import posixpath
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ from ldm_core.config import ConfigError
 from ldm_core.ema import EMA
 from pipelines.train import ddp
 from pipelines.platform import lease, storage, tracking
-from pipelines.models.checkpoints import load_meta, load_module, load_optimizer, load_tensors, save_checkpoint
+from pipelines.models.checkpoints import damage, load_meta, load_module, load_optimizer, load_tensors, save_checkpoint
 from pipelines.models.registry import mark_published, published_from
 from pipelines.platform.progress import Progress
 from pipelines.train.run_logger import RunLogger
@@ -248,6 +249,11 @@ class TrainLoop:
         checkpoint = ray.train.get_checkpoint() if self.loop_config.get("trainer_name") else None
         if checkpoint is None:
             return False
+        checkpoint, why = newest_intact(checkpoint)
+        if why and self.rank == 0:
+            log.warning("%s", why)
+        if checkpoint is None:
+            return False
         with checkpoint.as_directory() as d:
             meta = load_meta(d)
             for name, module in self._modules.items():
@@ -439,6 +445,29 @@ class TrainLoop:
         report({"step": self.step, **self.metrics, **final}, lambda d: self.write_checkpoint(d, final, export), self.rank)
 
 
+def newest_intact(checkpoint: "ray.train.Checkpoint") -> tuple["ray.train.Checkpoint | None", str]:
+    """The checkpoint to resume from, and what to say about it: Ray Train's latest when it is intact; else the newest
+    intact one beside it (a truncated safetensors file, say, must not fail every restart of the run), and a line
+    naming the damaged file and the checkpoint used instead ("" when nothing was wrong)."""
+    with checkpoint.as_directory() as d:
+        why = damage(d)
+    if not why:
+        return checkpoint, ""
+    fs, parent = checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/"))
+    best: tuple[int, "ray.train.Checkpoint"] | None = None
+    for info in fs.get_file_info(pafs.FileSelector(parent)):
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_") or info.path == checkpoint.path:
+            continue
+        candidate = ray.train.Checkpoint(info.path, filesystem=fs)
+        with candidate.as_directory() as d:
+            if not damage(d) and (best is None or load_meta(d)["step"] > best[0]):
+                best = (load_meta(d)["step"], candidate)
+    if best is None:
+        return None, f"checkpoint {checkpoint.path} is damaged ({why}) and no intact one is left: training from step 0"
+    return best[1], (f"checkpoint {checkpoint.path} is damaged ({why}): resuming from the newest intact one, "
+                     f"{best[1].path} (step {best[0]})")
+
+
 def latest_checkpoint_meta(checkpoint_root: str, trainer_name: str, storage_cfg=None) -> tuple[str, dict] | None:
     """The newest checkpoint (by step) Ray Train kept for this run name, as (uri, meta); None when there is none."""
     loc = storage.resolve(f"{checkpoint_root.rstrip('/')}/{trainer_name}", storage_cfg)
@@ -461,8 +490,9 @@ def latest_checkpoint_meta(checkpoint_root: str, trainer_name: str, storage_cfg=
 def check_resumable(checkpoint_root: str, trainer_name: str, fields: Mapping[str, Any], *, storage_cfg=None,
                     allow_changed: bool = False) -> dict | None:
     """Driver side, before any worker starts: the latest checkpoint of `trainer_name` must have been trained
-    with the same fingerprint `fields` (see `fingerprint_fields`). Returns its meta (None: nothing to resume).
-    Raises ConfigError naming the differing fields unless `allow_changed`."""
+    with the same fingerprint `fields` (see `fingerprint_fields`). Returns its meta, with its `uri` (None: nothing
+    to resume). Raises ConfigError naming the differing fields unless `allow_changed`. (The DAG never gets here
+    with a different config: its run names carry the config and the upstream runs, `dag.executor.run_name`.)"""
     found = latest_checkpoint_meta(checkpoint_root, trainer_name, storage_cfg)
     if found is None:
         return None
@@ -471,9 +501,9 @@ def check_resumable(checkpoint_root: str, trainer_name: str, fields: Mapping[str
     if old and fingerprint(old) != fingerprint(fields) and not allow_changed:
         raise ConfigError(
             f"checkpoint {uri} (step {meta.get('step')}) of run {trainer_name!r} was trained with a different config "
-            f"({fingerprint_diff(old, fields)}): set a new run.name to start fresh, or run.resume_changed_config=true "
-            f"to resume it with the new settings")
-    return meta
+            f"({fingerprint_diff(old, fields)}): start fresh with --set run.name=NEW (a name not used yet), or resume it "
+            f"with the new settings with --set run.resume_changed_config=true")
+    return {**meta, "uri": uri}
 
 
 @contextlib.contextmanager
@@ -485,9 +515,13 @@ def training_run(cfg, *, stage: str, experiment_id: str, trainer_name: str, fiel
     First the checkpoints under `trainer_name` must fit this config (`check_resumable`). The unfinished run of
     the same Ray Train name, when there is one, is resumed and keeps its params; a new run gets `params` and
     `dataset` = (uri, name, digest) as its training input. Tagged `ray_train_name` (how a resume finds it)."""
-    check_resumable(cfg.run.checkpoint_root, trainer_name, fields, storage_cfg=cfg.storage,
-                    allow_changed=cfg.run.resume_changed_config)
+    found = check_resumable(cfg.run.checkpoint_root, trainer_name, fields, storage_cfg=cfg.storage,
+                            allow_changed=cfg.run.resume_changed_config)
     resume_id = tracking.unfinished_training_run(experiment_id, trainer_name)
+    if found is not None and resume_id is None:  # e.g. left by a deleted MLflow store, or one of another path
+        print(f"[{stage}] adopting checkpoint {found['uri']} (step {found.get('step')}): trained with this config on "
+              f"the same inputs, and no unfinished run of this MLflow store owns it; a new run continues from it "
+              f"(run.py --force {stage}, or a new run.name, trains from scratch instead)", flush=True)
     with tracking.stage_run(
         experiment_id=experiment_id, stage=stage, run_name=trainer_name, upstream_run_ids=upstream_run_ids,
         parent_run_id=parent_run_id, resume_run_id=resume_id, tags={"ray_train_name": trainer_name, **tags},
