@@ -19,6 +19,7 @@ PROBES = {
     "unreachable_mlflow": (["--set", "mlflow.tracking_uri=http://127.0.0.1:9"],
                            "error: MLflow tracking server http://127.0.0.1:9 is unreachable (Connection refused)"),
     "unknown_field": (["--set", "stage_a.train.max_stepz=3"], "error: invalid config ("),
+    "unknown_stage": (["--from", "stage_z"], "error: argument --from: invalid choice: 'stage_z'"),
     # Retried first, and said so before the wait (the one warning this table allows).
     "unreachable_s3": (["--set", "data.source=null", "--set", "data.uri=s3://probe/data", "--set",
                         "storage.s3_endpoint_url=http://127.0.0.1:9", "--set", "storage.s3_max_attempts=3"],

@@ -11,6 +11,10 @@ from pipelines.platform.runtime import add_verbose_arg, one_line, set_verbose
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def one_line_error(message: str):  # argparse's own prints the whole usage first
+        raise SystemExit(f"error: {message} ({parser.prog} --help lists the arguments)")
+
+    parser.error = one_line_error
     parser.add_argument("--config", default="configs/quickstart.yaml", help="pipeline YAML (default: %(default)s)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
