@@ -94,14 +94,15 @@ def main(argv: list[str] | None = None) -> dict[str, Outcome]:
                 # (no --from at all when nothing before the missing stage can come from the cache)
                 first_cached = next(s.name for s in STAGES if s.cached)
                 raise SystemExit(f"error: {e}; run from it: {resume_command(argv, e.stage, args.force, first_cached)}") from None
-    except KeyboardInterrupt as e:  # Ctrl-C: no traceback; finished stages and checkpoints are kept
-        failure = getattr(e, "stage_failure", None)
-        resume = resume_command(argv, failure.stage, args.force, STAGE_NAMES[0]) if failure else ""
-        print(f"\n[{failure.stage}] interrupted; re-run to resume: {resume}" if failure else "\ninterrupted; re-run to resume",
-              file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
     except BaseException as e:
         failure = getattr(e, "stage_failure", None) or getattr(e.__context__, "stage_failure", None)
+        # Ctrl-C: no traceback; finished stages and checkpoints are kept. While a stage trains, Ray Train's own SIGINT
+        # handler aborts the run and ends in sys.exit: a SystemExit raised inside a stage is that interrupt.
+        if isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and getattr(e, "stage_failure", None)):
+            resume = resume_command(argv, failure.stage, args.force, STAGE_NAMES[0]) if failure else ""
+            print(f"\n[{failure.stage}] interrupted; re-run to resume: {resume}" if failure else
+                  "\ninterrupted; re-run to resume", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
         if failure is None:
             raise
         _exit_on_failure(e, failure, resume_command(argv, failure.stage, args.force, STAGE_NAMES[0], failure.cause))
