@@ -48,11 +48,14 @@ def test_resume_goes_on_from_the_failed_stage_with_the_same_settings(monkeypatch
     assert resume_command(["--config", "c.yaml", "--force", "stage_b"], "stage_b", "stage_b", "prepare").endswith(
         "pipelines/run.py --config c.yaml --force stage_b")
     assert resume_command(["--set", "x=a b"], "prepare", None, "prepare").endswith("pipelines/run.py --set 'x=a b'")
-    # A config error fails again with the same settings: the --set of the field it names is dropped.
-    argv = ["--config", "c.yaml", "--set=sample.steps=1000", "--set", "sample.num_per_prompt=2", "--set", "stage_b.x=1"]
+    # A config error fails again with the same settings: the --set in effect for the field it names is dropped (an
+    # earlier one for the same field then applies).
+    argv = ["--config", "c.yaml", "--set", "sample.steps=3", "--set=sample.steps=1000", "--set", "sample.num_per_prompt=2"]
     assert resume_command(argv, "sample", None, "prepare", "ConfigError: sample.steps=1000: more than 100").endswith(
-        "pipelines/run.py --config c.yaml --set sample.num_per_prompt=2 --set stage_b.x=1 --from sample")
-    assert resume_command(argv[:3], "sample", None, "prepare", "OSError: sample.steps=1000").endswith(
+        "pipelines/run.py --config c.yaml --set sample.steps=3 --set sample.num_per_prompt=2 --from sample")
+    assert resume_command(argv[:2] + argv[4:], "sample", None, "prepare", "ConfigError: sample.steps=1000: x").endswith(
+        "pipelines/run.py --config c.yaml --set sample.num_per_prompt=2 --from sample")
+    assert resume_command(["--set=sample.steps=1000"], "sample", None, "prepare", "OSError: sample.steps=1000").endswith(
         "--set=sample.steps=1000 --from sample")
     line = StageFailure("encode", None, "0123", "OSError: disk full").line("python pipelines/run.py --from encode")
     assert line == ("[encode] FAILED  MLflow pipeline run 0123  cause: OSError: disk full  "

@@ -441,9 +441,15 @@ def resume_command(argv: list[str], stage: str, force: str | None, first_stage: 
     """The command that picks up where a failed invocation stopped: the same arguments, `--from` the failed stage
     (finished stages come from the cache, a training stage resumes from its last checkpoint). `--force` is dropped
     unless the forced stage is the one that failed (its earlier forced stages are finished now). A config error
-    (`cause` "ConfigError: a.b=value: ...") would fail again with the same settings: the `--set` of each field it
-    names is dropped, so the command runs with the config file's value."""
+    (`cause` "ConfigError: a.b=value: ...") would fail again with the same settings: the last `--set` of each field
+    it names (the value in effect) is dropped, so the command runs with the value given before it, or the file's."""
     bad = set(re.findall(r"\b([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)+)=", cause)) if cause.startswith("ConfigError") else set()
+    sets = {}  # field -> index in argv of the last --set naming it: the value in effect, the one that failed
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--set=") else (argv[i + 1] if arg == "--set" and i + 1 < len(argv) else None)
+        if value is not None and value.split("=", 1)[0] in bad:
+            sets[value.split("=", 1)[0]] = i
+    dropped = {j for i in sets.values() for j in ((i,) if argv[i].startswith("--set=") else (i, i + 1))}
     kept, skip = [], False
     for i, arg in enumerate(argv):
         if skip:
@@ -453,12 +459,8 @@ def resume_command(argv: list[str], stage: str, force: str | None, first_stage: 
         if name in ("--from", "--plan") or (name == "--force" and force != stage):
             skip = "=" not in arg and name != "--plan"
             continue
-        if name == "--set" and bad:
-            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-            if value.split("=", 1)[0] in bad:
-                skip = "=" not in arg
-                continue
-        kept.append(arg)
+        if i not in dropped:
+            kept.append(arg)
     if stage != first_stage and force != stage:
         kept += ["--from", stage]
     python = os.path.relpath(sys.executable)
