@@ -255,9 +255,12 @@ def test_the_mlflow_ui_as_printed_shows_the_stage_runs_a_metric_chart_and_the_sa
         assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
         url = open_line.removeprefix("then open ").replace(":5000/", f":{port}/")
         runs = _dom(url, dag.tmp / "chromium-runs")
-        for stage in STAGES:
-            assert dag.runs[stage].info.run_name in runs, f"no {stage} run on the experiment page"
+        pipeline_run = dag.client.get_run(dag.runs["prepare"].data.tags["mlflow.parentRunId"])
+        assert pipeline_run.info.run_name in runs, "the experiment page does not list the pipeline run"  # (stages nest in it)
         base = f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs"
+        for stage in STAGES:
+            page = _dom(f"{base}/{dag.runs[stage].info.run_id}?workflowType=machine_learning", dag.tmp / f"chromium-{stage}")
+            assert dag.runs[stage].info.run_name in page, f"the {stage} run's page does not show it"
         chart = _dom(f"{base}/{dag.runs['stage_a'].info.run_id}/model-metrics", dag.tmp / "chromium-chart")
         assert "js-plotly-plot" in chart and "eval/psnr" in chart
         grid = _dom(f"{base}/{dag.runs['sample'].info.run_id}/artifacts/samples/grid.png", dag.tmp / "chromium-grid")

@@ -124,7 +124,9 @@ def test_full_dag_with_lineage_then_cache_hits_then_only_changed_stages_rerun(ra
     assert all(run.info.status == "FINISHED" for run in runs.values())
     assert runs["stage_b"].data.tags["upstream_run_ids"] == f"{elsewhere['encode'].run_id},{elsewhere['stage_a'].run_id}"
     assert runs["stage_b"].data.tags["latents_uri"] == elsewhere["encode"].outputs["latents_uri"] != first["encode"].outputs["latents_uri"]
-    assert runs["stage_a"].data.metrics["train/resumed_from_step"] == cfg.stage_a.train.max_steps
+    trained_in = {s: client.get_run(first[s].run_id).data.tags["ray_train_name"] for s in ("stage_a", "stage_b")}
+    assert runs["stage_a"].data.tags["ray_train_name"] == trained_in["stage_a"]  # adopted: the same folder
+    assert runs["stage_b"].data.tags["ray_train_name"] != trained_in["stage_b"]  # fresh: a folder of its own
     assert "train/resumed_from_step" not in runs["stage_b"].data.metrics
 
     # --clean stage_b removes the folders of stage_b and sample that only this store points at, and keeps those
