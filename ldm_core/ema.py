@@ -34,21 +34,24 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _float_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in unwrap_model(model).named_parameters() if p.is_floating_point()}
+def _float_params(model: nn.Module, trainable_only: bool = False) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in unwrap_model(model).named_parameters()
+            if p.is_floating_point() and (p.requires_grad or not trainable_only)}
 
 
 class EMA:
     """EMA of a model's floating-point parameters (buffers are not averaged)."""
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True, trainable_only: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay: must be in [0, 1), got {decay}")
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
+        self.trainable_only = trainable_only
+        """Average only the parameters that train (LoRA adapters: a frozen base needs no shadow)."""
         self.shadow: dict[str, torch.Tensor] = {
-            name: p.detach().to(torch.float32, copy=True) for name, p in _float_params(model).items()
+            name: p.detach().to(torch.float32, copy=True) for name, p in _float_params(model, trainable_only).items()
         }
 
     def current_decay(self) -> float:
@@ -60,7 +63,7 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         """One EMA step towards the model's current parameters."""
         d = self.current_decay()
-        params = _float_params(model)
+        params = _float_params(model, self.trainable_only)
         if params.keys() != self.shadow.keys():
             missing, extra = self.shadow.keys() - params.keys(), params.keys() - self.shadow.keys()
             raise ValueError(f"model: parameters differ from the EMA's (missing {sorted(missing)[:5]}, "
@@ -73,13 +76,13 @@ class EMA:
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Overwrite the model's parameters with the EMA weights (cast to each parameter's dtype)."""
-        for name, p in _float_params(model).items():
+        for name, p in _float_params(model, self.trainable_only).items():
             p.copy_(self.shadow[name])
 
     @contextlib.contextmanager
     def average_parameters(self, model: nn.Module) -> Iterator[nn.Module]:
         """Temporarily load the EMA weights into `model` (e.g. for validation samples), then restore."""
-        params = _float_params(model)
+        params = _float_params(model, self.trainable_only)
         backup = {name: p.detach().clone() for name, p in params.items()}
         self.copy_to(model)
         try:

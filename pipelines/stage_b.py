@@ -32,6 +32,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from mlflow.tracking import MlflowClient
 from torchvision.utils import make_grid
 
 from ldm_core.config import ConfigError
@@ -48,13 +49,15 @@ from pipelines.platform.cluster import ClusterError, connect, ensure_resources
 from pipelines.data import new_skip_counter
 from pipelines.platform.lease import LeaseHeld, LeaseLost, stage_lease
 from pipelines.train.memory import check_memory_budget, estimate_stage_b
-from pipelines.models.interop import adopt_init_architectures, init_from_run_ids, load_init_unet
+from pipelines.models import lora
+from pipelines.models.interop import adopt_init_architectures, import_unet, init_from_run_ids, load_init_unet
 from pipelines.models.registry import load_autoencoder, publish_unet, registered_model_lost, save_unet_bundle
 from pipelines.platform.runtime import exit_on, setup_logging
 from pipelines.models.inference import condition_for, digit_prompt_accuracy, generate
 from pipelines.data.text_encoders import TextEncoderConfig, encode_prompts_remote
 from pipelines.train.run_logger import RunLogger
-from pipelines.train.loop import TrainLoop, TrainResult, Update, build_trainer, fingerprint_fields, fit_and_publish, training_run
+from pipelines.train.loop import (TrainLoop, TrainResult, Update, build_trainer, fingerprint_fields, fit_and_publish,
+                                  latest_checkpoint_meta, training_run)
 from pipelines.train.rank import all_reduce_sum, world
 from pipelines.train.steps import denoising_loss
 
@@ -81,12 +84,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     null_context = torch.tensor(cond["null_context"], device=device)  # (L, D)
     null_mask = torch.tensor(cond["null_mask"], device=device)  # (L,)
 
-    # --- model, optimiser, EMA, schedule
+    # --- model (with LoRA: the frozen base + adapters, of which only the adapters train), optimiser, EMA, schedule
     model = (load_init_unet(sb, cfg.storage) if sb.init_from else UNet(sb.unet)).to(device)
-    opt = loop.adamw(model.parameters(), sb.optim.lr)
-    ema = EMA(model, decay=sb.train.ema_decay) if sb.train.ema_decay else None
+    if sb.lora:
+        lora.check_base(loop_config["lora_base"], lora.base_digest(model), f"stage_b.init_from={sb.init_from}",
+                        "the base changed while the run started")
+        model = lora.attach(model, sb.lora)
+        if device.type == "cuda" and sb.lora.base_precision == "bf16":
+            lora.cast_base(model, torch.bfloat16)
+    opt = loop.adamw(lora.trainable_parameters(model), sb.optim.lr)
+    ema = EMA(model, decay=sb.train.ema_decay, trainable_only=bool(sb.lora)) if sb.train.ema_decay else None
     schedule = NoiseSchedule(sb.diffusion, device)
-    if loop.resume(modules={"unet": model}, optimizers={"opt": opt}, ema=ema):
+    saved = {"unet_lora": lora.AdapterWeights(model)} if sb.lora else {"unet": model}  # LoRA: the adapters only
+    if loop.resume(modules=saved, optimizers={"opt": opt}, ema=ema):
         return  # this run name had finished: its result was reported again
     # The reader starts now (a background thread), so Ray Data's start-up overlaps DDP's and the grid sampler's.
     batches = loop.batches(ray.train.get_dataset_shard("train"), batch_size=sb.batch_size,
@@ -110,7 +120,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             grids.log(loop.logger, model, ema, step)
 
     # --- after training: the held-out denoising loss (raw and EMA weights), then the publishable bundle
-    final = {**heldout_loss(cfg, model, ema, schedule, device, loop_config["has_holdout"]), **loop.session_metrics()}
+    final = {**heldout_loss(cfg, model, ema, schedule, device, loop_config["has_holdout"], loop.autocast),
+             **loop.session_metrics()}
     if "train/loss" in loop.metrics:
         final["train/loss"] = loop.metrics["train/loss"]
     loop.finish(final, export=lambda d: export_bundle(d / BUNDLE_DIR, cfg, loop_config, model, ema, loop.step))
@@ -152,9 +163,10 @@ class GridSampler:
 
 @torch.no_grad()
 def heldout_loss(cfg: PipelineConfig, model: torch.nn.Module, ema: EMA | None, schedule: NoiseSchedule,
-                 device: torch.device, has_holdout: bool) -> dict[str, float]:
+                 device: torch.device, has_holdout: bool, autocast=contextlib.nullcontext) -> dict[str, float]:
     """Denoising loss on the held-out rows (captions kept, posterior means, fixed timesteps and noise), with the
-    raw and the EMA weights: the same number from run to run, comparable across checkpoints and runs."""
+    raw and the EMA weights: the same number from run to run, comparable across checkpoints and runs. The forward
+    runs under the training's `autocast` (a LoRA base kept in bf16 needs it)."""
     sb = cfg.stage_b
     if not has_holdout or sb.eval_batches == 0:
         return {}
@@ -169,9 +181,10 @@ def heldout_loss(cfg: PipelineConfig, model: torch.nn.Module, ema: EMA | None, s
         x0, context, mask = batch["latent_mean"], batch["text_hidden"], batch["text_mask"]
         t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=g, device=device)
         eps = torch.randn(x0.shape, generator=g, device=device)
-        raw, _ = training_loss(model, x0, context, mask, schedule, prediction=sb.diffusion.prediction, t=t, eps=eps)
+        with autocast():
+            raw, _ = training_loss(model, x0, context, mask, schedule, prediction=sb.diffusion.prediction, t=t, eps=eps)
         averaged = ema.average_parameters(model) if ema is not None else contextlib.nullcontext()
-        with averaged:
+        with averaged, autocast():
             smooth, _ = training_loss(model, x0, context, mask, schedule, prediction=sb.diffusion.prediction, t=t, eps=eps)
         n = x0.shape[0]
         totals += torch.tensor([n, float(raw) * n, float(smooth) * n], dtype=torch.float64, device=device)
@@ -183,17 +196,23 @@ def heldout_loss(cfg: PipelineConfig, model: torch.nn.Module, ema: EMA | None, s
 
 
 def export_bundle(directory: Path, cfg: PipelineConfig, loop_config: dict, model: torch.nn.Module, ema: EMA | None, step: int) -> None:
-    """The publishable U-Net bundle: raw weights, EMA weights (a full state dict), configs and lineage."""
+    """The publishable U-Net bundle: raw weights, EMA weights (a full state dict), configs and lineage. With LoRA
+    the adapters (raw and EMA) and a reference to the base instead of the weights."""
     sb = cfg.stage_b
     info, cond = loop_config["bundle"], loop_config["condition"]
+    state = lora.adapter_state(model) if sb.lora else model.state_dict()
     ema_state = None
-    if ema is not None:
+    if ema is not None and sb.lora:
+        with ema.average_parameters(model):
+            ema_state = lora.adapter_state(model)
+    elif ema is not None:
         export = UNet(sb.unet)
         export.load_state_dict(model.state_dict())
         ema.copy_to(export)
         ema_state = export.state_dict()
+    adapter = {"config": sb.lora.model_dump(mode="json"), "base": loop_config["lora_base"]} if sb.lora else None
     save_unet_bundle(
-        directory, unet_state=model.state_dict(), ema_state=ema_state, unet_config=sb.unet, diffusion=sb.diffusion,
+        directory, unet_state=state, ema_state=ema_state, unet_config=sb.unet, diffusion=sb.diffusion, lora=adapter,
         text_encoder=TextEncoderConfig.model_validate(info["text_encoder"]), hidden_size=info["hidden_size"],
         null_context=torch.tensor(cond["null_context"]), null_mask=torch.tensor(cond["null_mask"]),
         latent_shape=info["latent_shape"], scale_factor=info["scale_factor"], autoencoder_uri=info["autoencoder_uri"],
@@ -252,6 +271,18 @@ def check_stage_b(cfg: PipelineConfig) -> PipelineConfig:
     return cfg
 
 
+def lora_base(cfg: PipelineConfig, trainer_name: str) -> dict[str, str]:
+    """The base that `stage_b.lora` adapters train on, as checkpoints and the published adapter record it (URI and
+    weights digest). A checkpoint of this run name holding adapters of another base is refused in one line: no
+    `run.resume_changed_config` makes adapters fit other weights."""
+    base = lora.base_reference(cfg.stage_b.init_from, import_unet(cfg.stage_b.init_from, cfg.storage))
+    found = latest_checkpoint_meta(cfg.run.checkpoint_root, trainer_name, cfg.storage)
+    if found and found[1].get("lora_base"):
+        lora.check_base(found[1]["lora_base"], base["digest"], f"checkpoint {found[0]} of run {trainer_name!r}",
+                        f"stage_b.init_from={cfg.stage_b.init_from}; set a new run.name to train adapters for this base")
+    return base
+
+
 @stage_lease(STAGE_NAME)  # one live driver per checkpoint folder (pipelines/platform/lease.py)
 def run_stage_b(
     cfg: PipelineConfig, *, parent_run_id: str | None = None, upstream_run_ids: tuple[str, ...] = (),
@@ -277,14 +308,17 @@ def run_stage_b(
         if cfg.sample.prompts else None
 
     trainer_name = f"{cfg.run.name}-{STAGE_NAME}"
+    base = lora_base(cfg, trainer_name) if sb.lora else None
     fields = fingerprint_fields({STAGE_NAME: sb.model_dump(mode="json", exclude={"latents_uri"}),
-                                 "latents": {"uri": latents_uri, "digest": manifest["digest"]}, "run": {"seed": cfg.run.seed}}, STAGE_NAME)
+                                 "latents": {"uri": latents_uri, "digest": manifest["digest"]}, "run": {"seed": cfg.run.seed},
+                                 **({"lora_base": base} if base else {})}, STAGE_NAME)
     upstream = tuple(upstream_run_ids) or tuple(r for r in (manifest.get("encode_run_id"), manifest.get("stage_a_run_id")) if r)
     upstream = tuple(dict.fromkeys((*upstream, *init_from_run_ids(cfg, STAGE_NAME))))  # + the run stage_b.init_from came from
     tags = {
         latents.TAG_LATENTS_URI: latents_uri, "latents_digest": manifest["digest"],
         "encode_run_id": manifest.get("encode_run_id", ""), "autoencoder_uri": manifest["autoencoder_uri"],
         "text_encoder": text["name_or_path"], **(extra_tags or {}),
+        **({"lora_base_uri": base["uri"], "lora_base_digest": base["digest"]} if base else {}),
     }
     params = tracking.flatten({"stage_b": sb.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json"),
                                "sample": {"prompts": cfg.sample.prompts, "guidance": cfg.sample.guidance,
@@ -316,9 +350,20 @@ def run_stage_b(
         trainer = build_trainer(
             train_loop_per_worker, cfg, sb, trainer_name=trainer_name, run_id=run_id, fingerprint=fields,
             datasets=datasets, condition=condition, bundle=bundle_info, has_holdout="holdout" in datasets,
+            lora_base=base, checkpoint_meta={"lora_base": base} if base else {},
         )
-        name = cfg.mlflow.unet_model_name
-        final, model_uri, version, checkpoint = fit_and_publish(trainer, name, lambda d: publish_unet(d / BUNDLE_DIR, name))
+        name = cfg.mlflow.lora_model_name if sb.lora else cfg.mlflow.unet_model_name
+
+        def publish(folder: Path) -> tuple[str, int | None]:
+            uri, version = publish_unet(folder / BUNDLE_DIR, name)
+            if base and version is not None:  # the registered adapter's lineage: its base and its data
+                lineage = {"base_model_uri": base["uri"], "base_digest": base["digest"], "latents_uri": latents_uri,
+                           "latents_digest": manifest["digest"]}
+                for key, value in lineage.items():
+                    MlflowClient().set_model_version_tag(name, str(version), key, value)
+            return uri, version
+
+        final, model_uri, version, checkpoint = fit_and_publish(trainer, name, publish)
         mlflow.log_metrics({f"data/skipped_{k}": v for k, v in skips.snapshot().items()})
         mlflow.set_tags({"model_uri": model_uri, "checkpoint": checkpoint})
         if sb.prompt_eval.active(cfg.sample.prompts):  # the MNIST judge on the published model, at a fixed budget

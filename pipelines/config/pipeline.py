@@ -207,6 +207,42 @@ class StageBPromptEval(StrictConfig):
         return digits if self.enabled is None else self.enabled
 
 
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "ff.proj", "ff.out", "proj_in", "proj_out", "conv1", "conv2")
+"""Module names a LoRA adapter may wrap (each matches that module in every block of `ldm_core.unet.UNet`): the
+attention projections (self- and cross-attention), the GEGLU feed-forward's two linears, the transformers' input
+and output projections, and the ResBlocks' 3x3 convs."""
+
+
+class LoraSection(StrictConfig):
+    """Low-rank adapters (Hu et al. 2021): each targeted weight W becomes W + (alpha / rank) B A with A (rank x in)
+    and B (out x rank, zero at the start) trained and W frozen. Made with `peft` (`pipelines/models/lora.py`)."""
+
+    rank: int = Field(default=8, ge=1)
+    """r, the inner width of B A."""
+    alpha: float | None = Field(default=None, gt=0)
+    """The update is scaled by alpha / rank. None: alpha = rank (scale 1, diffusers' default)."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input (training only)."""
+    target_modules: list[Literal[LORA_TARGETS]] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out"])  # type: ignore[valid-type]
+    """Which modules get adapters (`LORA_TARGETS`); default the attention projections q, k, v and out, as
+    diffusers' train_text_to_image_lora.py. Feed-forward ("ff.proj", "ff.out") and convs ("conv1", "conv2") are
+    opt-in."""
+    base_precision: Literal["bf16", "fp32"] = "bf16"
+    """dtype of the frozen base weights on GPUs (bf16 halves them; it needs `train.mixed_precision: bf16`). On the
+    CPU the base stays in fp32."""
+
+    @property
+    def scaling(self) -> float:
+        """alpha / rank, the factor of B A."""
+        return (self.alpha or self.rank) / self.rank
+
+    @model_validator(mode="after")
+    def _some_targets(self):
+        if not self.target_modules or len(set(self.target_modules)) != len(self.target_modules):
+            raise ValueError(f"target_modules: name at least one module, each once (got {self.target_modules})")
+        return self
+
+
 class StageBConfig(StrictConfig):
     unet: UNetConfig = UNetConfig()
     """The text-conditioned U-Net; `context_dim` must equal the text encoder's hidden size. With `init_from`,
@@ -239,6 +275,21 @@ class StageBConfig(StrictConfig):
     """Held-out batches (per worker) for the final held-out loss at fixed timesteps and noise (0: skip)."""
     prompt_eval: StageBPromptEval = StageBPromptEval()
     """The MNIST judge's prompt accuracy at a fixed sampler budget, logged in the Stage B run."""
+    lora: LoraSection | None = None
+    """Fine-tune `init_from` with LoRA adapters instead of all its weights: only the adapters train (the optimiser,
+    DDP and EMA see only them), checkpoints hold the adapters and a reference to the base (URI + digest), and the
+    result is published as `mlflow.lora_model_name`. None: train every weight."""
+
+    @model_validator(mode="after")
+    def _lora_needs_a_base(self):
+        if self.lora is None:
+            return self
+        if not self.init_from:
+            raise ValueError("lora: needs stage_b.init_from (the base model whose weights the adapters modify)")
+        if self.scaling.use_gpu and self.lora.base_precision == "bf16" and self.train.mixed_precision != "bf16":
+            raise ValueError("lora.base_precision=bf16 on GPUs needs train.mixed_precision=bf16 (set lora.base_precision=fp32 "
+                             "to train without autocast)")
+        return self
 
 
 class SampleConfig(StrictConfig):

@@ -112,6 +112,8 @@ class MlflowSection(StrictConfig):
     """Registered-model name under which Stage A publishes the autoencoder."""
     unet_model_name: str = "ldm-unet"
     """Registered-model name under which Stage B publishes the U-Net."""
+    lora_model_name: str = "ldm-unet-lora"
+    """Registered-model name under which Stage B publishes LoRA adapters (`stage_b.lora`)."""
 
 
 GPU_MEMORY_GIB: dict[str, float] = {

@@ -1,6 +1,7 @@
 """Training checkpoints as safetensors + JSON: nothing is unpickled when a run resumes.
 
-A checkpoint folder holds, per module, `<name>.safetensors` (the state dict); per optimiser,
+A checkpoint folder holds, per module, `<name>.safetensors` (the state dict of a module, or of anything with
+`state_dict` / `load_state_dict`, such as a U-Net's LoRA adapters alone); per optimiser,
 `<name>.safetensors` (its tensor state) + `<name>.json` (param groups and scalar state); and `meta.json`
 (step, resolved config, anything else JSON-serialisable the stage wants to carry).
 """
@@ -59,14 +60,14 @@ def optimizer_from_files(tensors: Mapping[str, torch.Tensor], rest: Mapping[str,
 def save_checkpoint(
     directory: str | Path,
     *,
-    modules: Mapping[str, torch.nn.Module | Mapping[str, torch.Tensor]],
+    modules: Mapping[str, Any],
     optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
     meta: Mapping[str, Any],
 ) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name, module in modules.items():
-        sd = unwrap(module).state_dict() if isinstance(module, torch.nn.Module) else module
+        sd = unwrap(module).state_dict() if hasattr(module, "state_dict") else module  # a module, or its part
         save_tensors(directory / f"{name}.safetensors", sd)
     for name, opt in (optimizers or {}).items():
         tensors, rest = optimizer_to_files(opt)

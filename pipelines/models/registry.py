@@ -178,6 +178,8 @@ UNET_FORMAT = "ldm_pipeline.UNetBundle"
 UNET_FORMAT_VERSION = 1
 UNET_WEIGHTS = "unet.safetensors"
 UNET_EMA_WEIGHTS = "unet_ema.safetensors"
+LORA_WEIGHTS = "unet_lora.safetensors"
+LORA_EMA_WEIGHTS = "unet_lora_ema.safetensors"
 NULL_CONDITION_FILE = "null_condition.safetensors"
 UNET_PYFUNC_PARAMS = {"steps": 50, "guidance_scale": 4.0, "guidance_rescale": 0.0, "eta": 0.0, "seed": 0, "use_ema": True}
 """Inference params of the U-Net pyfunc (DDIM steps, CFG scale, CFG rescale, DDIM eta, noise seed, EMA weights) and
@@ -249,16 +251,20 @@ def save_unet_bundle(
     extra: Mapping[str, Any] | None = None,
     latents_mean: list[float] | None = None,
     latents_std: list[float] | None = None,
+    lora: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a U-Net bundle folder: raw (+ EMA) weights, the null condition and config.json. Nothing pickled.
 
-    `ema_state` is a full U-Net state dict holding the EMA weights (buffers as in `unet_state`).
+    `ema_state` is a full U-Net state dict holding the EMA weights (buffers as in `unet_state`). With `lora`
+    ({"config": the stage_b.lora section, "base": `pipelines.models.lora.base_reference`}) the bundle is a LoRA
+    adapter: the two states are the adapters' (`lora.adapter_state`) and the base weights stay where `base` says.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_tensors(directory / UNET_WEIGHTS, unet_state)
+    raw_file, ema_file = (LORA_WEIGHTS, LORA_EMA_WEIGHTS) if lora else (UNET_WEIGHTS, UNET_EMA_WEIGHTS)
+    save_tensors(directory / raw_file, unet_state)
     if ema_state is not None:
-        save_tensors(directory / UNET_EMA_WEIGHTS, ema_state)
+        save_tensors(directory / ema_file, ema_state)
     save_tensors(directory / NULL_CONDITION_FILE, {"context": null_context.float(), "mask": null_mask.to(torch.bool)})
     meta = {
         "format": UNET_FORMAT,
@@ -273,16 +279,18 @@ def save_unet_bundle(
         "encode_run_id": encode_run_id,
         "stage_a_run_id": stage_a_run_id,
         "stage_b_run_id": stage_b_run_id,
-        "weights": {"raw": UNET_WEIGHTS, "ema": UNET_EMA_WEIGHTS if ema_state is not None else None},
+        "weights": {"raw": raw_file, "ema": ema_file if ema_state is not None else None},
         "null_condition": NULL_CONDITION_FILE,
+        **({"lora": dict(lora)} if lora else {}),
         **dict(extra or {}),
     }
     (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
 
-def read_unet_bundle(directory: str | Path, use_ema: bool = True) -> UNetBundle:
-    """Load a folder written by `save_unet_bundle` (on the CPU, eval mode, frozen)."""
+def read_unet_bundle(directory: str | Path, use_ema: bool = True, lora_scale: float = 1.0) -> UNetBundle:
+    """Load a folder written by `save_unet_bundle` (on the CPU, eval mode, frozen). A LoRA adapter's bundle loads its
+    base (which must still have the weights digest it was trained on) with the adapters folded in at `lora_scale`."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -301,8 +309,11 @@ def read_unet_bundle(directory: str | Path, use_ema: bool = True) -> UNetBundle:
         raise ConfigError(f"{config_path}:\n{format_validation_error(e)}") from None
     ema_file = meta["weights"].get("ema")
     chosen = ema_file if (use_ema and ema_file) else meta["weights"]["raw"]
-    unet = UNet(unet_config)
-    unet.load_state_dict(load_file(str(directory / chosen)))
+    if meta.get("lora"):
+        unet = _with_adapters(meta["lora"], load_file(str(directory / chosen)), lora_scale, str(directory))
+    else:
+        unet = UNet(unet_config)
+        unet.load_state_dict(load_file(str(directory / chosen)))
     unet.eval().requires_grad_(False)
     null = load_file(str(directory / meta["null_condition"]))
     return UNetBundle(
@@ -314,6 +325,17 @@ def read_unet_bundle(directory: str | Path, use_ema: bool = True) -> UNetBundle:
         use_ema=chosen == ema_file, step=int(meta.get("step", 0)), meta=meta,
         latents_mean=meta.get("latents_mean"), latents_std=meta.get("latents_std"),
     )
+
+
+def _with_adapters(lora: Mapping[str, Any], state: Mapping[str, torch.Tensor], scale: float, where: str) -> UNet:
+    """The base a LoRA bundle names, checked against its digest, with the adapters `state` folded in at `scale`."""
+    from pipelines.config.pipeline import LoraSection
+    from pipelines.models import lora as adapters
+    from pipelines.models.interop import import_unet
+
+    base = import_unet(lora["base"]["uri"])
+    adapters.check_base(lora["base"], adapters.base_digest(base), where)
+    return adapters.apply(base, LoraSection.model_validate(lora["config"]), state, scale)
 
 
 def publish_unet(directory: str | Path, registered_model_name: str | None) -> tuple[str, int | None]:
@@ -340,9 +362,10 @@ def publish_unet(directory: str | Path, registered_model_name: str | None) -> tu
     )
 
 
-def load_unet_bundle(model_uri: str, use_ema: bool = True) -> UNetBundle:
-    """The Stage B U-Net published at `model_uri` (models:/ldm-unet/3, runs:/<id>/unet, models:/m-<id>)."""
-    bundle = read_unet_bundle(download_pretrained(model_uri, "unet"), use_ema=use_ema)
+def load_unet_bundle(model_uri: str, use_ema: bool = True, lora_scale: float = 1.0) -> UNetBundle:
+    """The Stage B U-Net published at `model_uri` (models:/ldm-unet/3, runs:/<id>/unet, models:/m-<id>); a LoRA
+    adapter (models:/ldm-unet-lora/1) comes with its base, the adapters folded in at `lora_scale`."""
+    bundle = read_unet_bundle(download_pretrained(model_uri, "unet"), use_ema=use_ema, lora_scale=lora_scale)
     if bundle.stage_b_run_id is None:
         bundle.stage_b_run_id = run_id_of(model_uri)
     return bundle

@@ -413,7 +413,7 @@ class TrainLoop:
         if self._ema is not None:
             modules["ema"] = self._ema.state_dict()
         meta = {"step": self.step, "nonfinite_total": self.guard.total, "config": self.loop_config.get("config"),
-                "fingerprint": self._fingerprint}
+                "fingerprint": self._fingerprint, **self.loop_config.get("checkpoint_meta", {})}
         if final is not None:
             meta["final"] = final
             if export is not None:
@@ -539,7 +539,8 @@ def build_trainer(train_fn: Callable[[dict], None], cfg, section, *, trainer_nam
                   fingerprint: Mapping[str, Any], datasets: dict, **loop_config) -> "ray.train.torch.TorchTrainer":
     """The TorchTrainer of a training stage (driver side): `section` is the stage's config section (its scaling and
     train settings), `loop_config` what its worker function needs beyond what every stage passes (the config, the
-    MLflow run, the Ray Train name and checkpoint root, the config fingerprint). Checkpoints go to
+    MLflow run, the Ray Train name and checkpoint root, the config fingerprint; `checkpoint_meta`, a dict, is written
+    into every checkpoint's meta.json). Checkpoints go to
     `run.checkpoint_root` (local or s3://); re-running with the same `trainer_name` resumes from them."""
     ckpt_loc = storage.resolve(cfg.run.checkpoint_root, cfg.storage)
     scaling, train = section.scaling, section.train
