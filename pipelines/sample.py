@@ -3,7 +3,9 @@
     python pipelines/sample.py --prompt "a handwritten digit seven" [--num 8] [--steps 50] [--guidance 4] [--seed 0] [--out DIR]
     python pipelines/sample.py --config configs/photos.yaml --model-uri models:/ldm-unet/3 --prompt "a red bus"
 
-The U-Net is `sample.unet_uri` (or `--model-uri`), else the version the registered-model alias
+With `--lora-uri models:/ldm-unet-lora/1` (`sample.lora_uri`) the U-Net is the base those LoRA adapters record,
+with the adapters folded in at `--lora-scale`; the run records both (tags `lora_uri`, `lora_scale`, `unet_uri`).
+Otherwise the U-Net is `sample.unet_uri` (or `--model-uri`), else the version the registered-model alias
 `sample.unet_alias` (`--model-alias champion`) points to, else the model of the latest finished `stage_b` run of
 the configured experiment. Its bundle names the autoencoder it was trained on and the text encoder that
 produced its conditioning, so nothing else has to be given. Sampling is DDIM (Song et al. 2021) or
@@ -44,8 +46,8 @@ from pipelines.config import PipelineConfig
 from pipelines.dag.stage import Stage
 from pipelines.platform.cli import add_config_args, config_from_args
 from pipelines.config.prompts import prompt_digit
-from pipelines.models.inference import output_dir, render, samples_parent, score_digits
-from pipelines.models.registry import model_to_load
+from pipelines.models.inference import forgetting_metrics, output_dir, render, samples_parent, score_digits
+from pipelines.models.registry import lora_base_of, model_to_load
 from pipelines.platform.progress import Progress
 from pipelines.platform.runtime import exit_on, setup_logging
 
@@ -159,13 +161,22 @@ def run_sample(
         raise ConfigError(f"sample.evaluate_digits: none of the prompts names a digit "
                           f"(expected e.g. 'a handwritten digit seven'): {prompts}")
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg.mlflow))
-    model_uri = unet_to_load(cfg)
+    model_uri = sc.lora_uri or unet_to_load(cfg)  # adapters come with their base
+    base_uri = lora_base_of(sc.lora_uri) if sc.lora_uri else None
+    if sc.lora_uri and not base_uri:
+        raise ConfigError(f"sample.lora_uri={sc.lora_uri}: not LoRA adapters (a whole U-Net: pass it as --model-uri)")
+    if sc.lora_uri and sc.unet_uri and sc.unet_uri != base_uri:
+        raise ConfigError(f"sample.unet_uri={sc.unet_uri}: the adapters {sc.lora_uri} were trained on {base_uri}; leave "
+                          f"--model-uri out (the adapters load their base) or give that one")
+    lora_tags = {"lora_uri": model_uri, "lora_scale": str(sc.lora_scale), "lora_base_uri": base_uri} if base_uri else {}
     progress = Progress(STAGE_NAME, total=len(prompts) * sc.num_per_prompt, every=sc.batch_size, unit="images")
     images, bundle = render(cfg, prompts, model_uri, progress)
     metrics = score_digits(cfg, images, prompts) if sc.evaluate_digits else {}
+    if sc.evaluate_digits and sc.forgetting_prompts:
+        metrics |= forgetting_metrics(cfg, model_uri)
     out_dir = output_dir(cfg, bundle)
 
-    manifest = {"model_uri": model_uri, "autoencoder_uri": bundle.autoencoder_uri, "use_ema": bundle.use_ema,
+    manifest = {"model_uri": model_uri, **lora_tags, "autoencoder_uri": bundle.autoencoder_uri, "use_ema": bundle.use_ema,
                 "prompts": prompts, "settings": sc.model_dump(mode="json", exclude={"prompts", "out_dir"}), "metrics": metrics}
     upstream = tuple(upstream_run_ids) or tuple(r for r in (bundle.stage_b_run_id,) if r)
 
@@ -181,7 +192,8 @@ def run_sample(
             client = MlflowClient()
             tracking.log_params(client, run_id, tracking.flatten({"sample": manifest["settings"]}))
             client.log_dict(run_id, {"prompts": prompts}, "samples/prompts.json")
-            mlflow.set_tags({"unet_uri": model_uri, "autoencoder_uri": bundle.autoencoder_uri, "out_dir": out_dir,
+            mlflow.set_tags({"unet_uri": base_uri or model_uri, **lora_tags, "autoencoder_uri": bundle.autoencoder_uri,
+                             "out_dir": out_dir,
                              **({"unet_alias": sc.unet_alias} if sc.unet_alias and not sc.unet_uri else {})})
             tracking.log_image(client, run_id, grid, GRID_ARTIFACT)
             tracking.log_metrics(client, run_id, metrics, 0)
@@ -219,7 +231,7 @@ STAGE = Stage(
 
 _FLAGS = {"prompt": "prompts", "num": "num_per_prompt", "steps": "steps", "guidance": "guidance", "eta": "eta",
           "sampler": "sampler", "seed": "seed", "out": "out_dir", "model_uri": "unet_uri", "model_alias": "unet_alias",
-          "device": "device"}
+          "device": "device", "lora_uri": "lora_uri", "lora_scale": "lora_scale"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-uri", help="MLflow URI of the U-Net (default: latest finished stage_b run)")
     parser.add_argument("--model-alias", help="registered-model alias of the U-Net, e.g. champion (sample.unet_alias)")
     parser.add_argument("--device", help="auto, cpu or cuda (sample.device)")
+    parser.add_argument("--lora-uri", help="MLflow URI of LoRA adapters (models:/ldm-unet-lora/1): their base + the "
+                                           "adapters (sample.lora_uri)")
+    parser.add_argument("--lora-scale", type=float, help="strength of the adapters, 0 = the base alone (sample.lora_scale)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     parser.add_argument("--evaluate-digits", action="store_true", help="score MNIST prompt adherence (sample.evaluate_digits)")
     parser.add_argument("--no-mlflow", action="store_true", help="write the files only, no MLflow run")

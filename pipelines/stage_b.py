@@ -85,6 +85,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     null_mask = torch.tensor(cond["null_mask"], device=device)  # (L,)
 
     # --- model (with LoRA: the frozen base + adapters, of which only the adapters train), optimiser, EMA, schedule
+    mlflow.set_tracking_uri(loop_config["tracking_uri"])  # init_from may be a models:/ or runs:/ URI
     model = (load_init_unet(sb, cfg.storage) if sb.init_from else UNet(sb.unet)).to(device)
     if sb.lora:
         lora.check_base(loop_config["lora_base"], lora.base_digest(model), f"stage_b.init_from={sb.init_from}",

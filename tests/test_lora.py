@@ -113,3 +113,148 @@ def test_diffusers_load_lora_weights_reads_our_export_to_the_same_unet_output(tm
     assert (theirs - ours).abs().max() <= TOL
     assert (merged - ours).abs().max() <= TOL
     assert not any(isinstance(m, lora.LoraLayer) for m in model.modules())  # merged: a plain UNet again
+
+
+SD_ON_A10G = ["data.resolution=512", "stage_b.batch_size=4", "stage_b.unet.gradient_checkpointing=false",
+              "stage_b.scaling.num_workers=4", "stage_b.scaling.gpu_type=A10G", "data.batch_size=2"]
+"""configs/sd_f8.yaml's SD-sized U-Net (861M) at 512 px (64x64 latents), 4 per GPU, no gradient checkpointing, on a
+node of 24 GB A10Gs (22 GiB usable), as diffusers' train_text_to_image_lora.py runs by default (Stage A's batch
+is lowered so that its own A100 budget at 512 px is not what fails)."""
+
+
+@pytest.mark.slow  # fake-tensor runs of the SD-sized U-Net: seconds each, a minute on a loaded box
+def test_memory_budget_fits_an_sd_lora_on_an_a10g_where_a_full_fine_tune_does_not(capsys):
+    from pipelines.run import main
+
+    args = ["--config", str(REPO / "configs/sd_f8.yaml"), "--memory", *[a for s in SD_ON_A10G for a in ("--set", s)]]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert str(e.value).startswith("error: stage_b: estimated peak") and "A10G's 22 GiB" in str(e.value)
+    full = capsys.readouterr().out
+    assert "unet Adam moments" in full and "DOES NOT FIT" in full
+
+    main(args + ["--set", "stage_b.init_from=/models/stable-diffusion-v1-5", "--set", "stage_b.lora.rank=8"])
+    out = capsys.readouterr().out
+    stage_b = out[out.index("stage_b: estimated peak"):]
+    assert "unet base weights (frozen, bf16)" in stage_b and "LoRA adapters Adam moments" in stage_b
+    assert "GPU A10G: 22 GiB -> fits" in stage_b and "unet Adam moments" not in stage_b
+
+# ----------------------------------------------------------------------------------------------------
+# End to end: a LoRA Stage B on a real local Ray and MLflow store, crash + resume, publish, sample, export.
+# ----------------------------------------------------------------------------------------------------
+
+
+def publish_base(cfg, encoded, workdir: Path, seed: int) -> tuple[str, str, UNet]:
+    """A U-Net bundle on the encoded latents, registered as `mlflow.unet_model_name` as Stage B would (random
+    weights: what matters here is which weights the adapters sit on). Returns (model URI, run id, U-Net)."""
+    from pipelines.data import latents
+    from pipelines.data.text_encoders import TextEncoderConfig
+    from pipelines.models.registry import publish_unet, save_unet_bundle
+    from pipelines.platform import tracking
+
+    torch.manual_seed(seed)
+    unet = UNet(cfg.stage_b.unet)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)
+    manifest, text = encoded.manifest, encoded.manifest["text_encoder"]
+    null_context, null_mask = latents.read_null_condition(encoded.latents_uri, manifest)
+    folder = save_unet_bundle(
+        workdir / "unet", unet_state=unet.state_dict(), ema_state=None, unet_config=cfg.stage_b.unet,
+        diffusion=cfg.stage_b.diffusion, text_encoder=TextEncoderConfig(name_or_path=text["name_or_path"], max_length=text["max_length"]),
+        hidden_size=text["hidden_size"], null_context=null_context, null_mask=null_mask, latent_shape=manifest["latent_shape"],
+        scale_factor=manifest["scale_factor"], autoencoder_uri=manifest["autoencoder_uri"])
+    experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
+    with tracking.stage_run(experiment_id=experiment_id, stage="stage_b", run_name=f"base-{seed}") as run:
+        uri, _ = publish_unet(folder, cfg.mlflow.unet_model_name)
+    return uri, run.info.run_id, unet
+
+
+@pytest.mark.slow
+def test_lora_stage_b_crash_resume_publish_sample_and_export(tmp_path, mlflow_uri, ray_local):
+    import json
+
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    from pipelines.encode_latents import run_encode
+    from pipelines.export import main as export_main
+    from pipelines.models.registry import load_unet_bundle
+    from pipelines.sample import main as sample_main
+    from pipelines.stage_b import run_stage_b
+    from tests.test_encode import digits_dataset, publish_tiny_autoencoder, tiny_config
+
+    data = digits_dataset(tmp_path)
+    sd_eps = "stage_b.unet.transformer_norm_eps=1e-6"  # SD's, so that the merged U-Net exports to diffusers exactly
+    first = tiny_config(tmp_path, data, "run.name=lora", sd_eps)
+    publish_tiny_autoencoder(first, tmp_path / "ae")
+    encoded = run_encode(first)
+    base_uri, base_run, base = publish_base(first, encoded, tmp_path / "base1", seed=0)
+    assert base_uri == "models:/ldm-unet/1"
+    overrides = ["run.name=lora", f"stage_b.init_from={base_uri}", "stage_b.lora.rank=2", "stage_b.lora.alpha=4",
+                 "stage_b.train.fail_at_step=3", "stage_b.train.max_failures=1", "stage_b.optim.lr=0.01"]
+    cfg = tiny_config(tmp_path, data, *overrides)
+    result = run_stage_b(cfg)
+
+    # Trained 4 steps through a worker crash at step 3 (resumed from the step-2 checkpoint), published as an adapter.
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    assert result.model_uri == "models:/ldm-unet-lora/1" and run.info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(result.run_id, "train/resumed_from_step")] == [2.0]
+    assert base_run in run.data.tags["upstream_run_ids"].split(",")
+    digest = lora.base_digest(base)
+    assert (run.data.tags["lora_base_uri"], run.data.tags["lora_base_digest"]) == (base_uri, digest)
+    version = client.get_model_version("ldm-unet-lora", "1")
+    assert version.tags["base_model_uri"] == base_uri and version.tags["latents_uri"] == encoded.latents_uri
+    assert version.tags["base_digest"] == digest
+
+    # The checkpoint holds the adapters (and their optimiser state and EMA) and a reference to the base, no U-Net.
+    ckpt = Path(run.data.tags["checkpoint"])
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["step"] == 4 and meta["lora_base"] == {"uri": base_uri, "digest": digest}
+    assert not (ckpt / "unet.safetensors").exists()
+    adapters = load_file(str(ckpt / "unet_lora.safetensors"))
+    assert adapters and all(".lora_A." in k or ".lora_B." in k for k in adapters)
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapters.items())  # B moved off 0
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    assert int(ema.pop("_ema.num_updates")) == 4 and all(".lora_" in k for k in ema)
+    assert {float(v) for k, v in load_file(str(ckpt / "opt.safetensors")).items() if k.endswith(".step")} == {4.0}
+    base_bytes = sum(t.numel() * t.element_size() for t in base.state_dict().values())
+    assert lora.adapter_bytes(adapters) < base_bytes / 4
+
+    # The published adapter loads with its base: scale 0 is the base exactly, scale 1 differs from it.
+    assert all(torch.equal(a, b) for a, b in zip(load_unet_bundle(result.model_uri, lora_scale=0.0).unet.state_dict().values(),
+                                                 base.state_dict().values()))
+    tuned = load_unet_bundle(result.model_uri).unet
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), base.state_dict().values()))
+
+    # Resuming the same run name on another base is refused in one line.
+    other_uri, _, _ = publish_base(first, encoded, tmp_path / "base2", seed=1)
+    with pytest.raises(lora.BaseMismatch) as e:  # a ConfigError: the entry points print it as one line, exit 1
+        run_stage_b(tiny_config(tmp_path, data, *overrides, f"stage_b.init_from={other_uri}"))
+    assert "LoRA adapters trained on base models:/ldm-unet/1" in str(e.value) and "\n" not in str(e.value)
+
+    # sample.py: base + adapter, both recorded in its run.
+    sampled = sample_main(["--config", str(REPO / "configs/quickstart.yaml"), "--set", f"run.output_uri={tmp_path / 'out'}",
+                           "--set", "sample.steps=2", "--prompt", "a handwritten digit three", "--num", "1",
+                           "--lora-uri", result.model_uri, "--lora-scale", "0.5", "--out", str(tmp_path / "samples")])
+    tags = client.get_run(sampled.run_id).data.tags
+    assert (tags["lora_uri"], tags["lora_scale"], tags["unet_uri"]) == (result.model_uri, "0.5", base_uri)
+    assert len(sampled.image_paths) == 1
+
+    # Export: the adapters as diffusers reads them, and merged into the base as a whole U-Net.
+    export = ["--config", str(REPO / "configs/quickstart.yaml"), "--set", f"run.output_uri={tmp_path / 'out'}",
+              "--model-uri", result.model_uri, "--format", "diffusers"]
+    export_main(export + ["--out", str(tmp_path / "lora")])
+    exported = load_file(str(tmp_path / "lora" / lora.DIFFUSERS_LORA_WEIGHTS))
+    assert exported and all(k.startswith("unet.") and ".lora_" in k and "attn" in k for k in exported)
+    export_main(export + ["--merged", "--out", str(tmp_path / "merged")])
+    merged = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / "merged" / "unet")).eval()
+    x = torch.randn(1, 4, 8, 8)
+    ctx = torch.randn(1, 5, cfg.stage_b.unet.context_dim)
+    with torch.no_grad():
+        gap = (merged(x, torch.tensor([10]), encoder_hidden_states=ctx).sample - tuned(x, torch.tensor([10]), ctx)).abs().max()
+    assert gap <= TOL
+    with pytest.raises(SystemExit, match="LoRA adapters export only as --format diffusers"):
+        export_main(export[:-1] + ["sd-single-file", "--out", str(tmp_path / "single")])
+

@@ -17,7 +17,7 @@ class DataConfig(StrictConfig):
 
     # --- building shards (pipelines/prepare_data.py, and the DAG's prepare node)
     source: str | None = None
-    """What to build the shards from when `uri` has none yet: a bundled dataset ("mnist", "skimage") or a
+    """What to build the shards from when `uri` has none yet: a bundled dataset ("mnist", "mnist_bold", "skimage") or a
     folder of images. None: the shards must already exist."""
     format: Literal["webdataset", "parquet"] = "webdataset"
     """Shard format when building: webdataset tar (KEY.png + KEY.txt + KEY.json) or Parquet (key, image,

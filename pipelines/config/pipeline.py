@@ -300,6 +300,12 @@ class SampleConfig(StrictConfig):
     """Registered-model alias to load when `unet_uri` is not set, e.g. "champion" for
     models:/<mlflow.unet_model_name>-promoted@champion (pipelines/models/provenance.py), resolved once to its version, which
     is loaded and recorded (tags `unet_uri`, `unet_alias`, and samples.json). A missing alias is an error. None: the latest finished stage_b run."""
+    lora_uri: str | None = None
+    """MLflow URI of LoRA adapters (models:/<mlflow.lora_model_name>/<version>): sample from their base (the one they
+    record, checked by its weights digest) with the adapters folded in at `lora_scale`. Then `unet_uri`, when set, must
+    be that base."""
+    lora_scale: float = Field(default=1.0, ge=0)
+    """Strength of the adapters: W + lora_scale (alpha / r) B A (0: the base alone, 1: as trained)."""
     prompts: list[str] = ["a handwritten digit zero", "a handwritten digit seven"]
     """Prompts rendered by `pipelines/sample.py` and by the pipeline's sample stage."""
     num_per_prompt: int = Field(default=4, ge=1)
@@ -338,6 +344,12 @@ class SampleConfig(StrictConfig):
     """Where PNGs and the grid go. None: `<run.output_uri>/samples/<stage B run id>`."""
     evaluate_digits: bool = False
     """Score prompt adherence with a digit classifier trained on real MNIST (for the MNIST prompts)."""
+    forgetting_prompts: list[str] = []
+    """With `evaluate_digits`: prompts the base model already knew (e.g. the quickstart's "a handwritten digit
+    seven"), also rendered and judged, logged as `eval/old_prompt_accuracy`, so a fine-tune's forgetting shows."""
+    ink_reference: str | None = None
+    """With `evaluate_digits`: a bundled data source (e.g. "mnist_bold") whose mean stroke ink fraction the samples'
+    (`eval/ink_fraction`) is compared to (`eval/ink_fraction_reference`, `eval/ink_fraction_gap`). None: not compared."""
     digit_classifier: DigitClassifierConfig = DigitClassifierConfig()
     """The MNIST judge used when `evaluate_digits` is on (cached under `<run.output_uri>/cache/digit_classifier`)."""
     batch_size: int = Field(default=64, ge=1)

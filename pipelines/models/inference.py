@@ -5,18 +5,22 @@ Used by `pipelines/sample.py` and by Stage B's own prompt evaluation."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import math
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ldm_core.autoencoder import denormalize_latents
 from ldm_core.config import ConfigError
 from ldm_core.diffusion import NoiseSchedule
 from ldm_core.sampling import SAMPLERS, Condition, SamplingPlan, sampling_plan
 from pipelines.config import PipelineConfig, SampleConfig
+from pipelines.data.sources import open_source
 from pipelines.data.text_encoders import load_text_encoder
-from pipelines.models.judge import load_or_train_classifier, prompt_adherence
+from pipelines.models.judge import ink_fraction, load_or_train_classifier, prompt_adherence
 from pipelines.models.registry import UNetBundle, load_autoencoder, load_unet_bundle
 from pipelines.platform import storage
 from pipelines.platform.progress import Progress
@@ -133,7 +137,7 @@ def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
     decoded by the autoencoder of its lineage; and the loaded bundle. `progress` counts the images done."""
     sc = cfg.sample
     device = pick_device(sc.device)
-    bundle = load_unet_bundle(model_uri, use_ema=sc.use_ema)
+    bundle = load_unet_bundle(model_uri, use_ema=sc.use_ema, lora_scale=sc.lora_scale)
     try:  # fail before sampling, not after
         storage.check_writable(storage.resolve(output_dir(cfg, bundle), cfg.storage))
     except (OSError, ValueError) as e:
@@ -168,9 +172,29 @@ def score_digits(cfg: PipelineConfig, images: torch.Tensor, prompts: list[str]) 
     clf = load_or_train_classifier(sc.digit_classifier, cache_uri=f"{cfg.run.output_uri.rstrip('/')}/cache/digit_classifier",
                                    storage_cfg=cfg.storage)
     metrics = prompt_adherence(images, [p for p in prompts for _ in range(sc.num_per_prompt)], clf)
-    log.info("prompt adherence %.4f (classifier held-out accuracy %.4f)",
-             metrics["eval/prompt_accuracy"], metrics["eval/classifier_holdout_accuracy"])
+    metrics["eval/ink_fraction"] = float(ink_fraction(images).mean())
+    if sc.ink_reference:
+        metrics["eval/ink_fraction_reference"] = reference_ink_fraction(sc.ink_reference, cfg.data.resolution)
+        metrics["eval/ink_fraction_gap"] = metrics["eval/ink_fraction"] - metrics["eval/ink_fraction_reference"]
+    log.info("prompt adherence %.4f (classifier held-out accuracy %.4f), ink fraction %.4f",
+             metrics["eval/prompt_accuracy"], metrics["eval/classifier_holdout_accuracy"], metrics["eval/ink_fraction"])
     return metrics
+
+
+def reference_ink_fraction(source: str, resolution: int) -> float:
+    """The mean stroke ink fraction (`judge.ink_fraction`) of a bundled data source's images at `resolution`."""
+    images = [torch.from_numpy(np.asarray(Image.open(io.BytesIO(s.data)).convert("L"), dtype=np.float32))
+              for s in open_source(source, resolution=resolution)]
+    return float(ink_fraction(torch.stack(images)[:, None] / 127.5 - 1).mean())
+
+
+def forgetting_metrics(cfg: PipelineConfig, model_uri: str) -> dict[str, float]:
+    """The judge's prompt accuracy on `sample.forgetting_prompts` (what the base model already knew), as
+    `eval/old_prompt_accuracy`: a fine-tune that keeps it has not forgotten."""
+    prompts = cfg.sample.forgetting_prompts
+    images, _ = render(cfg, prompts, model_uri)
+    old = score_digits(cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"ink_reference": None})}), images, prompts)
+    return {"eval/old_prompt_accuracy": old["eval/prompt_accuracy"], "eval/old_ink_fraction": old["eval/ink_fraction"]}
 
 
 def digit_prompt_accuracy(cfg: PipelineConfig, model_uri: str) -> dict[str, float]:

@@ -266,6 +266,16 @@ def to_classifier_input(images: torch.Tensor, invert: bool | Literal["auto"] = "
     return x.clamp(0, 1)
 
 
+INK_THRESHOLD = 0.5
+"""A pixel of a digit (in `to_classifier_input`'s 28x28 [0, 1] form, strokes bright) is ink above this."""
+
+
+def ink_fraction(images: torch.Tensor) -> torch.Tensor:
+    """Per image (B, C, H, W) in [-1, 1]: the fraction of its pixels that are stroke ink at MNIST's 28x28, polarity
+    made MNIST's (the judge's input). Thicker strokes (configs/finetune_lora.yaml's bold digits) cover more."""
+    return (to_classifier_input(images) > INK_THRESHOLD).float().flatten(1).mean(1)
+
+
 def adherence_metrics(prompts: Sequence[str], predicted: torch.Tensor) -> dict[str, float]:
     """Per-prompt-digit and overall fraction of samples classified as the prompted digit.
 

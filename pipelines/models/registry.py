@@ -371,6 +371,12 @@ def load_unet_bundle(model_uri: str, use_ema: bool = True, lora_scale: float = 1
     return bundle
 
 
+def lora_base_of(model_uri: str) -> str | None:
+    """The base URI that the LoRA adapters published at `model_uri` record (None: a whole U-Net)."""
+    meta = json.loads((download_pretrained(model_uri, "unet") / "config.json").read_text())
+    return meta.get("lora", {}).get("base", {}).get("uri")
+
+
 TAG_CHECKPOINT = "checkpoint"
 """Model-version tag: the training checkpoint a version was published from (so it is published only once)."""
 

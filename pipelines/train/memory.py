@@ -51,6 +51,7 @@ from ldm_core.config import ConfigError
 from ldm_core.discriminator import NLayerDiscriminator
 from ldm_core.unet import UNet
 from pipelines.config import PipelineConfig
+from pipelines.models import lora
 from pipelines.platform.runtime import exit_on
 from pipelines.config.sections import GPU_MEMORY_GIB, ScalingSection
 
@@ -350,15 +351,41 @@ def estimate_stage_a(cfg: PipelineConfig, device: str = "cuda") -> MemoryBudget:
     return _assemble("stage_a", persistent, act, [p_ae, p_disc], sa.optim.fused, notes)
 
 
+@contextlib.contextmanager
+def _adapters_made_in_place() -> Iterator[None]:
+    """peft moves each new adapter to its base layer's device and dtype with `Module.to`, which fake parameters cannot
+    take (torch 2.14: "_apply(): Couldn't swap"); in a fake build they are made on that device, in fp32, already, so
+    `to` is the identity while they are attached."""
+    original = nn.Module.to
+    nn.Module.to = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        nn.Module.to = original
+
+
 def estimate_stage_b(cfg: PipelineConfig, device: str = "cuda") -> MemoryBudget:
-    """Stage B: the U-Net's forward (autocast) on a batch of latents with `TEXT_TOKENS` text states."""
+    """Stage B: the U-Net's forward (autocast) on a batch of latents with `TEXT_TOKENS` text states. With
+    `stage_b.lora` the base is frozen (its weights only, bf16 on GPUs unless `lora.base_precision=fp32`) and the
+    adapters alone carry gradients, Adam moments, EMA and DDP buckets; the fake forward runs the adapted U-Net, so
+    the activations are what a frozen base keeps for the adapters' gradients."""
     sb = cfg.stage_b
     f = cfg.stage_a.model.downsample_factor
     side = cfg.data.resolution // f
     bf16 = sb.scaling.use_gpu and sb.train.mixed_precision == "bf16"
+    base_bf16 = bool(sb.lora) and sb.scaling.use_gpu and sb.lora.base_precision == "bf16"
+
+    def make(ckpt: bool = False) -> nn.Module:
+        model = UNet(sb.unet.model_copy(update={"gradient_checkpointing": ckpt}))
+        if sb.lora:
+            with _adapters_made_in_place():
+                model = lora.attach(model, sb.lora)
+            if base_bf16:
+                lora.cast_base(model, torch.bfloat16)
+        return model
 
     def build(ckpt: bool, amp):
-        model = UNet(sb.unet.model_copy(update={"gradient_checkpointing": ckpt}))
+        model = make(ckpt)
         x = torch.randn(sb.batch_size, sb.unet.in_channels, side, side)
         t = torch.zeros(sb.batch_size, dtype=torch.long)
         context = torch.randn(sb.batch_size, TEXT_TOKENS, sb.unet.context_dim)
@@ -372,12 +399,22 @@ def estimate_stage_b(cfg: PipelineConfig, device: str = "cuda") -> MemoryBudget:
         return [("unet", model)], forward
 
     act = _measure(build, sb.unet.gradient_checkpointing, device, bf16)
-    p_unet = _count_params(lambda: UNet(sb.unet))
-    persistent = _trained("unet", p_unet, scaling=sb.scaling, ema=bool(sb.train.ema_decay))
     notes = [f"batch {sb.batch_size} x {side}x{side} latents per worker, {'bf16 autocast' if bf16 else 'fp32'}, "
              f"gradient checkpointing {'on' if sb.unet.gradient_checkpointing else 'off'}, "
              f"{'fused' if sb.optim.fused else 'foreach'} AdamW"]
-    return _assemble("stage_b", persistent, act, [p_unet], sb.optim.fused, notes)
+    if not sb.lora:
+        p_unet = _count_params(lambda: UNet(sb.unet))
+        persistent = _trained("unet", p_unet, scaling=sb.scaling, ema=bool(sb.train.ema_decay))
+        return _assemble("stage_b", persistent, act, [p_unet], sb.optim.fused, notes)
+    with FakeTensorMode(), torch.device("cpu"):
+        params = list(make().parameters())
+    p_base = sum(p.numel() for p in params if not p.requires_grad)
+    p_adapters = sum(p.numel() for p in params if p.requires_grad)
+    persistent = {f"unet base weights (frozen, {'bf16' if base_bf16 else 'fp32'})": (2 if base_bf16 else FP32) * p_base}
+    persistent |= _trained("LoRA adapters", p_adapters, scaling=sb.scaling, ema=bool(sb.train.ema_decay))
+    notes.append(f"LoRA rank {sb.lora.rank} on {', '.join(sb.lora.target_modules)}: {p_adapters / 1e6:.2f}M trained "
+                 f"parameters of {(p_base + p_adapters) / 1e6:.1f}M")
+    return _assemble("stage_b", persistent, act, [p_adapters], sb.optim.fused, notes)
 
 
 def estimate(cfg: PipelineConfig, stage: "Stage", device: str = "cuda") -> MemoryBudget:
