@@ -64,7 +64,7 @@ from pipelines.config import PipelineConfig, SampleConfig
 from pipelines.config.pipeline import LoraSection
 from pipelines.models import lora
 from pipelines.platform.cli import parse_cli
-from pipelines.models.interop import SINGLE_FILE_FORMAT, TRAINING_OPTIONS, InteropError
+from pipelines.models.interop import SINGLE_FILE_FORMAT, TRAINING_OPTIONS, InteropError, import_unet
 from pipelines.models.registry import UNetBundle, load_autoencoder, read_unet_bundle, run_id_of
 from pipelines.platform.runtime import exit_on, setup_logging
 
@@ -361,7 +361,7 @@ def _load(model_uri: str, workdir: Path, merged: bool = False):
         folder = root / "artifacts" / "unet"
         if not merged and json.loads((folder / "config.json").read_text()).get("lora"):
             return "lora", folder
-        return "unet", read_unet_bundle(folder, use_ema=True)
+        return "unet", read_unet_bundle(folder, use_ema=True, load_base=import_unet)
     raise InteropError(f"--model-uri {model_uri}: neither an autoencoder nor a U-Net bundle of this pipeline")
 
 

@@ -7,6 +7,8 @@ Latent diffusion (Rombach et al. 2022) on the latents written by `encode_latents
 a fresh latent is drawn from its posterior (mean, std), t ~ U{0, ..., T-1}, and the U-Net regresses eps (or v)
 (Ho et al. 2020, eq. 14). With probability `cond_drop_prob` a caption is replaced by the empty prompt, so one
 network learns both the conditional and the unconditional model (classifier-free guidance, Ho & Salimans 2022).
+With `stage_b.lora` only LoRA adapters on `init_from`'s frozen U-Net train (Hu et al. 2021; `pipelines/models/lora.py`):
+checkpoints and the published model (`mlflow.lora_model_name`) hold the adapters and a reference to the base.
 
 Reads top to bottom: the worker loop (model, optimiser, EMA, resume, the denoising steps, logging, sample grids,
 checkpoints, the final held-out loss), then the driver (latents, checks, MLflow run, TorchTrainer, publication).

@@ -21,6 +21,7 @@ from pipelines.config import PipelineConfig, SampleConfig
 from pipelines.data.sources import open_source
 from pipelines.data.text_encoders import load_text_encoder
 from pipelines.models.judge import ink_fraction, load_or_train_classifier, prompt_adherence
+from pipelines.models.interop import import_unet
 from pipelines.models.registry import UNetBundle, load_autoencoder, load_unet_bundle
 from pipelines.platform import storage
 from pipelines.platform.progress import Progress
@@ -137,7 +138,7 @@ def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
     decoded by the autoencoder of its lineage; and the loaded bundle. `progress` counts the images done."""
     sc = cfg.sample
     device = pick_device(sc.device)
-    bundle = load_unet_bundle(model_uri, use_ema=sc.use_ema, lora_scale=sc.lora_scale)
+    bundle = load_unet_bundle(model_uri, use_ema=sc.use_ema, lora_scale=sc.lora_scale, load_base=import_unet)
     try:  # fail before sampling, not after
         storage.check_writable(storage.resolve(output_dir(cfg, bundle), cfg.storage))
     except (OSError, ValueError) as e:

@@ -287,7 +287,7 @@ def _read_unet(path: Path, config_only: bool, norm_groups: int, num_heads: int |
 
         if config_only:
             return UNetConfig.model_validate(_read_json(where / "config.json")["unet"])
-        return read_unet_bundle(where, use_ema=True).unet.train().requires_grad_(True)
+        return read_unet_bundle(where, use_ema=True, load_base=import_unet).unet.train().requires_grad_(True)
     if kind == "diffusers":
         cfg = convert.unet_config_from_diffusers(_read_json(where / "config.json"))
         return cfg if config_only else convert.unet_from_state(_diffusers_weights(where), cfg, "diffusers")

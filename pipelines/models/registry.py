@@ -30,6 +30,8 @@ from ldm_core.autoencoder import AutoencoderKL
 from ldm_core.config import ConfigError, format_validation_error
 from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
 from ldm_core.unet import UNet, UNetConfig
+from pipelines.config.pipeline import LoraSection
+from pipelines.models import lora
 from pipelines.data.text_encoders import TextEncoderConfig
 from pipelines.models.checkpoints import save_tensors
 from pipelines.models.provenance import (PROMOTED_FROM_TAG, pinned_requirement, promoted_model_name,
@@ -288,9 +290,16 @@ def save_unet_bundle(
     return directory
 
 
-def read_unet_bundle(directory: str | Path, use_ema: bool = True, lora_scale: float = 1.0) -> UNetBundle:
-    """Load a folder written by `save_unet_bundle` (on the CPU, eval mode, frozen). A LoRA adapter's bundle loads its
-    base (which must still have the weights digest it was trained on) with the adapters folded in at `lora_scale`."""
+BaseLoader = Callable[[str], UNet]
+"""Loads a LoRA bundle's base U-Net from its URI (`pipelines.models.interop.import_unet`, which reads bundles of
+this module too: the caller hands it in, so that the two modules do not import each other)."""
+
+
+def read_unet_bundle(directory: str | Path, use_ema: bool = True, lora_scale: float = 1.0,
+                     load_base: BaseLoader | None = None) -> UNetBundle:
+    """Load a folder written by `save_unet_bundle` (on the CPU, eval mode, frozen). A LoRA adapter's bundle needs
+    `load_base`: its base, which must still have the weights digest it was trained on, comes back with the
+    adapters folded in at `lora_scale`."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -310,7 +319,11 @@ def read_unet_bundle(directory: str | Path, use_ema: bool = True, lora_scale: fl
     ema_file = meta["weights"].get("ema")
     chosen = ema_file if (use_ema and ema_file) else meta["weights"]["raw"]
     if meta.get("lora"):
-        unet = _with_adapters(meta["lora"], load_file(str(directory / chosen)), lora_scale, str(directory))
+        if load_base is None:
+            raise ConfigError(f"{config_path}: LoRA adapters; their base is needed to load them (load_base)")
+        base = load_base(meta["lora"]["base"]["uri"])
+        lora.check_base(meta["lora"]["base"], lora.base_digest(base), str(directory))
+        unet = lora.apply(base, LoraSection.model_validate(meta["lora"]["config"]), load_file(str(directory / chosen)), lora_scale)
     else:
         unet = UNet(unet_config)
         unet.load_state_dict(load_file(str(directory / chosen)))
@@ -325,17 +338,6 @@ def read_unet_bundle(directory: str | Path, use_ema: bool = True, lora_scale: fl
         use_ema=chosen == ema_file, step=int(meta.get("step", 0)), meta=meta,
         latents_mean=meta.get("latents_mean"), latents_std=meta.get("latents_std"),
     )
-
-
-def _with_adapters(lora: Mapping[str, Any], state: Mapping[str, torch.Tensor], scale: float, where: str) -> UNet:
-    """The base a LoRA bundle names, checked against its digest, with the adapters `state` folded in at `scale`."""
-    from pipelines.config.pipeline import LoraSection
-    from pipelines.models import lora as adapters
-    from pipelines.models.interop import import_unet
-
-    base = import_unet(lora["base"]["uri"])
-    adapters.check_base(lora["base"], adapters.base_digest(base), where)
-    return adapters.apply(base, LoraSection.model_validate(lora["config"]), state, scale)
 
 
 def publish_unet(directory: str | Path, registered_model_name: str | None) -> tuple[str, int | None]:
@@ -362,10 +364,12 @@ def publish_unet(directory: str | Path, registered_model_name: str | None) -> tu
     )
 
 
-def load_unet_bundle(model_uri: str, use_ema: bool = True, lora_scale: float = 1.0) -> UNetBundle:
-    """The Stage B U-Net published at `model_uri` (models:/ldm-unet/3, runs:/<id>/unet, models:/m-<id>); a LoRA
-    adapter (models:/ldm-unet-lora/1) comes with its base, the adapters folded in at `lora_scale`."""
-    bundle = read_unet_bundle(download_pretrained(model_uri, "unet"), use_ema=use_ema, lora_scale=lora_scale)
+def load_unet_bundle(model_uri: str, use_ema: bool = True, lora_scale: float = 1.0,
+                     load_base: BaseLoader | None = None) -> UNetBundle:
+    """The Stage B U-Net published at `model_uri` (models:/ldm-unet/3, runs:/<id>/unet, models:/m-<id>); LoRA
+    adapters (models:/ldm-unet-lora/1) come with their base (`load_base`), folded in at `lora_scale`."""
+    bundle = read_unet_bundle(download_pretrained(model_uri, "unet"), use_ema=use_ema, lora_scale=lora_scale,
+                              load_base=load_base)
     if bundle.stage_b_run_id is None:
         bundle.stage_b_run_id = run_id_of(model_uri)
     return bundle

@@ -12,6 +12,7 @@ import torch
 from mlflow.pyfunc import PythonModel
 
 from ldm_core.sampling import Condition, ddim_sample, sampling_plan
+from pipelines.models.interop import import_unet
 from pipelines.models.registry import UNET_PYFUNC_PARAMS, read_unet_bundle
 from pipelines.data.text_encoders import load_text_encoder
 
@@ -24,7 +25,7 @@ class UNetPyfunc(PythonModel):
 
     def _bundle(self, use_ema: bool):
         if use_ema not in self.bundles:
-            self.bundles[use_ema] = read_unet_bundle(self.folder, use_ema=use_ema)
+            self.bundles[use_ema] = read_unet_bundle(self.folder, use_ema=use_ema, load_base=import_unet)
         return self.bundles[use_ema]
 
     def predict(self, context, model_input, params=None):
