@@ -90,7 +90,7 @@ def run_mode(mode: str, args) -> dict:
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss, _ = denoising_loss(model, batch, schedule, null_context=null_context, null_mask=null_mask,
-                                 cond_drop_prob=0.1, generator=generator)
+                                 cond_drop_prob=0.1, generator=generator, **sb.diffusion.loss_options())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
