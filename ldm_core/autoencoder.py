@@ -30,16 +30,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm_core.config import ConfigError, StrictConfig, format_validation_error
+from ldm_core.config import ConfigError, format_validation_error
+from ldm_core.model_configs import AutoencoderConfig
 from ldm_core.metrics import bicubic_enlarge, bicubic_shrink
 
 __all__ = ["AutoencoderConfig", "DiagonalGaussian", "Encoder", "Decoder", "AutoencoderKL", "denormalize_latents",
@@ -53,76 +53,6 @@ NORM_EPS = 1e-6
 """GroupNorm epsilon of every norm layer (the LDM autoencoder value)."""
 SHORTCUT_INIT_LOGVAR = -10.0
 """The posterior log-variance a bicubic-shortcut autoencoder starts at (see AutoencoderConfig.bicubic_shortcut)."""
-
-
-class AutoencoderConfig(StrictConfig):
-    """Shape of the autoencoder. Defaults are the LDM / Stable Diffusion kl-f8 layout (f = 8, c = 4)."""
-
-    in_channels: int = Field(3, ge=1)
-    """Channels of the input image."""
-    out_channels: int = Field(3, ge=1)
-    """Channels of the reconstructed image."""
-    grey_output: bool = False
-    """Grey-scale data: the decoder predicts one intensity per pixel and repeats it over the `out_channels`, so its
-    images are grey by construction. (A colour head trained on grey images only learns R = G = B approximately;
-    the channels drift apart, most where the loss looks least, and the grids come out tinted.)"""
-    latent_channels: int = Field(4, ge=1)
-    """Channels c of the latent z (the diffusion model's in_channels)."""
-    base_channels: int = Field(128, ge=1)
-    """Base width C; level i has C * channel_mult[i] channels."""
-    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 4, 4])
-    """Width multiplier per resolution level; the downsampling factor is f = 2 ** (len(channel_mult) - 1)."""
-    num_res_blocks: int = Field(2, ge=1)
-    """ResnetBlocks per encoder level (the decoder has one more per level)."""
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout inside every ResnetBlock."""
-    norm_groups: int = Field(32, ge=1)
-    """GroupNorm groups; every level's width must be divisible by it."""
-    mid_attention: bool = True
-    """Single-head self-attention in the encoder's and decoder's mid block (lowest resolution)."""
-    kind: Literal["kl", "deterministic"] = "kl"
-    """"kl": Gaussian posterior with a KL penalty (VAE); "deterministic": z = E(x), no sampling, KL 0."""
-    logvar_min: float = -30.0
-    """Lower clamp of the posterior log-variance (keeps exp(logvar) representable)."""
-    logvar_max: float = 20.0
-    """Upper clamp of the posterior log-variance."""
-    gradient_checkpointing: bool = False
-    """Recompute ResnetBlock / attention activations in the backward pass (less memory, ~30% more compute)."""
-    bicubic_shortcut: bool = False
-    """Learn the residual over bicubic resampling: the encoder's latent mean gets the image shrunk by f (antialiased
-    bicubic) added to its first `in_channels` channels, the decoder's image gets those channels enlarged back
-    (bicubic) added to its output, and both networks' output convs start at zero (the posterior's log-variance at
-    SHORTCUT_INIT_LOGVAR), so training starts from the bicubic codec and the networks learn what it misses (the residual autoencoding of Chen et al. 2024, "Deep
-    Compression Autoencoder", across the whole network). Much faster to beat bicubic on a small budget (issue 15);
-    Stable Diffusion's and diffusers' autoencoders have no such path, so such a model does not export to them."""
-
-    @model_validator(mode="after")
-    def _check(self) -> AutoencoderConfig:
-        if self.bicubic_shortcut and (self.grey_output or self.in_channels != self.out_channels
-                                      or self.in_channels > self.latent_channels):
-            raise ValueError(
-                "bicubic_shortcut needs in_channels == out_channels <= latent_channels and grey_output false, got "
-                f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
-                f"latent_channels={self.latent_channels}, grey_output={self.grey_output}"
-            )
-        if not self.channel_mult:
-            raise ValueError("channel_mult must list at least one level")
-        if any(m < 1 for m in self.channel_mult):
-            raise ValueError(f"channel_mult entries must be >= 1, got {self.channel_mult}")
-        for m in self.channel_mult:
-            if (self.base_channels * m) % self.norm_groups:
-                raise ValueError(
-                    f"base_channels * channel_mult = {self.base_channels} * {m} = {self.base_channels * m} "
-                    f"is not divisible by norm_groups = {self.norm_groups}"
-                )
-        if self.logvar_min >= self.logvar_max:
-            raise ValueError(f"logvar_min ({self.logvar_min}) must be < logvar_max ({self.logvar_max})")
-        return self
-
-    @property
-    def downsample_factor(self) -> int:
-        """f: the image side divided by the latent side."""
-        return 2 ** (len(self.channel_mult) - 1)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["StrictConfig", "ConfigError", "format_validation_error"]
+__all__ = ["StrictConfig", "ConfigError", "format_validation_error", "one_line"]
 
 
 class StrictConfig(BaseModel):
@@ -41,3 +41,9 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
         else:
             lines.append(f"{path}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+def one_line(message: str) -> str:
+    """A possibly multi-line message on one line: "head:" + its lines joined by "; "."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return "".join(line + (" " if line.endswith(":") else "; ") for line in lines).rstrip("; ")

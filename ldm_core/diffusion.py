@@ -19,15 +19,14 @@ trained with is rebuilt exactly wherever its config goes: training, the in-train
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from ldm_core.config import StrictConfig
+from ldm_core.model_configs import DiffusionConfig, Prediction
 
 __all__ = [
     "BETA_SCHEDULES",
@@ -52,61 +51,11 @@ __all__ = [
     "v_target",
 ]
 
-Prediction = Literal["eps", "v"]
 
 COSINE_OFFSET = 0.008
 """s in the cosine schedule (Nichol & Dhariwal 2021, eq. 17): keeps beta_0 from being vanishingly small."""
 COSINE_MAX_BETA = 0.999
 """Upper clip of the cosine schedule's betas (Nichol & Dhariwal 2021, Sec. 3.2): avoids a singular last step."""
-
-
-class DiffusionConfig(StrictConfig):
-    """Discrete-time diffusion process and what the network predicts."""
-
-    num_timesteps: int = Field(1000, ge=2)
-    """T, the number of discrete diffusion steps (t = 0 .. T-1)."""
-    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
-    """Name of the beta schedule in BETA_SCHEDULES (scaled_linear is Stable Diffusion's)."""
-    beta_start: float = Field(0.00085, gt=0.0, lt=1.0)
-    """beta_0 of the linear / scaled_linear schedules (ignored by cosine)."""
-    beta_end: float = Field(0.012, gt=0.0, lt=1.0)
-    """beta_{T-1} of the linear / scaled_linear schedules (ignored by cosine)."""
-    prediction: Prediction = "eps"
-    """Network target: "eps" (noise, Ho et al. 2020) or "v" (velocity, Salimans & Ho 2022)."""
-    zero_terminal_snr: bool = False
-    """Rescale the schedule so that alpha_bar_{T-1} = 0: the last timestep is pure noise, as at sampling time
-    (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1). Needs
-    prediction="v" (at SNR 0 an eps prediction says nothing about x0) and a sampler spacing that starts at
-    t = T-1 ("trailing", the default, or "linspace"). The rescaled schedule is what the bundle's config
-    rebuilds, so training and sampling always agree."""
-    snr_gamma: float | None = Field(None, gt=0)
-    """Min-SNR-gamma loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
-    Strategy"): each sample's MSE is weighted by min(SNR_t, gamma) / SNR_t for eps and
-    min(SNR_t, gamma) / (SNR_t + 1) for v, so the low-noise steps stop dominating. 5 is the paper's value.
-    None: the unweighted loss (Ho et al. 2020). The held-out loss stays unweighted, so runs compare."""
-    offset_noise: float = Field(0.0, ge=0)
-    """Offset noise (Guttenberg 2023, "Diffusion with Offset Noise"): the training noise gets an extra
-    per-sample, per-channel constant, eps = N(0, I) + offset_noise * N(0, 1) broadcast over the pixels, so
-    the model learns to change an image's overall brightness. About 0.1 in practice; 0: off."""
-    input_perturbation: float = Field(0.0, ge=0)
-    """Input perturbation (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models"):
-    x_t is built from eps + gamma * xi, xi ~ N(0, I), while the target stays eps (or the v of eps), to
-    simulate the sampler's own prediction errors. The paper uses gamma = 0.1; 0: off."""
-
-    @model_validator(mode="after")
-    def _check_betas(self) -> "DiffusionConfig":
-        if self.beta_schedule != "cosine" and self.beta_start >= self.beta_end:
-            raise ValueError(f"beta_start ({self.beta_start}) must be < beta_end ({self.beta_end}) "
-                             f"for the {self.beta_schedule} schedule")
-        if self.zero_terminal_snr and self.prediction != "v":
-            raise ValueError(f"zero_terminal_snr needs prediction='v' (got {self.prediction!r}): at alpha_bar_T = 0 "
-                             f"x0 cannot be recovered from an eps prediction (Lin et al. 2024, Sec. 3.2)")
-        return self
-
-    def loss_options(self) -> dict:
-        """The keyword arguments of `training_loss` this config sets: the target and the training recipe."""
-        return {"prediction": self.prediction, "snr_gamma": self.snr_gamma, "offset_noise": self.offset_noise,
-                "input_perturbation": self.input_perturbation}
 
 
 # ----------------------------------------------------------------------------------------------- schedules

@@ -25,44 +25,18 @@ with any batch split, and DDP has nothing to broadcast.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from ldm_core.config import StrictConfig
+from ldm_core.model_configs import DiscriminatorConfig
 
 __all__ = ["DiscriminatorConfig", "NLayerDiscriminator", "NORMS"]
 
 INIT_STD = 0.02
 LEAKY_SLOPE = 0.2
 KERNEL = 4
-
-
-class DiscriminatorConfig(StrictConfig):
-    """Shape of the PatchGAN discriminator."""
-
-    in_channels: int = Field(3, ge=1)
-    """Channels of the images it judges."""
-    base_channels: int = Field(64, ge=1)
-    """Width C of the first conv; later convs double it, capped at 8C."""
-    num_layers: int = Field(3, ge=1)
-    """Stride-2 convs (the receptive field: 3 layers see 70x70 patches)."""
-    norm: Literal["group", "batch", "instance", "none"] = "group"
-    """Normalisation after each inner conv. "group" (default) is safe under DDP and independent of the
-    batch split; "batch" reproduces pix2pix/taming but needs broadcast_buffers=False under DDP."""
-    norm_groups: int = Field(32, ge=1)
-    """Groups of the GroupNorm (norm="group"); base_channels must be divisible by it."""
-
-    @model_validator(mode="after")
-    def _check(self) -> DiscriminatorConfig:
-        if self.norm == "group" and self.base_channels % self.norm_groups:
-            raise ValueError(
-                f"base_channels ({self.base_channels}) must be divisible by norm_groups ({self.norm_groups}) "
-                "when norm is 'group'"
-            )
-        return self
 
 
 def _group_norm(groups: int) -> Callable[[int], nn.Module]:

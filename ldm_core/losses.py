@@ -17,15 +17,14 @@ hinge (Lim & Ye 2017) or vanilla / non-saturating (Goodfellow et al. 2014) on pa
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from ldm_core.autoencoder import DiagonalGaussian
-from ldm_core.config import StrictConfig
+from ldm_core.model_configs import AutoencoderLossConfig
 
 __all__ = [
     "AutoencoderLossConfig",
@@ -38,41 +37,6 @@ __all__ = [
     "DISC_LOSSES",
     "GEN_ADV_LOSSES",
 ]
-
-
-class AutoencoderLossConfig(StrictConfig):
-    """Weights of the autoencoder loss terms and the discriminator schedule (defaults: LDM kl-f8)."""
-
-    pixel_loss: Literal["l1", "l2"] = "l1"
-    """Per-pixel reconstruction distance: |x - x_rec| ("l1") or (x - x_rec)^2 ("l2")."""
-    pixel_weight: float = Field(1.0, ge=0.0)
-    """Weight of the pixel term inside L_rec."""
-    perceptual_weight: float = Field(1.0, ge=0.0)
-    """Weight of LPIPS inside L_rec; 0 disables it (no LPIPS network is needed then)."""
-    kl_weight: float = Field(1e-6, ge=0.0)
-    """Weight of KL(q(z|x) || N(0, I)) (per-sample sum over latent dims). Ignored for deterministic models (KL 0)."""
-    disc_weight: float = Field(0.5, ge=0.0)
-    """Multiplier of the adaptive weight lambda (taming's discriminator_weight); 0 disables the GAN term."""
-    disc_start: int = Field(50001, ge=0)
-    """Optimiser step from which the adversarial terms are on (LDM kl-f8 uses 50001)."""
-    disc_loss: Literal["hinge", "vanilla"] = "hinge"
-    """Discriminator loss; the generator's adversarial term matches it (-D(x_rec) for hinge,
-    softplus(-D(x_rec)), the non-saturating loss, for vanilla)."""
-    disc_factor: float = Field(1.0, ge=0.0)
-    """Factor on both adversarial terms from disc_start on (before it, 0)."""
-    use_adaptive_weight: bool = True
-    """Balance the GAN term by the gradient-norm ratio at the decoder's last layer (taming eq. 7). False:
-    lambda = disc_weight."""
-    adaptive_weight_max: float = Field(1e4, gt=0.0)
-    """Upper clamp of the gradient-norm ratio (taming's 1e4). What to expect: L_rec is summed over the C*H*W
-    pixels while the adversarial loss is a mean over patch logits, so the reconstruction gradient at the last
-    layer is orders of magnitude larger and early in GAN training the ratio is often above the clamp; lambda
-    then sits at disc_weight * adaptive_weight_max. On the quickstart (2026-11-25, 20-step interval means) the
-    logged train/adaptive_ratio was 1.9e4 to 8.3e4 (train/rec_grad_norm 1.3e4 to 1.5e4, train/adv_grad_norm
-    4.9 falling to 0.33), so lambda = 0.5 * 1e4 = 5,000 on most steps: the reference formula and clamp, working
-    as designed on a 60-step GAN phase (the three metrics are logged on every step where lambda is computed)."""
-    adaptive_weight_eps: float = Field(1e-4, gt=0.0)
-    """Added to the adversarial gradient norm in the ratio's denominator."""
 
 
 PIXEL_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {

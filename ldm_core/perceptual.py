@@ -18,14 +18,12 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Literal
 from urllib.parse import urlparse
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from ldm_core.config import StrictConfig
+from ldm_core.model_configs import LPIPSConfig
 
 __all__ = ["LPIPSConfig", "RandomBackboneWarning", "build_lpips", "backbone_weights_path", "backbone_weights_url"]
 
@@ -43,20 +41,6 @@ def backbone_weights_url(net: str) -> str:
         "squeeze": tv.SqueezeNet1_1_Weights.IMAGENET1K_V1,
     }
     return weights[net].url
-
-
-class LPIPSConfig(StrictConfig):
-    """Which LPIPS network to build and where its backbone weights come from."""
-
-    net: Literal["vgg", "alex", "squeeze"] = "vgg"
-    """Backbone: "vgg" (VGG16, the LDM/taming training loss), "alex" (the LPIPS paper's metric), "squeeze"."""
-    backbone: Literal["auto", "pretrained", "random"] = "auto"
-    """"pretrained": ImageNet weights from the local cache, else an error; "random": randomly initialised
-    backbone (not true LPIPS); "auto": pretrained when cached, else random with a warning."""
-    weights_path: str | None = Field(default=None, min_length=1)
-    """Local torchvision checkpoint of the backbone. None: `$TORCH_HOME/hub/checkpoints/<torchvision file>`."""
-    random_seed: int = 0
-    """Seed of a random backbone, so every rank, run and stage uses the same network (comparable values)."""
 
 
 class RandomBackboneWarning(UserWarning):

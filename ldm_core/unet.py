@@ -26,80 +26,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm_core.config import StrictConfig
+from ldm_core.model_configs import UNetConfig
 
 __all__ = ["UNetConfig", "UNet", "timestep_embedding"]
-
-
-class UNetConfig(StrictConfig):
-    """Shape of the conditional U-Net. Defaults are a small model for 32x32x4 latents."""
-
-    in_channels: int = Field(4, ge=1)
-    """Channels of the input latent (the autoencoder's z_channels)."""
-    out_channels: int = Field(4, ge=1)
-    """Channels of the prediction (eps or v), normally equal to in_channels."""
-    model_channels: int = Field(128, ge=1)
-    """Base width C; level i has C * channel_mult[i] channels."""
-    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 4])
-    """Width multiplier per resolution level; len(channel_mult) - 1 downsamplings by 2."""
-    num_res_blocks: int = Field(2, ge=1)
-    """ResBlocks per level on the way down (the way up has one more per level)."""
-    attention_levels: list[int] = Field(default_factory=lambda: [1, 2])
-    """Indices of the levels (0 = full resolution) whose ResBlocks are followed by a SpatialTransformer.
-    The mid block always has one."""
-    num_heads: int = Field(8, ge=1)
-    """Attention heads per transformer; head dim = level channels / num_heads (LDM v1 convention)."""
-    head_dim: int | None = Field(None, ge=1)
-    """If set, every transformer has level channels / head_dim heads instead (the SD 2.x convention: a fixed
-    head width, more heads at wider levels); None: `num_heads` heads everywhere."""
-    transformer_norm_eps: float = Field(1e-5, gt=0)
-    """Epsilon of the GroupNorm in front of each SpatialTransformer (Stable Diffusion and diffusers use 1e-6)."""
-    transformer_depth: int = Field(1, ge=1)
-    """Transformer blocks (self-attn, cross-attn, feed-forward) per SpatialTransformer."""
-    context_dim: int = Field(384, ge=1)
-    """Hidden size of the text encoder tokens used as cross-attention keys/values (384 MiniLM, 768 CLIP-L)."""
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout probability inside ResBlocks (before their last conv)."""
-    norm_groups: int = Field(32, ge=1)
-    """Groups of every GroupNorm; must divide model_channels * m for every m in channel_mult."""
-    ff_mult: int = Field(4, ge=1)
-    """Hidden width of the GEGLU feed-forward, as a multiple of the level channels."""
-    gradient_checkpointing: bool = False
-    """Recompute ResBlock and transformer activations in the backward pass (less memory, ~30% slower)."""
-
-    @model_validator(mode="after")
-    def _check_shapes(self) -> "UNetConfig":
-        n = len(self.channel_mult)
-        if n == 0:
-            raise ValueError("channel_mult: must list at least one level")
-        if any(m < 1 for m in self.channel_mult):
-            raise ValueError(f"channel_mult: every multiplier must be >= 1 (got {self.channel_mult})")
-        bad = [lvl for lvl in self.attention_levels if not 0 <= lvl < n]
-        if bad:
-            raise ValueError(f"attention_levels: {bad} out of range; valid levels are 0..{n - 1} "
-                             f"(len(channel_mult) = {n})")
-        if len(set(self.attention_levels)) != len(self.attention_levels):
-            raise ValueError(f"attention_levels: duplicates in {self.attention_levels}")
-        for m in [1, *self.channel_mult]:
-            ch = self.model_channels * m
-            if ch % self.norm_groups:
-                raise ValueError(f"norm_groups: {self.norm_groups} does not divide {ch} channels "
-                                 f"(model_channels={self.model_channels} x {m})")
-        for lvl in sorted({*self.attention_levels, n - 1}):
-            ch = self.model_channels * self.channel_mult[lvl]
-            name, value = ("head_dim", self.head_dim) if self.head_dim else ("num_heads", self.num_heads)
-            if ch % value:
-                raise ValueError(f"{name}: {value} does not divide {ch} channels at level {lvl} "
-                                 f"(transformers at attention_levels and the mid block need it)")
-        return self
-
-    def heads(self, channels: int) -> int:
-        """Attention heads of a transformer over `channels` channels."""
-        return channels // self.head_dim if self.head_dim else self.num_heads
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

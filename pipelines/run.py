@@ -25,36 +25,49 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable,
 
 import argparse
 import sys
-import traceback
 from pathlib import Path
-
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING
 
 from ldm_core.config import ConfigError
-from pipelines import encode_latents, prepare_data, sample, stage_a, stage_b
-from pipelines.dag import executor
-from pipelines.dag.executor import CacheMiss, Outcome, StageFailure, resume_command
-from pipelines.dag.stage import Stage
-from pipelines.data import DatasetError
-from pipelines.data.latents import LatentsError
-from pipelines.platform import lease, tracking
 from pipelines.platform.cli import parse_cli
-from pipelines.platform.cluster import ClusterError
-from pipelines.platform.runtime import exit_on, setup_logging
 
-STAGES: tuple[Stage, ...] = (prepare_data.STAGE, stage_a.STAGE, encode_latents.STAGE, stage_b.STAGE, sample.STAGE)
-"""The DAG, in order: each stage is described on its entry point (`STAGE`); a new stage is one more entry here."""
-STAGE_NAMES = tuple(s.name for s in STAGES)
+if TYPE_CHECKING:
+    from pipelines.dag.executor import Outcome, StageFailure
+    from pipelines.dag.stage import Stage
+
+# Only light imports above (argparse, pydantic): the command line and the config are checked before torch, Ray and
+# MLflow import (seconds on a busy machine), so a mistyped argument or field is refused at once (issue 30).
+# The stages and the executor are imported once they are needed.
+
+STAGE_NAMES = ("prepare", "stage_a", "encode", "stage_b", "sample")
+"""The DAG's stages, in order (`stages()` checks that they are the names of `STAGES`)."""
+
+
+def stages() -> tuple[Stage, ...]:
+    """The DAG, in order: each stage is described on its entry point (`STAGE`); a new stage is one more entry here
+    (and in STAGE_NAMES). Importing them imports torch, Ray and MLflow."""
+    from pipelines import encode_latents, prepare_data, sample, stage_a, stage_b
+
+    dag = (prepare_data.STAGE, stage_a.STAGE, encode_latents.STAGE, stage_b.STAGE, sample.STAGE)
+    assert tuple(s.name for s in dag) == STAGE_NAMES, "STAGE_NAMES must list the stages of stages(), in order"
+    return dag
+
+
+def __getattr__(name: str):
+    if name == "STAGES":  # `from pipelines.run import STAGES`: the stages, imported on first use
+        return stages()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run_pipeline(cfg, *, from_stage: str | None = None, until: str | None = None,
                  force: str | None = None) -> dict[str, Outcome]:
     """The DAG on `cfg` (see `dag/executor.py`): each stage taken from the cache, resumed, or run."""
-    return executor.run_pipeline(STAGES, cfg, from_stage=from_stage, until=until, force=force)
+    from pipelines.dag import executor
+
+    return executor.run_pipeline(stages(), cfg, from_stage=from_stage, until=until, force=force)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Outcome]:
-    setup_logging()
     parser = argparse.ArgumentParser(description="Run the whole latent-diffusion pipeline.")
     parser.add_argument("--from", dest="from_stage", choices=STAGE_NAMES, help="take earlier stages from the cache only")
     parser.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
@@ -65,7 +78,17 @@ def main(argv: list[str] | None = None) -> dict[str, Outcome]:
                              "keeping those another MLflow store's runs point at; run nothing")
     parser.add_argument("--memory", action="store_true",
                         help="print each training stage's estimated peak GPU memory per worker; run nothing")
-    cfg, args = parse_cli(argv, parser)
+    cfg, args = parse_cli(argv, parser)  # a bad argument or config exits here, before the heavy imports below
+    from pipelines.platform.runtime import exit_on, setup_logging
+
+    setup_logging()
+    from pipelines.dag.executor import CacheMiss, resume_command
+    from pipelines.data import DatasetError
+    from pipelines.data.latents import LatentsError
+    from pipelines.platform import lease
+    from pipelines.platform.cluster import ClusterError
+
+    STAGES = stages()
     if args.plan:
         from pipelines.dag.plan import plan_pipeline, print_plan
 
@@ -115,9 +138,11 @@ def check_from(cfg, from_stage: str | None, until: str | None, force: str | None
     (no Ray, nothing written), so a refusal comes before anything starts."""
     if from_stage is None:
         return
+    from pipelines.dag.executor import CacheMiss
     from pipelines.dag.plan import plan_pipeline
+    from pipelines.platform import tracking
 
-    missing = next((s for s in plan_pipeline(STAGES, cfg, from_stage=from_stage, until=until, force=force)
+    missing = next((s for s in plan_pipeline(stages(), cfg, from_stage=from_stage, until=until, force=force)
                     if s.action == "error"), None)
     if missing is not None:
         raise CacheMiss(f"--from {from_stage}: stage {missing.stage} has no finished run for this config in "
@@ -127,6 +152,8 @@ def check_from(cfg, from_stage: str | None, until: str | None, force: str | None
 def _exit_on_failure(e: BaseException, failure: StageFailure, resume: str) -> None:
     """The failure line, last. A user-facing error (bad input, an outage: already one line) is said once, as the
     line's cause; anything else is a bug and prints its traceback first."""
+    import traceback
+
     sys.stdout.flush()
     if not isinstance(e, SystemExit):
         traceback.print_exception(e)
@@ -135,12 +162,16 @@ def _exit_on_failure(e: BaseException, failure: StageFailure, resume: str) -> No
 
 
 def _print_where(cfg, outcomes: dict[str, Outcome]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.platform import tracking
+
     print("\nDone.")
-    samples = outcomes.get(sample.STAGE.name)
+    samples = outcomes.get("sample")
     if samples is not None:
         out_dir = samples.outputs.get("out_dir")
         print(f"  samples:  {out_dir} (grid: {out_dir}/grid.png)")
-    for stage in STAGES:
+    for stage in stages():
         o = outcomes.get(stage.name)
         shown = {k: round(v, 4) for k, v in o.metrics.items() if k in stage.key_metrics} if o else {}
         if "eval/lpips" in shown and o.run_id:  # an LPIPS number is only readable next to its backbone

@@ -34,6 +34,24 @@ def test_importing_ldm_core_loads_no_ray_or_mlflow():
     assert out.stdout.strip() == ""
 
 
+def test_a_bad_command_line_or_config_is_refused_before_torch_ray_or_mlflow_import():
+    """Issue 30: the front of every entry point (`pipelines.config`, `platform/cli.py`) and `run.py` up to its config
+    check are light, so a typo is refused at once, not after seconds of imports. Run as users run it."""
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['pipelines/run.py', '--config', 'configs/quickstart.yaml', '--set', 'stage_a.train.max_stepz=3']\n"
+        "try:\n"
+        "    runpy.run_path('pipelines/run.py', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    print(e.code)\n"
+        "print('heavy:', ','.join(sorted({k.split('.')[0] for k in sys.modules} & {'torch', 'ray', 'mlflow', 'numpy'})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    refusal, heavy = out.stdout.rstrip('\n').split('\n')
+    assert refusal.startswith("error: invalid config") and "stage_a.train.max_stepz" in refusal
+    assert heavy == "heavy: "
+
+
 # pipelines/ is layered: each package may import its own layer and the ones below it, never one above; the entry
 # points on top (pipelines/*.py) import anything below. README "Where things live" names the same order.
 LAYERS = ("config", "platform", "data", "models", "train", "dag")

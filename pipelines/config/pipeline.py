@@ -17,13 +17,9 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
-from ldm_core.autoencoder import AutoencoderConfig
 from ldm_core.config import ConfigError, StrictConfig, format_validation_error
-from ldm_core.diffusion import DiffusionConfig
-from ldm_core.discriminator import DiscriminatorConfig
-from ldm_core.losses import AutoencoderLossConfig
-from ldm_core.perceptual import LPIPSConfig
-from ldm_core.unet import UNetConfig
+from ldm_core.model_configs import (AutoencoderConfig, AutoencoderLossConfig, DiffusionConfig, DiscriminatorConfig,
+                                    LPIPSConfig, UNetConfig)
 from pipelines.config.data import DataConfig
 from pipelines.config.prompts import prompt_digit
 from pipelines.config.sections import (

@@ -1,13 +1,14 @@
 """Every entry point's front: `--config FILE`, `--set a.b=c` overrides and `--verbose`, parsed and validated
-before anything heavy starts."""
+before anything heavy starts. This module and `pipelines.config` import no torch, Ray or MLflow
+(tests/test_layering.py checks), so an entry point that parses first refuses a bad argument or config in about
+a second (`pipelines/run.py` does)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ldm_core.config import ConfigError
+from ldm_core.config import ConfigError, one_line
 from pipelines.config import PipelineConfig, load_config
-from pipelines.platform.runtime import add_verbose_arg, one_line, set_verbose
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -20,11 +21,16 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one config value by its dotted path, e.g. --set stage_a.train.max_steps=20 (repeatable)",
     )
-    return add_verbose_arg(parser)
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Ray's own logs (Train reports, Data progress bars and stats) to the console")
+    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    set_verbose(getattr(args, "verbose", False))
+    if getattr(args, "verbose", False):
+        from pipelines.platform.runtime import set_verbose  # imports Ray: only when asked for
+
+        set_verbose(True)
     return load_config(args.config, args.overrides)
 
 
@@ -36,3 +42,4 @@ def parse_cli(argv: list[str] | None, parser: argparse.ArgumentParser) -> tuple[
         return config_from_args(args), args
     except ConfigError as e:  # one line: every problem, separated by "; "
         raise SystemExit(f"error: {one_line(str(e))}") from None
+

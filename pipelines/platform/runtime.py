@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import importlib.util
 import logging
@@ -18,6 +17,7 @@ from typing import Iterator
 import ray
 from ray._private import ray_constants
 
+from ldm_core.config import one_line
 from pipelines.platform import progress
 from pipelines.platform.progress import ANSI, is_terminal
 from pipelines.config.sections import RaySection
@@ -46,12 +46,6 @@ a logger named by the module's file path (so Train's own log-level setting does 
 
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0") or os.environ.get("LDM_LOG_LEVEL", "").upper() == "DEBUG"
-
-
-def add_verbose_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--verbose", action="store_true",
-                        help="also print Ray's own logs (Train reports, Data progress bars and stats) to the console")
-    return parser
 
 
 def set_verbose(on: bool) -> None:
@@ -268,12 +262,6 @@ def _repoint_handlers(old, new) -> None:
         for handler in logger.handlers:
             if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is old:
                 handler.setStream(new)
-
-
-def one_line(message: str) -> str:
-    """A possibly multi-line message on one line: "head:" + its lines joined by "; "."""
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    return "".join(line + (" " if line.endswith(":") else "; ") for line in lines).rstrip("; ")
 
 
 @contextmanager
