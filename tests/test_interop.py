@@ -312,7 +312,7 @@ def test_init_from_an_mlflow_model_is_in_the_stage_runs_upstream_run_ids(mlflow_
 
     def upstream(stage: str, *overrides: str) -> tuple[str, ...]:
         cfg = _pipeline_config(f"mlflow.tracking_uri={mlflow_uri}", *overrides)
-        return Context(cfg, cfg, "0", "parent", outcomes, nodes[stage], "key").upstream()
+        return Context(cfg, cfg, "0", "parent", outcomes, nodes[stage], "key", f"run-{stage}").upstream()
 
     assert uri.startswith("models:/ldm-autoencoder/")
     assert upstream("stage_a", f"stage_a.init_from={uri}") == ("prepare-run", source_run)
