@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -400,6 +401,9 @@ class AutoencoderKL(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k != "scale_factor"}
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+        mask = os.umask(0o022)  # safetensors writes owner-only (0600): give the file the mode any new file gets
+        os.umask(mask)
+        os.chmod(directory / WEIGHTS_FILE, 0o666 & ~mask)
         meta = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,

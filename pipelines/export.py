@@ -63,6 +63,7 @@ from pipelines.platform import storage, tracking
 from pipelines.config import PipelineConfig, SampleConfig
 from pipelines.config.pipeline import LoraSection
 from pipelines.models import lora
+from pipelines.models.checkpoints import FILE_MODE
 from pipelines.platform.cli import parse_cli
 from pipelines.models.interop import SINGLE_FILE_FORMAT, TRAINING_OPTIONS, InteropError, import_unet
 from pipelines.models.registry import UNetBundle, load_autoencoder, read_unet_bundle, run_id_of
@@ -131,6 +132,7 @@ def _write_json(path: Path, obj: dict) -> None:
 def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    os.chmod(path, FILE_MODE)  # readable by others as any new file (safetensors alone writes 0600)
 
 
 def write_diffusers_autoencoder(model: AutoencoderKL, folder: Path, sample_size: int | None = None,

@@ -52,3 +52,22 @@ def test_checkpoints_of_compiled_modules_keep_plain_keys(tmp_path):
     fresh = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
     load_module(tmp_path, "model", torch.compile(fresh))  # and loads back into a compiled module
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_checkpoint_and_autoencoder_files_are_readable_like_any_new_file(tmp_path):
+    """safetensors writes owner-only (0600); in a team's shared folder checkpoints, published autoencoders and
+    exports must get the mode every other new file gets (umask 022 here: 0644)."""
+    import os
+    import stat
+
+    from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL
+
+    mask = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "ckpt", modules={"model": _model()}, optimizers={}, meta={"step": 0})
+        AutoencoderKL(AutoencoderConfig(base_channels=8, channel_mult=[1], num_res_blocks=1, norm_groups=4)).save_pretrained(
+            tmp_path / "ae")
+    finally:
+        os.umask(mask)
+    files = [*(tmp_path / "ckpt").glob("*.safetensors"), *(tmp_path / "ae").glob("*.safetensors")]
+    assert len(files) == 2 and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}

@@ -9,6 +9,7 @@ A checkpoint folder holds, per module, `<name>.safetensors` (the state dict of a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,8 +28,21 @@ def _cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    save_file(_cpu(tensors), str(path))
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_process_umask()
+"""The mode a new file of this process gets (0644 under the usual umask 022)."""
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file with the mode any other file of this process gets: safetensors itself writes owner-only
+    (0600), which would leave checkpoints and exports in a shared folder unreadable to the rest of a team."""
+    save_file(_cpu(tensors), str(path), metadata=metadata)
+    os.chmod(path, FILE_MODE)
 
 
 def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
