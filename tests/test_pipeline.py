@@ -115,7 +115,8 @@ def test_full_dag_with_lineage_then_cache_hits_then_only_changed_stages_rerun(ra
     # runs again, so Stage B's upstream runs are new: it trains fresh in its own folder, never resuming the one
     # trained on the first store's latents.
     capsys.readouterr()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    monkeypatch.chdir(tmp_path)  # as users type it: a path relative to where they run (the workers run elsewhere)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
     elsewhere = pipeline.run_pipeline(_cfg(tmp_path))
     assert [elsewhere[s].status for s in STAGES] == ["skipped", "ran", "ran", "ran", "ran"]
     assert "[stage_a] adopting checkpoint " in capsys.readouterr().out

@@ -45,8 +45,12 @@ _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
 
 def tracking_uri(cfg: MlflowSection) -> str:
     """MLFLOW_TRACKING_URI when set, else the config's store. Credentials inside the variable's URI are refused
-    as they are in the config (the URI travels to every Train worker and into logs)."""
+    as they are in the config (the URI travels to every Train worker and into logs). A relative sqlite path in the
+    variable is made absolute against the working directory, as the config's is at load time: Train workers and
+    encode actors run in other directories, and would otherwise open (and create) another store."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     if HTTP_USERINFO.match(uri):
         raise ConfigError(f"MLFLOW_TRACKING_URI={mask_http_userinfo(uri)} must not carry credentials (user:password@): "
                           "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
