@@ -127,6 +127,10 @@ def test_full_dag_with_lineage_then_cache_hits_then_only_changed_stages_rerun(ra
     assert runs["stage_b"].data.tags["latents_uri"] == elsewhere["encode"].outputs["latents_uri"] != first["encode"].outputs["latents_uri"]
     trained_in = {s: client.get_run(first[s].run_id).data.tags["ray_train_name"] for s in ("stage_a", "stage_b")}
     assert runs["stage_a"].data.tags["ray_train_name"] == trained_in["stage_a"]  # adopted: the same folder
+    first_a = client.get_run(first["stage_a"].run_id).data
+    for key in ("eval/psnr", "eval/ssim", "final/scale_factor"):  # the adopted run shows the result it publishes
+        assert runs["stage_a"].data.metrics[key] == pytest.approx(first_a.metrics[key])
+    assert runs["stage_a"].data.tags["lpips_backbone"] == first_a.tags["lpips_backbone"]
     assert runs["stage_b"].data.tags["ray_train_name"] != trained_in["stage_b"]  # fresh: a folder of its own
     assert "train/resumed_from_step" not in runs["stage_b"].data.metrics
 

@@ -265,6 +265,11 @@ class TrainLoop:
         self.step = self.start_step = meta["step"]
         self.guard.total = meta.get("nonfinite_total", 0)
         if meta.get("final"):
+            if self.logger:  # this run may be another store's adoption of the folder: give it the result it reports
+                self.logger.log_metrics(meta["final"], self.step)
+                for key, value in meta.get("final_tags", {}).items():
+                    self.logger.set_tag(key, value)
+                self.logger.flush(self.train.mlflow_flush_timeout_s)
             ray.train.report({"step": self.step, "resumed_finished": 1, **meta["final"]}, checkpoint=None)
             return True
         log.info("rank %d resumed from step %d", self.rank, self.step)
@@ -416,6 +421,7 @@ class TrainLoop:
                 "fingerprint": self._fingerprint, **self.loop_config.get("checkpoint_meta", {})}
         if final is not None:
             meta["final"] = final
+            meta["final_tags"] = dict(self.logger.tags) if self.logger else {}
             if export is not None:
                 export(directory)
         save_checkpoint(directory, modules=modules, optimizers=self._optimizers, meta=meta)

@@ -45,6 +45,8 @@ class RunLogger:
         self.max_backoff_s = max_backoff_s
         self.dropped = 0
         self.failures = 0
+        self.tags: dict[str, str] = {}
+        """Every tag set so far (a finished checkpoint keeps them, for a run that adopts it)."""
         self._queue: deque[tuple[str, tuple]] = deque()
         self._cond = threading.Condition()
         self._busy = False
@@ -57,6 +59,7 @@ class RunLogger:
         self._put("metrics", (dict(metrics), step, int(time.time() * 1000)))
 
     def set_tag(self, key: str, value: str) -> None:
+        self.tags[key] = value
         self._put("tag", (key, value))
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
