@@ -10,9 +10,9 @@ SOURCE is a bundled dataset that ships inside installed packages ("mnist": the 5
 sidecars, or from a CSV/JSONL file given with --captions). `--index` writes a manifest for shards that
 already exist at --output (img2dataset/webdataset tars, or Parquet with an image-bytes and a caption
 column), without rewriting them: it lists the folder once and reads, a few dozen shards at a time, only a Parquet
-shard's footer or a tar's img2dataset stats file (a tar without one is read whole), so it costs about one small
-request per shard (`--checksum`: read every byte and record each shard's sha256). The manifest is written last, so an interrupted run leaves no dataset
-that a stage would take for complete. S3 credentials come from the standard AWS variables/config.
+shard's footer or a tar's img2dataset stats file (a tar without one is read whole), about one small request per
+shard (`--checksum`: read every byte and record each shard's sha256). The manifest is written last, so an
+interrupted run leaves no dataset that a stage would take for complete. S3 credentials come from the standard AWS variables/config.
 """
 
 from __future__ import annotations

@@ -278,9 +278,9 @@ def index_shards(uri: str, *, storage_cfg: StorageConfig | None = None, image_co
     It lists the folder once and reads only what the manifest needs, `threads` shards at a time: a Parquet shard's
     footer (its row count and columns), a tar's img2dataset stats file (`NNNNN_stats.json`, its `successes`); only a
     tar without one is read whole (streamed), since its members' headers are spread through it. On S3 a shard not
-    read whole is identified by the size and ETag its listing gave (the reader checks the size, and the bytes
-    against a single-PUT ETag, which is their MD5); a shard read whole, every local shard and every shard with
-    `checksum=True` by the sha256 of its bytes, as `prepare_dataset` records it.
+    read whole is identified by the size and ETag its listing gave (the reader checks both: `reader.shard_matches`);
+    a shard read whole, every local shard and every shard with `checksum=True` by the sha256 of its bytes, as
+    `prepare_dataset` records it.
 
     Parquet column names are recorded in the manifest for the reader; `key_column=None` keys rows as
     SHARD-ROW. An image column may hold bytes or Hugging Face style structs {bytes, path}.
