@@ -4,8 +4,8 @@
     PYTHONPATH=. .venv/bin/python benchmarks/scale.py --plot benchmarks/results/scale_cpu_DATE.jsonl
 
 For each N it starts a fresh `moto_server` (tests/helpers.py's), writes N img2dataset-style shards of tiny 8-px
-images (`NNNNN.tar` with 2 samples, `NNNNN_stats.json`, `NNNNN.parquet` metadata: tests/helpers.py's
-`synthetic_shards`), then runs each step in a fresh Python process and measures it there: wall time and driver CPU
+images (`NNNNN.tar` with 2 samples and `NNNNN_stats.json`: tests/helpers.py's `synthetic_shards`; without
+img2dataset's `NNNNN.parquet` metadata, which the index before the fix refused to index beside the tars), then runs each step in a fresh Python process and measures it there: wall time and driver CPU
 (user + system) of the step alone, the process's peak RSS (its imports included, so the RSS before the step is
 given too). The S3 requests each step makes are counted from moto's access log, and the bytes it reads from moto's
 request recorder (each GET's Range header, or the object's size for a whole GET). Steps:
@@ -16,7 +16,8 @@ request recorder (each GET's Range header, or the object's size for a whole GET)
 - `prepare_skip`: the DAG's prepare node on a complete dataset (read the manifest, check no shard is missing);
 - `plan`: `run.py --plan` (configs/quickstart.yaml on this dataset, an empty MLflow store);
 - `reader`: the Ray Data reader (`build_dataset`, split all, no shuffle) on a local Ray of 2 CPUs: seconds from the
-  call to the first batch (Ray already started), then the rate over the whole pass;
+  call to the first batch (Ray already started), then the rate over the whole pass (or its first
+  `--reader-seconds`);
 - `mlflow_input`: `tracking.log_dataset_input` of the dataset into a run of a local SQLite store, and the
   lineage chain (`lineage_chain`) of a two-run chain that consumed it.
 
@@ -43,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, os.environ.get("LDM_SCALE_TREE") or str(REPO))  # index_old: the tree before the fix
 
-STEPS = ("index", "index_old", "prepare_skip", "plan", "reader", "mlflow_input")
+STEPS = ("index_old", "index", "prepare_skip", "plan", "reader", "mlflow_input")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -93,11 +94,14 @@ def run_step(step: str, uri: str, work: Path) -> dict:
             ds, counter = build_dataset(cfg, split="all", shuffle=False)
             started = time.perf_counter()
             rows, first = 0, None
+            limit = float(os.environ.get("LDM_SCALE_READER_S") or "inf")
             for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
                 first = first or time.perf_counter() - started
                 rows += len(batch["key"])
+                if time.perf_counter() - started > limit:
+                    break
             extra.update(first_batch_s=round(first, 3), rows=rows, rows_per_s=round(rows / (time.perf_counter() - started), 1),
-                         skipped=counter.dropped())
+                         skipped=counter.dropped(), whole_pass=rows == 2 * int(uri.rsplit("-", 1)[-1]))
     elif step == "mlflow_input":
         import mlflow
         from mlflow.tracking import MlflowClient
@@ -203,7 +207,7 @@ def run_scale(counts: list[int], steps: list[str], out: Path, old_tree: Path | N
             boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="scale-bench")
             uri = f"s3://scale-bench/img2dataset-{n}"
             started = time.perf_counter()
-            synthetic_shards(uri, n)
+            synthetic_shards(uri, n, img2dataset_parquet=False)  # the old index refuses img2dataset's metadata Parquet
             print(f"[{n} shards] written in {time.perf_counter() - started:.1f}s", flush=True)
             root = storage.resolve(uri)
             log = S3RequestLog(work / "moto.log")
@@ -225,8 +229,49 @@ def run_scale(counts: list[int], steps: list[str], out: Path, old_tree: Path | N
             shutil.rmtree(work, ignore_errors=True)
 
 
+def latent_row_bytes(tokens: int, rows: int = 512) -> float:
+    """Bytes per row of an encode Parquet part for configs/sd_f8.yaml (32x32x4 latents, 77 x 768 text states),
+    zstd as encode writes them (`latents.COMPRESSION`), with Gaussian floats (their mantissas barely compress, as
+    real activations' do) and `tokens` real caption tokens per row (the states are zero at padding positions)."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.data.latents import COMPRESSION
+
+    rng = np.random.default_rng(0)
+    hidden = np.zeros((rows, 77, 768), np.float32)
+    hidden[:, :tokens] = rng.standard_normal((rows, tokens, 768), dtype=np.float32)
+    mask = np.zeros((rows, 77), bool)
+    mask[:, :tokens] = True
+    table = pa.table({
+        "key": [f"{i:09d}" for i in range(rows)], "caption": ["a photo of something on a table, in daylight"] * rows,
+        "latent_mean": pa.FixedShapeTensorArray.from_numpy_ndarray(rng.standard_normal((rows, 4, 32, 32), dtype=np.float32)),
+        "latent_std": pa.FixedShapeTensorArray.from_numpy_ndarray(np.abs(rng.standard_normal((rows, 4, 32, 32), dtype=np.float32)) * 0.05),
+        "text_hidden": pa.FixedShapeTensorArray.from_numpy_ndarray(hidden),
+        "text_mask": pa.FixedShapeTensorArray.from_numpy_ndarray(mask),
+        "caption_truncated": [False] * rows, "holdout": [False] * rows, "text_encoder": ["clip-vit-large-patch14"] * rows,
+    })
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=COMPRESSION)
+    return len(buf.getvalue()) / rows
+
+
 def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}"
+
+
+def load_rows(rows_file: Path) -> list[dict]:
+    """The results, with a reader pass cut short (`--reader-seconds`) costed per shard it read (2 samples each)."""
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
+    for r in rows:
+        if r.get("whole_pass") is False:
+            read = r["rows"] / 2
+            for key in ("wall_s", "cpu_s", "requests", "bytes_read"):
+                r[f"{key}_per_shard"] = r[key] / read
+    return rows
 
 
 def plot(rows_file: Path, out: Path) -> None:
@@ -235,7 +280,7 @@ def plot(rows_file: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
+    rows = load_rows(rows_file)
     metrics = [("wall_s_per_shard", "wall s / shard"), ("cpu_s_per_shard", "driver CPU s / shard"),
                ("requests_per_shard", "S3 requests / shard"), ("bytes_read_per_shard", "bytes read / shard")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
@@ -256,13 +301,36 @@ def plot(rows_file: Path, out: Path) -> None:
     print(f"wrote {out}")
 
 
+def table(rows_file: Path) -> str:
+    """The results as a Markdown table, one row per (step, shard count)."""
+    rows = load_rows(rows_file)
+    out = ["| step | shards | wall s | ms / shard | driver CPU ms / shard | peak RSS MiB (before) | S3 requests | "
+           "requests / shard | bytes read / shard | load (1 min) | notes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (STEPS.index(r["step"]), r["shards"])):
+        notes = []
+        if "manifest_bytes" in r:
+            notes.append(f"manifest {r['manifest_bytes'] / r['shards']:.0f} B/shard")
+        if "first_batch_s" in r:
+            notes.append(f"first batch {r['first_batch_s']:.1f} s, {r['rows_per_s']:.1f} rows/s"
+                         + ("" if r.get("whole_pass", True) else f" over the first {r['rows']:,} rows"))
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["requests_by_kind"].items()))
+        out.append(f"| {r['step']} | {r['shards']:,} | {r['wall_s']:.1f} | {1000 * r['wall_s_per_shard']:.1f} | "
+                   f"{1000 * r['cpu_s_per_shard']:.2f} | {r['peak_rss_mib']:.0f} ({r['rss_before_mib']:.0f}) | "
+                   f"{r['requests']:,} ({kinds}) | {r['requests_per_shard']:.3f} | {r['bytes_read_per_shard']:,.0f} | "
+                   f"{r['load_1min']:.0f} | {'; '.join(notes)} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, nargs="+", default=[1000, 3000, 10000])
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    parser.add_argument("--reader-seconds", type=float, help="stop the reader's pass after this long (default: whole)")
     parser.add_argument("--old-tree", type=Path, help="a copy of the tree before the fix, for the index_old step")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / f"scale_cpu_{time.strftime('%Y-%m-%d')}.jsonl")
-    parser.add_argument("--plot", type=Path, help="draw this results file (to --out with .png) and exit")
+    parser.add_argument("--plot", type=Path, help="draw this results file (beside it, .png), print its table and exit")
+    parser.add_argument("--latent-row-bytes", type=int, nargs="+", metavar="TOKENS",
+                        help="print the bytes per encode Parquet row with this many caption tokens, and exit")
     parser.add_argument("--worker", choices=STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--uri", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -275,9 +343,16 @@ def main() -> None:
             row = run_step(args.worker, args.uri, args.work)
         print(json.dumps(row))
         return
+    if args.latent_row_bytes:
+        for tokens in args.latent_row_bytes:
+            print(json.dumps({"caption_tokens": tokens, "bytes_per_row": round(latent_row_bytes(tokens))}))
+        return
     if args.plot:
         plot(args.plot, args.plot.with_suffix(".png"))
+        print(table(args.plot))
         return
+    if args.reader_seconds:
+        os.environ["LDM_SCALE_READER_S"] = str(args.reader_seconds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     run_scale(args.shards, args.steps, args.out, args.old_tree)
 

@@ -171,10 +171,10 @@ class S3RequestLog:
 
 
 def synthetic_shards(uri: str, num_shards: int, *, samples_per_shard: int = 2, fmt: str = "webdataset",
-                     img2dataset_stats: bool = True) -> int:
+                     img2dataset_stats: bool = True, img2dataset_parquet: bool = True) -> int:
     """`num_shards` shards of tiny 8-px PNGs at `uri`, laid out as img2dataset writes them (`NNNNN.tar` with
-    KEY.jpg/.txt/.json members, and with `img2dataset_stats` its `NNNNN_stats.json` and `NNNNN.parquet` metadata
-    beside it), or as Parquet shards (key, image, caption); no manifest. Written as img2dataset writes them too:
+    KEY.jpg/.txt/.json members, and with `img2dataset_stats` its `NNNNN_stats.json`, and with `img2dataset_parquet`
+    too its `NNNNN.parquet` metadata, beside it), or as Parquet shards (key, image, caption); no manifest. Written as img2dataset writes them too:
     through fsspec (s3fs), one PUT per object, many at once. Returns the number of samples."""
     import io
     import json
@@ -215,6 +215,7 @@ def synthetic_shards(uri: str, num_shards: int, *, samples_per_shard: int = 2, f
         if img2dataset_stats:
             stats = {"count": len(keys), "successes": len(keys), "failed_to_download": 0, "failed_to_resize": 0}
             objects[f"{shard:05d}_stats.json"] = json.dumps(stats).encode()
+        if img2dataset_stats and img2dataset_parquet:
             objects[f"{shard:05d}.parquet"] = parquet(pa.table({"key": keys, "caption": captions,
                                                                 "status": ["success"] * len(keys)}))
         return objects

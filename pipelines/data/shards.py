@@ -227,21 +227,20 @@ def _count_tar_samples(fileobj) -> int:
         return len({split_member_name(m.name)[0] for m in tar if m.isfile()})
 
 
-def _index_tar(root: storage.Location, objects: dict[str, storage.ObjectInfo], rel: str, whole: bool,
-               storage_cfg: StorageConfig | None) -> dict:
+def _index_tar(root: storage.Location, objects: dict[str, storage.ObjectInfo], rel: str, whole: bool, fs) -> dict:
     stats_rel = rel[:-len(".tar")] + IMG2DATASET_STATS
     obj, stats = objects[rel], objects.get(stats_rel)
     if stats is not None and not whole:  # one small GET; the tar is not read at all
-        count = int(json.loads(storage.RangedReader(root.join(stats_rel), stats.size, storage_cfg).read())["successes"])
+        count = int(json.loads(storage.RangedReader(root.join(stats_rel), stats.size, fs=fs).read())["successes"])
         return {"path": rel, "num_samples": count, "size": obj.size, "etag": obj.etag}
-    reader = _HashingReader(storage.RangedReader(root.join(rel), obj.size, storage_cfg, block=STREAM_BUFFER))
+    reader = _HashingReader(storage.RangedReader(root.join(rel), obj.size, block=STREAM_BUFFER, fs=fs))
     count = _count_tar_samples(reader)
     return {"path": rel, "num_samples": count, "sha256": reader.drain()}
 
 
 def _index_parquet(root: storage.Location, obj: storage.ObjectInfo, rel: str, whole: bool,
-                   columns: tuple[str | None, ...], storage_cfg: StorageConfig | None) -> dict:
-    reader = storage.RangedReader(root.join(rel), obj.size, storage_cfg, block=STREAM_BUFFER if whole else 64 * 2**10)
+                   columns: tuple[str | None, ...], fs) -> dict:
+    reader = storage.RangedReader(root.join(rel), obj.size, block=STREAM_BUFFER if whole else 64 * 2**10, fs=fs)
     if whole:
         payload = reader.read()
         reader, identity = io.BytesIO(payload), {"sha256": hashlib.sha256(payload).hexdigest()}
@@ -294,11 +293,12 @@ def index_shards(uri: str, *, storage_cfg: StorageConfig | None = None, image_co
     fmt = _shard_format(root, objects)
     whole = checksum or root.scheme != "s3"  # local bytes are cheap to hash, and have no ETag
     columns = (image_column, caption_column, key_column)
+    fs = storage.fsspec_filesystem(root.uri, storage_cfg) if root.scheme == "s3" else None
 
     def index_one(rel: str) -> dict:
         if fmt == "webdataset":
-            return _index_tar(root, objects, rel, whole, storage_cfg)
-        return _index_parquet(root, objects[rel], rel, whole, columns, storage_cfg)
+            return _index_tar(root, objects, rel, whole, fs)
+        return _index_parquet(root, objects[rel], rel, whole, columns, fs)
 
     shard_paths = sorted(p for p in objects if p.endswith(SHARD_SUFFIX[fmt]))
     shards, started, every = [], time.monotonic(), max(1, len(shard_paths) // 20)

@@ -211,11 +211,12 @@ class ObjectInfo:
 class RangedReader(io.RawIOBase):
     """A read-only, seekable file over an object of known size (from a listing), read with ranged GETs of at least
     `block` bytes and no HEAD first: pyarrow's S3 files (and s3fs's) make a HEAD per file opened, and a Parquet
-    footer or a stats file is then one request, not two. `fetched` counts the bytes read from storage."""
+    footer or a stats file is then one request, not two. `fs`: the s3fs filesystem to read with (one shared by many
+    readers saves making one each). `fetched` counts the bytes read from storage."""
 
-    def __init__(self, loc: Location, size: int, cfg: StorageConfig | None = None, block: int = 8 * 2**20):
+    def __init__(self, loc: Location, size: int, cfg: StorageConfig | None = None, block: int = 8 * 2**20, fs=None):
         self.loc, self.size, self.block = loc, size, block
-        self.fs = fsspec_filesystem(loc.uri, cfg) if loc.scheme == "s3" else None
+        self.fs = (fs or fsspec_filesystem(loc.uri, cfg)) if loc.scheme == "s3" else None
         self.pos, self.start, self.buffer, self.fetched = 0, 0, b"", 0
 
     def readable(self) -> bool:
