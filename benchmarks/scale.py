@@ -259,6 +259,25 @@ def latent_row_bytes(tokens: int, rows: int = 512) -> float:
     return len(buf.getvalue()) / rows
 
 
+def jpeg_bytes(side: int = 256, quality: int = 95) -> dict:
+    """Bytes of a `side`-px photo as img2dataset stores it by default (JPEG, quality 95): the bundled skimage crops
+    (15 photographs, 8 random crops each), re-encoded."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.data.sources import skimage_photos
+
+    sizes = []
+    for sample in skimage_photos(resolution=side, crops_per_photo=8):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(sample.data)).convert("RGB").save(buf, format="JPEG", quality=quality)
+        sizes.append(len(buf.getvalue()))
+    return {"images": len(sizes), "side": side, "quality": quality, "mean_bytes": round(float(np.mean(sizes))),
+            "median_bytes": round(float(np.median(sizes)))}
+
+
 def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}"
 
@@ -331,6 +350,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="draw this results file (beside it, .png), print its table and exit")
     parser.add_argument("--latent-row-bytes", type=int, nargs="+", metavar="TOKENS",
                         help="print the bytes per encode Parquet row with this many caption tokens, and exit")
+    parser.add_argument("--jpeg-bytes", action="store_true", help="print the bytes of a 256-px JPEG (quality 95), and exit")
     parser.add_argument("--worker", choices=STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--uri", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -342,6 +362,9 @@ def main() -> None:
         with contextlib.redirect_stdout(io.StringIO()):  # the steps' progress lines: only the JSON goes out
             row = run_step(args.worker, args.uri, args.work)
         print(json.dumps(row))
+        return
+    if args.jpeg_bytes:
+        print(json.dumps(jpeg_bytes()))
         return
     if args.latent_row_bytes:
         for tokens in args.latent_row_bytes:
