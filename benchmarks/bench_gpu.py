@@ -11,6 +11,13 @@
     context) on 32x32x4 latents with 77x1024 text states: bf16 autocast, eps loss, backward, fused AdamW, EMA,
     with and without `torch.compile`; diffusers' `UNet2DConditionModel` of the same shape through the same step.
 
+(c) Encode: what one encode actor of configs/sd_f8.yaml does per batch (pipelines/encode_latents.py's LatentEncoder,
+    fp32 as it runs, TF32 on): the f=8 autoencoder's encoder (posterior mean and std) on 256-px images, and a CLIP
+    ViT-L/14-shaped text tower (123M, randomly initialised: no download) on 77-token captions. Its images/s give
+    benchmarks/SCALE.md's encode GPU-hours:
+
+    python benchmarks/bench_gpu.py --only encode --encode-batch 64 --json results.jsonl
+
 Inputs are random tensors made once on the GPU (the data path is measured by bench_data_reader.py): this is the
 compute of one rank. LPIPS uses a randomly initialised VGG (the same FLOPs as the pretrained one; no weights
 are downloaded). Each row: `--warmup` steps (compilation included), then `--steps` timed steps between two
@@ -50,6 +57,9 @@ SD_F8_LOSS = AutoencoderLossConfig(pixel_loss="l1", perceptual_weight=1.0, kl_we
 # Stable Diffusion 2 base: 865M parameters.
 SD2_UNET = UNetConfig(model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=2, attention_levels=[0, 1, 2],
                       head_dim=64, context_dim=1024, norm_groups=32, transformer_norm_eps=1e-6)
+# CLIP ViT-L/14's text tower (openai/clip-vit-large-patch14, what configs/sd_f8.yaml encodes captions with).
+CLIP_L_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+               "max_position_embeddings": 77, "projection_dim": 768, "vocab_size": 49408}
 CONTEXT_LEN = 77
 IMAGE_SIZE, LATENT_SIZE = 256, 32
 DEVICE = torch.device("cuda")  # --device cpu only checks that the script runs
@@ -203,12 +213,44 @@ def stage_b_step(model: torch.nn.Module, batch: int, compiled: bool) -> tuple[Ca
     return step, [model]
 
 
+# --- (c) Encode ----------------------------------------------------------------------------------------------
+
+
+class EncodeModels(torch.nn.Module):
+    """The two networks an encode actor runs (held together for the parameter count)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        self.autoencoder = AutoencoderKL(SD_F8_AE).eval()
+        self.text = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)).eval()
+
+
+def encode_step(models: EncodeModels, batch: int, compiled: bool) -> tuple[Callable[[], None], list[torch.nn.Module]]:
+    models = models.to(DEVICE)
+    encoder = torch.compile(models.autoencoder.encode) if compiled else models.autoencoder.encode
+    x = torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=DEVICE) * 2 - 1
+    ids = torch.randint(0, CLIP_L_TEXT["vocab_size"], (batch, CONTEXT_LEN), device=DEVICE)
+    mask = torch.ones(batch, CONTEXT_LEN, dtype=torch.long, device=DEVICE)
+
+    @torch.no_grad()
+    def step() -> None:
+        posterior = encoder(x)
+        (posterior.mean + posterior.std).sum().item()  # as the actor, which copies both to the host
+        models.text(input_ids=ids, attention_mask=mask).last_hidden_state.sum().item()
+
+    return step, [models]
+
+
 # --- driver --------------------------------------------------------------------------------------------------
 
 
 def measure(bench: str, impl: str, compiled: bool, batch: int, args) -> Row:
     torch.manual_seed(0)
-    if bench == "autoencoder":
+    if bench == "encode":
+        step, modules = encode_step(EncodeModels(), batch, compiled)
+    elif bench == "autoencoder":
         model = AutoencoderKL(SD_F8_AE) if impl == "ours" else DiffusersVAE(SD_F8_AE)
         step, modules = stage_a_step(model, batch, compiled)
     else:
@@ -232,7 +274,8 @@ def release() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["autoencoder", "unet"], help="run one of the two benchmarks")
+    parser.add_argument("--only", choices=["autoencoder", "unet", "encode"], help="run one of the benchmarks")
+    parser.add_argument("--encode-batch", type=int, default=64, help="images per encode batch (default 64, as sd_f8)")
     parser.add_argument("--ae-batch", type=int, default=16, help="images per Stage A step (default 16)")
     parser.add_argument("--unet-batch", type=int, default=64, help="latents per Stage B step (default 64)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per row (default 20)")
@@ -263,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         SD_F8_AE = SD_F8_AE.model_copy(update={"base_channels": 32, "norm_groups": 8})
         SD2_UNET = SD2_UNET.model_copy(update={"model_channels": 32, "norm_groups": 8, "head_dim": 16, "context_dim": 64})
         IMAGE_SIZE, LATENT_SIZE, CONTEXT_LEN = 64, 8, 8
+        CLIP_L_TEXT.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           max_position_embeddings=8, projection_dim=32)
 
     plan: list[tuple[str, str, bool, int]] = []
     impls = ["ours"] if args.no_diffusers else ["ours", "diffusers"]
@@ -270,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         plan += [("unet", impl, False, args.unet_batch) for impl in impls]
     if args.only in (None, "autoencoder"):
         plan += [("autoencoder", impl, False, args.ae_batch) for impl in impls]
-    if not args.no_compile:  # the costly rows last, so that a deadline drops them first
+    if args.only == "encode":  # ours only: the encode actor has no diffusers counterpart to compare
+        plan += [("encode", "ours", False, args.encode_batch)]
+    if not args.no_compile and args.only != "encode":  # the costly rows last, so that a deadline drops them first
         if args.only in (None, "unet"):
             plan += [("unet", impl, True, args.unet_batch) for impl in impls]
         if args.only in (None, "autoencoder"):

@@ -9,8 +9,10 @@ SOURCE is a bundled dataset that ships inside installed packages ("mnist": the 5
 "skimage": random crops of scikit-image's photographs) or a folder of images (captions from KEY.txt
 sidecars, or from a CSV/JSONL file given with --captions). `--index` writes a manifest for shards that
 already exist at --output (img2dataset/webdataset tars, or Parquet with an image-bytes and a caption
-column), without rewriting them. The manifest is written last, so an interrupted run leaves no dataset
-that a stage would take for complete. S3 credentials come from the standard AWS variables/config.
+column), without rewriting them: it lists the folder once and reads, a few dozen shards at a time, only a Parquet
+shard's footer or a tar's img2dataset stats file (a tar without one is read whole), about one small request per
+shard (`--checksum`: read every byte and record each shard's sha256). The manifest is written last, so an
+interrupted run leaves no dataset that a stage would take for complete. S3 credentials come from the standard AWS variables/config.
 """
 
 from __future__ import annotations
@@ -114,6 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="fail (no dataset) when more of the images than this cannot be decoded (default: %(default)s)")
     parser.add_argument("--image-column", default="image", help="--index of Parquet: column of image bytes")
     parser.add_argument("--caption-column", default="caption", help="--index of Parquet: column of captions")
+    parser.add_argument("--checksum", action="store_true",
+                        help="--index: read every shard whole and record its sha256 (default on S3: footers or stats "
+                             "files only, each shard identified by its size and ETag)")
     parser.add_argument("--key-column", default="key", help='--index of Parquet: column of keys ("" for SHARD-ROW)')
     parser.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (MinIO, Ceph); default: AWS_ENDPOINT_URL")
     args = parser.parse_args(argv)
@@ -130,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
         with lease.hold(lease.output_lease_uri(args.output), what=f"prepare {args.output}", storage_cfg=storage_cfg):
             if args.index:
                 manifest = index_shards(args.output, storage_cfg=storage_cfg, image_column=args.image_column,
-                                        caption_column=args.caption_column, key_column=args.key_column or None)
+                                        caption_column=args.caption_column, key_column=args.key_column or None,
+                                        checksum=args.checksum)
             else:
                 manifest = prepare_dataset(
                     args.source, args.output, fmt=args.format, shard_size=args.shard_size, resolution=args.resolution,

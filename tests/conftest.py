@@ -7,10 +7,8 @@ store, and Ray starts a real (single-node, 2-CPU) cluster in a fresh session.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -79,17 +77,15 @@ def moto_server(tmp_path_factory):
     """A real S3 API server (moto) on 127.0.0.1:<free port>. Yields its endpoint URL.
 
     Sets the standard AWS variables for the whole session (keys 'testing'), so s3fs, pyarrow and boto3 in
-    this process and in Ray workers started afterwards all talk to it.
+    this process and in Ray workers started afterwards all talk to it. Its access log (every request it served)
+    is MOTO_LOGS[endpoint], read through the `s3_requests` fixture.
     """
-    # The venv's own moto (pinned by pyproject), not whatever `moto_server` is first on PATH.
-    venv_exe = Path(sys.executable).parent / "moto_server"
-    exe = str(venv_exe) if venv_exe.exists() else shutil.which("moto_server")
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    from tests.helpers import start_moto_server
+
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    proc, endpoint = start_moto_server(log_path)
+    MOTO_LOGS[endpoint] = log_path
     try:
-        wait_for_port(port, proc=proc)
-        endpoint = f"http://127.0.0.1:{port}"
         env = {
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
@@ -108,7 +104,19 @@ def moto_server(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-        log.close()
+
+
+MOTO_LOGS: dict[str, Path] = {}
+
+
+@pytest.fixture
+def s3_requests(moto_server):
+    """The requests the moto server serves from now on (`tests.helpers.S3RequestLog`, already marked)."""
+    from tests.helpers import S3RequestLog
+
+    log = S3RequestLog(MOTO_LOGS[moto_server])
+    log.mark()
+    return log
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,3 +114,119 @@ def stop_process_group(proc) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
+
+
+def start_moto_server(log_path: Path):
+    """A real S3 API server (the venv's moto_server, pinned by pyproject) on 127.0.0.1:<free port>, logging each
+    request it serves to `log_path` (read by `S3RequestLog`). Returns (process, endpoint URL)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port, wait_for_port
+
+    venv_exe = Path(sys.executable).parent / "moto_server"
+    exe = str(venv_exe) if venv_exe.exists() else shutil.which("moto_server")
+    port = free_port()
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    log.close()  # the server holds its own handle
+    try:
+        wait_for_port(port, proc=proc)
+    except Exception:
+        proc.terminate()
+        proc.wait(timeout=10)
+        raise
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@dataclass(frozen=True)
+class S3Request:
+    method: str
+    path: str
+    """/bucket/key, without the query."""
+    query: str
+    status: int
+
+
+_REQUEST_LINE = re.compile(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+) (/[^ ?"]*)\??([^ "]*) HTTP/[0-9.]+(?:\x1b\[[0-9;]*m)*" (\d{3})')
+
+
+class S3RequestLog:
+    """The requests a moto_server served, read from its access log (werkzeug writes one line per request as it
+    answers it): `mark()`, do something, then `since()` lists what that something asked of S3."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.offset = 0
+
+    def mark(self) -> None:
+        self.offset = self.path.stat().st_size
+
+    def since(self) -> list[S3Request]:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            text = f.read().decode(errors="replace")
+        return [S3Request(m[1], m[2], m[3], int(m[4])) for m in _REQUEST_LINE.finditer(text)]
+
+
+def synthetic_shards(uri: str, num_shards: int, *, samples_per_shard: int = 2, fmt: str = "webdataset",
+                     img2dataset_stats: bool = True, img2dataset_parquet: bool = True) -> int:
+    """`num_shards` shards of tiny 8-px PNGs at `uri`, laid out as img2dataset writes them (`NNNNN.tar` with
+    KEY.jpg/.txt/.json members, and with `img2dataset_stats` its `NNNNN_stats.json`, and with `img2dataset_parquet`
+    too its `NNNNN.parquet` metadata, beside it), or as Parquet shards (key, image, caption); no manifest. Written as img2dataset writes them too:
+    through fsspec (s3fs), one PUT per object, many at once. Returns the number of samples."""
+    import io
+    import json
+    import tarfile
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipelines.platform import storage
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(buf, format="PNG")
+    image = buf.getvalue()
+    root = storage.resolve(uri)
+    storage.makedirs(root)
+
+    def parquet(table: pa.Table) -> bytes:
+        out = io.BytesIO()
+        pq.write_table(table, out)
+        return out.getvalue()
+
+    def shard_objects(shard: int) -> dict[str, bytes]:
+        keys = [f"{shard:05d}{i:04d}" for i in range(samples_per_shard)]
+        captions = [f"a grey square {k}" for k in keys]
+        if fmt == "parquet":
+            return {f"{shard:05d}.parquet": parquet(pa.table(
+                {"key": keys, "image": pa.array([image] * len(keys), pa.binary()), "caption": captions}))}
+        tar_buf = io.BytesIO()
+        with tarfile.open(fileobj=tar_buf, mode="w") as tar:
+            for key, caption in zip(keys, captions):
+                for ext, payload in (("jpg", image), ("txt", caption.encode()), ("json", json.dumps({"key": key}).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        objects = {f"{shard:05d}.tar": tar_buf.getvalue()}
+        if img2dataset_stats:
+            stats = {"count": len(keys), "successes": len(keys), "failed_to_download": 0, "failed_to_resize": 0}
+            objects[f"{shard:05d}_stats.json"] = json.dumps(stats).encode()
+        if img2dataset_stats and img2dataset_parquet:
+            objects[f"{shard:05d}.parquet"] = parquet(pa.table({"key": keys, "caption": captions,
+                                                                "status": ["success"] * len(keys)}))
+        return objects
+
+    fs = storage.fsspec_filesystem(uri)
+    for start in range(0, num_shards, 500):  # bounded memory at any count
+        batch = {f"{root.path}/{name}": data for shard in range(start, min(num_shards, start + 500))
+                 for name, data in shard_objects(shard).items()}
+        if root.scheme == "s3":
+            fs.pipe(batch)
+        else:
+            for path, data in batch.items():
+                storage.write_bytes(storage.resolve(path), data)
+    return num_shards * samples_per_shard

@@ -286,12 +286,45 @@ def verified(payload: bytes, sha256: str | None) -> bool:
     return not sha256 or hashlib.sha256(payload).hexdigest() == sha256
 
 
+MULTIPART_PART_SIZES = tuple(mib * 2**20 for mib in (5, 8, 10, 16, 50, 64, 100))
+"""Part sizes common S3 writers use (the minimum; boto3 and the AWS CLI; pyarrow; s3fs; ...): a multipart ETag is
+checked against those that give its part count."""
+
+
+def s3_etag(payload: bytes, parts: int = 0, part_size: int = 0) -> str:
+    """The ETag S3 gives these bytes: their MD5 when written in one PUT (`parts=0`), else the MD5 of the parts'
+    MD5s, `-<parts>`."""
+    if not parts:
+        return hashlib.md5(payload, usedforsecurity=False).hexdigest()
+    digests = b"".join(hashlib.md5(payload[i:i + part_size], usedforsecurity=False).digest()
+                       for i in range(0, len(payload), part_size or len(payload) or 1))
+    return f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{parts}"
+
+
+def shard_matches(payload: bytes, identity: dict) -> bool:
+    """Whether a whole shard matches its manifest entry's identity: its sha256 when recorded; else (a shard indexed
+    from its S3 listing) its size and its ETag, recomputed from the bytes (for a multipart upload, with the part
+    sizes common writers use; when none gives its part count, the size alone is checked)."""
+    if identity.get("sha256") or "size" not in identity:
+        return verified(payload, identity.get("sha256"))
+    etag = identity.get("etag") or ""
+    if len(payload) != identity["size"]:
+        return False
+    if not etag:
+        return True
+    if "-" not in etag:
+        return s3_etag(payload) == etag
+    parts = int(etag.rsplit("-", 1)[1])
+    sizes = [len(payload)] if parts == 1 else [p for p in MULTIPART_PART_SIZES if -(-len(payload) // p) == parts]
+    return not sizes or any(s3_etag(payload, parts, size) == etag for size in sizes)
+
+
 def decode_shards(batch: dict, *, cfg: DataConfig, split: str, seed: int, counter_name: str, root_path: str,
                   expected: dict[str, int], parquet_columns: dict, columns: tuple[str, ...],
-                  checksums: dict[str, str] | None = None) -> Iterator[dict]:
+                  checksums: dict[str, dict] | None = None) -> Iterator[dict]:
     """Ray Data map_batches fn: whole shard files in, blocks of decoded samples out.
 
-    A shard whose bytes do not match the manifest's sha256 (changed since it was written, or gone) is skipped
+    A shard whose bytes do not match the manifest's sha256 or ETag (changed since it was written, or gone) is skipped
     whole, its samples counted as `corrupt_shard`: changed data is never used silently. Counts go to the
     SkipCounter once a shard is done: shard-level losses (which no split owns, since their keys are unknown)
     under part "shard", per-sample skips and repairs under the split.
@@ -315,7 +348,7 @@ def decode_shards(batch: dict, *, cfg: DataConfig, split: str, seed: int, counte
         shard_hash = int.from_bytes(hashlib.blake2b(rel.encode(), digest_size=4).digest(), "big")
         # Seeded per shard, plus fresh entropy: crops and flips differ from epoch to epoch.
         rng = np.random.default_rng([seed, shard_hash, int(np.random.default_rng().integers(2**31))])
-        if not verified(payload, (checksums or {}).get(rel)) or (not payload and n_expected):
+        if not shard_matches(payload, (checksums or {}).get(rel, {})) or (not payload and n_expected):
             log.warning("shard %s %s: its %d samples are skipped (corrupt_shard)", rel,
                         "is gone" if not payload else "does not match the sha256 in the manifest", n_expected)
             contents = ShardContents([], True, True)
@@ -520,7 +553,7 @@ def build_dataset(cfg: DataConfig, split: str = "train", *, storage: StorageConf
         fn_kwargs={
             "cfg": cfg, "split": split, "seed": seed, "counter_name": counter.name, "root_path": root.path,
             "expected": {s["path"]: s["num_samples"] for s in manifest["shards"]},
-            "checksums": {s["path"]: s.get("sha256", "") for s in manifest["shards"]},
+            "checksums": {s["path"]: {k: s[k] for k in ("sha256", "size", "etag") if k in s} for s in manifest["shards"]},
             "parquet_columns": manifest.get("columns", PARQUET_COLUMNS), "columns": columns,
         },
     ), counter

@@ -1,8 +1,9 @@
 """Writing shard sets (webdataset tar or Parquet) and their manifest, and reading the manifest back.
 
 The manifest is written last: a dataset without `manifest.json` is incomplete and no stage will read it.
-It lists every shard with its sample count and sha256, the total count and a content digest (sha256 over
-the shards' paths, counts and digests), which the lineage in MLflow refers to. The per-shard counts also
+It lists every shard with its sample count and sha256 (for shards indexed on S3 without reading them whole: their
+size and ETag), the total count and a content digest (sha256 over the shards' paths, counts and identities), which
+the lineage in MLflow refers to. The per-shard counts also
 let the reader count samples lost inside a damaged shard, so nothing disappears unaccounted.
 
 Shards that already exist (written by img2dataset, webdataset or a team's own Parquet export) get a
@@ -84,9 +85,15 @@ def _chunks(items: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
         yield chunk
 
 
+def shard_identity(shard: dict) -> str:
+    """What identifies a shard's bytes in its manifest entry: its sha256, or `etag:<ETag>:<size>`."""
+    return shard.get("sha256") or f"etag:{shard['etag']}:{shard['size']}"
+
+
 def content_digest(shards: list[dict]) -> str:
-    """sha256 over every shard's path, sample count and sha256: equal digests mean equal datasets."""
-    lines = "".join(f"{s['path']}\t{s['num_samples']}\t{s['sha256']}\n" for s in shards)
+    """sha256 over every shard's path, sample count and identity (its sha256; for a shard indexed from its S3 listing,
+    its ETag and size): equal digests mean equal datasets."""
+    lines = "".join(f"{s['path']}\t{s['num_samples']}\t{shard_identity(s)}\n" for s in shards)
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
@@ -184,44 +191,123 @@ def prepare_dataset(source: str, output_uri: str, *, fmt: str = "webdataset", sh
                         **({"crops_per_photo": crops_per_photo} if crops_per_photo is not None else {}))
 
 
-def _count_tar_samples(payload: bytes) -> int:
-    """Distinct keys in a webdataset tar (a key is the member path up to the first dot of its base name)."""
-    with tarfile.open(fileobj=io.BytesIO(payload), mode="r:*") as tar:
+INDEX_THREADS = 32
+"""Shards `index_shards` reads at once. Its reads are a Parquet footer or an img2dataset stats file of a few KB
+each: bound by request latency (tens of ms on S3), not by bandwidth or CPU, so threads in the one process that
+writes the manifest overlap them; Ray tasks would add a cluster start and a scheduling round-trip per shard for
+the same result."""
+STREAM_BUFFER = 8 * 2**20
+"""Bytes per ranged read when a whole shard must be read (a tar without a stats file, or `checksum=True`): memory
+stays under INDEX_THREADS x this, whatever the shard size."""
+IMG2DATASET_STATS = "_stats.json"
+"""img2dataset writes `NNNNN_stats.json` beside each `NNNNN.tar`; its `successes` is the tar's sample count."""
+
+
+class _HashingReader:
+    """A read-only stream that hashes what passes through it (tarfile's stream mode reads from it)."""
+
+    def __init__(self, stream):
+        self.stream, self.sha256 = stream, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read() if n is None or n < 0 else self.stream.read(n)
+        self.sha256.update(data)
+        return data
+
+    def drain(self) -> str:
+        while self.read(STREAM_BUFFER):
+            pass
+        return self.sha256.hexdigest()
+
+
+def _count_tar_samples(fileobj) -> int:
+    """Distinct keys in a webdataset tar read as a stream (a key is the member path up to the first dot of its base
+    name): member headers are read, member data skipped."""
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
         return len({split_member_name(m.name)[0] for m in tar if m.isfile()})
 
 
-def index_shards(uri: str, *, storage_cfg: StorageConfig | None = None, image_column: str = "image",
-                 caption_column: str = "caption", key_column: str | None = "key", name: str | None = None) -> dict:
-    """Write a manifest for shards that already exist under `uri` (img2dataset / webdataset tars, or Parquet
-    tables with an image-bytes column and a caption column), leaving the shards as they are.
+def _index_tar(root: storage.Location, objects: dict[str, storage.ObjectInfo], rel: str, whole: bool, fs) -> dict:
+    stats_rel = rel[:-len(".tar")] + IMG2DATASET_STATS
+    obj, stats = objects[rel], objects.get(stats_rel)
+    if stats is not None and not whole:  # one small GET; the tar is not read at all
+        count = int(json.loads(storage.RangedReader(root.join(stats_rel), stats.size, fs=fs).read())["successes"])
+        return {"path": rel, "num_samples": count, "size": obj.size, "etag": obj.etag}
+    reader = _HashingReader(storage.RangedReader(root.join(rel), obj.size, block=STREAM_BUFFER, fs=fs))
+    count = _count_tar_samples(reader)
+    return {"path": rel, "num_samples": count, "sha256": reader.drain()}
 
-    Parquet column names are recorded in the manifest for the reader; `key_column=None` keys rows as
-    SHARD-ROW. An image column may hold bytes or Hugging Face style structs {bytes, path}.
-    """
-    root = storage.resolve(uri, storage_cfg)
-    _refuse_complete(root)
-    found = {fmt: storage.list_files(root, suffix) for fmt, suffix in SHARD_SUFFIX.items()}
+
+def _index_parquet(root: storage.Location, obj: storage.ObjectInfo, rel: str, whole: bool,
+                   columns: tuple[str | None, ...], fs) -> dict:
+    reader = storage.RangedReader(root.join(rel), obj.size, block=STREAM_BUFFER if whole else 64 * 2**10, fs=fs)
+    if whole:
+        payload = reader.read()
+        reader, identity = io.BytesIO(payload), {"sha256": hashlib.sha256(payload).hexdigest()}
+    else:  # the footer only: one ranged GET of the last 64 KiB (two when the metadata is larger)
+        identity = {"size": obj.size, "etag": obj.etag}
+    with pq.ParquetFile(reader) as pf:
+        names, count = pf.schema_arrow.names, pf.metadata.num_rows
+    missing = [c for c in columns if c is not None and c not in names]
+    if missing:
+        raise DatasetError(f"{root.join(rel).uri}: no column(s) {missing} (columns: {names}); "
+                           "pass the right --image-column / --caption-column / --key-column")
+    return {"path": rel, "num_samples": count, **identity}
+
+
+def _shard_format(root: storage.Location, objects: dict[str, storage.ObjectInfo]) -> str:
+    found = {fmt: [p for p in objects if p.endswith(suffix)] for fmt, suffix in SHARD_SUFFIX.items()}
+    tar_stems = {p[:-len(".tar")] for p in found["webdataset"]}
+    if found["webdataset"] and all(p[:-len(".parquet")] in tar_stems for p in found["parquet"]):
+        return "webdataset"  # a NNNNN.parquet beside each NNNNN.tar is img2dataset's per-shard metadata, not a shard
     formats = [fmt for fmt, paths in found.items() if paths]
     if not formats:
         raise DatasetError(f"{root.uri}: no shards to index (no {' or '.join(SHARD_SUFFIX.values())} files)")
     if len(formats) > 1:
         raise DatasetError(f"{root.uri}: holds both tar and Parquet shards; index one format per dataset root")
-    fmt = formats[0]
-    shards, started = [], time.monotonic()
-    for path in found[fmt]:
-        rel = path[len(root.path.rstrip("/")) + 1:]
-        payload = storage.read_bytes(root.join(rel))
+    return formats[0]
+
+
+def index_shards(uri: str, *, storage_cfg: StorageConfig | None = None, image_column: str = "image",
+                 caption_column: str = "caption", key_column: str | None = "key", name: str | None = None,
+                 checksum: bool = False, threads: int = INDEX_THREADS) -> dict:
+    """Write a manifest for shards that already exist under `uri` (img2dataset / webdataset tars, or Parquet
+    tables with an image-bytes column and a caption column), leaving the shards as they are.
+
+    It lists the folder once and reads only what the manifest needs, `threads` shards at a time: a Parquet shard's
+    footer (its row count and columns), a tar's img2dataset stats file (`NNNNN_stats.json`, its `successes`); only a
+    tar without one is read whole (streamed), since its members' headers are spread through it. On S3 a shard not
+    read whole is identified by the size and ETag its listing gave (the reader checks both: `reader.shard_matches`);
+    a shard read whole, every local shard and every shard with `checksum=True` by the sha256 of its bytes, as
+    `prepare_dataset` records it.
+
+    Parquet column names are recorded in the manifest for the reader; `key_column=None` keys rows as
+    SHARD-ROW. An image column may hold bytes or Hugging Face style structs {bytes, path}.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = storage.resolve(uri, storage_cfg)
+    _refuse_complete(root)
+    prefix = root.path.rstrip("/") + "/"
+    objects = {o.path[len(prefix):]: o for o in storage.list_objects(root, storage_cfg)}
+    fmt = _shard_format(root, objects)
+    whole = checksum or root.scheme != "s3"  # local bytes are cheap to hash, and have no ETag
+    columns = (image_column, caption_column, key_column)
+    fs = storage.fsspec_filesystem(root.uri, storage_cfg) if root.scheme == "s3" else None
+
+    def index_one(rel: str) -> dict:
         if fmt == "webdataset":
-            count = _count_tar_samples(payload)
-        else:
-            schema = pq.read_schema(io.BytesIO(payload))
-            missing = [c for c in (image_column, caption_column, key_column) if c is not None and c not in schema.names]
-            if missing:
-                raise DatasetError(f"{root.join(rel).uri}: no column(s) {missing} (columns: {schema.names}); "
-                                   "pass the right --image-column / --caption-column / --key-column")
-            count = pq.read_metadata(io.BytesIO(payload)).num_rows
-        shards.append({"path": rel, "num_samples": count, "sha256": hashlib.sha256(payload).hexdigest()})
-        print(f"  indexed {root.join(rel).uri}: {count} samples ({time.monotonic() - started:.1f}s)", flush=True)
+            return _index_tar(root, objects, rel, whole, fs)
+        return _index_parquet(root, objects[rel], rel, whole, columns, fs)
+
+    shard_paths = sorted(p for p in objects if p.endswith(SHARD_SUFFIX[fmt]))
+    shards, started, every = [], time.monotonic(), max(1, len(shard_paths) // 20)
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for i, shard in enumerate(pool.map(index_one, shard_paths), 1):  # in path order, as listed
+            shards.append(shard)
+            if i % every == 0 or i == len(shard_paths):
+                print(f"  indexed {i}/{len(shard_paths)} shards of {root.uri} ({time.monotonic() - started:.1f}s)",
+                      flush=True)
     extra = {"columns": {"key": key_column, "image": image_column, "caption": caption_column}} if fmt == "parquet" else {}
     return _finish(root, shards, name=name or root.path.rstrip("/").rsplit("/", 1)[-1], source=f"indexed:{root.uri}",
                    fmt=fmt, **extra)
