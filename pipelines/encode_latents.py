@@ -33,7 +33,7 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL, normalize_latents
+from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL, latent_shape_for, normalize_latents
 from ldm_core.config import ConfigError
 from pipelines.data import latents
 from pipelines.platform import lease, storage, tracking
@@ -200,12 +200,10 @@ def default_output_uri(cfg: PipelineConfig, settings: dict) -> str:
 
 
 def check_resolution(cfg: PipelineConfig, autoencoder: AutoencoderKL) -> tuple[int, int, int]:
-    f = autoencoder.downsample_factor
-    if cfg.data.resolution % f:
-        raise ConfigError(f"data.resolution={cfg.data.resolution} is not divisible by the autoencoder's "
-                          f"downsampling factor f={f}")
-    side = cfg.data.resolution // f
-    return (autoencoder.config.latent_channels, side, side)
+    """The latent shape (c, H / f, W / f) of `data.resolution` through `autoencoder`; a side that is not a multiple of
+    its downsampling factor f is refused."""
+    return latent_shape_for(cfg.data.size, autoencoder.config.latent_channels, autoencoder.downsample_factor,
+                            "data.resolution")
 
 
 def check_encode(cfg: PipelineConfig) -> PipelineConfig:

@@ -2,6 +2,7 @@
 
     python pipelines/sample.py --prompt "a handwritten digit seven" [--num 8] [--steps 50] [--guidance 4] [--seed 0] [--out DIR]
     python pipelines/sample.py --config configs/photos.yaml --model-uri models:/ldm-unet/3 --prompt "a red bus"
+    python pipelines/sample.py --prompt "a handwritten digit seven" --height 32 --width 64   # default: the trained shape
 
 With `--lora-uri models:/ldm-unet-lora/1` (`sample.lora_uri`) the U-Net is the base those LoRA adapters record,
 with the adapters folded in at `--lora-scale`; the run records both (tags `lora_uri`, `lora_scale`, `unet_uri`).
@@ -231,7 +232,7 @@ STAGE = Stage(
 
 _FLAGS = {"prompt": "prompts", "num": "num_per_prompt", "steps": "steps", "guidance": "guidance", "eta": "eta",
           "sampler": "sampler", "seed": "seed", "out": "out_dir", "model_uri": "unet_uri", "model_alias": "unet_alias",
-          "device": "device", "lora_uri": "lora_uri", "lora_scale": "lora_scale"}
+          "device": "device", "lora_uri": "lora_uri", "lora_scale": "lora_scale", "height": "height", "width": "width"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eta", type=float, help="DDIM eta (sample.eta)")
     parser.add_argument("--sampler", help="ddim or ddpm (sample.sampler)")
     parser.add_argument("--seed", type=int, help="seed of the initial noise (sample.seed)")
+    parser.add_argument("--height", type=int, help="image height in pixels (sample.height; default: the trained shape's)")
+    parser.add_argument("--width", type=int, help="image width in pixels (sample.width; default: the trained shape's)")
     parser.add_argument("--out", help="output folder, local or s3:// (sample.out_dir)")
     parser.add_argument("--model-uri", help="MLflow URI of the U-Net (default: latest finished stage_b run)")
     parser.add_argument("--model-alias", help="registered-model alias of the U-Net, e.g. champion (sample.unet_alias)")

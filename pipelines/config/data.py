@@ -37,8 +37,10 @@ class DataConfig(StrictConfig):
     decoded: a folder of mostly broken files is a mistake to report, not a dataset."""
 
     # --- streaming (every stage)
-    resolution: int = Field(default=256, ge=8)
-    """Side of the square training crops."""
+    resolution: int | tuple[int, int] = 256
+    """Size of the training crops: one side (square, e.g. 256) or [height, width] (e.g. [32, 64]), each at least 8 px
+    and a multiple of the autoencoder's downsampling factor (checked where the autoencoder is known). Images are
+    resized to cover it (bicubic) and cropped (`crop`)."""
     crop: Literal["random", "center"] = "random"
     """Random crops for training augmentation, or centre crops."""
     random_flip: bool = False
@@ -71,9 +73,16 @@ class DataConfig(StrictConfig):
     the autoscaler for them next to its workers (pipelines/platform/cluster.py). At least `cpus_per_task`; 0 turns
     both off."""
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """`resolution` as (height, width)."""
+        return (self.resolution, self.resolution) if isinstance(self.resolution, int) else tuple(self.resolution)
+
     @model_validator(mode="after")
     def _check(self):
-        if self.min_size > self.resolution:
+        if min(self.size) < 8:
+            raise ValueError(f"resolution {self.resolution}: every side must be at least 8 px")
+        if self.min_size > min(self.size):
             raise ValueError(f"min_size ({self.min_size}) must not exceed resolution ({self.resolution})")
         if self.reserved_cpus and self.reserved_cpus < self.cpus_per_task:
             raise ValueError(

@@ -336,6 +336,11 @@ class SampleConfig(StrictConfig):
     set_alpha_to_one: bool = True
     """After the last visited timestep step to alpha_bar = 1, the clean sample (true), or to alpha_bar_0
     (false, Stable Diffusion's setting)."""
+    height: int | None = Field(default=None, ge=1)
+    """Height of the images in pixels, a multiple of the autoencoder's downsampling factor. None: the height the U-Net
+    was trained on (its latent shape). The U-Net is convolutional: other shapes work, as far as it generalises."""
+    width: int | None = Field(default=None, ge=1)
+    """Width of the images in pixels, as `height`. None: the width the U-Net was trained on."""
     seed: int = 0
     """Seed of the initial noise: the same seed gives the same images."""
     use_ema: bool = True

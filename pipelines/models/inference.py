@@ -132,6 +132,17 @@ def generate(
 # ---------------------------------------------------------------------------------------------------
 
 
+def sample_latent_shape(sc: SampleConfig, trained: tuple[int, int, int], f: int) -> tuple[int, int, int]:
+    """The latent shape (c, h, w) to sample: `sc.height` / `sc.width` divided by the autoencoder's factor f, each
+    defaulting to the U-Net's `trained` latent shape. A side that is not a multiple of f is refused, naming it."""
+    channels, h, w = trained
+    for name, value in (("height", sc.height), ("width", sc.width)):
+        if value is not None and value % f:
+            raise ConfigError(f"sample.{name}={value} (--{name}): not a multiple of the autoencoder's downsampling "
+                              f"factor f={f}")
+    return (channels, (sc.height or h * f) // f, (sc.width or w * f) // f)
+
+
 def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
            progress: Progress | None = None) -> tuple[torch.Tensor, UNetBundle]:
     """Images (P * N, C, H, W) in [-1, 1] for `prompts` with the U-Net at `model_uri` and `cfg.sample`'s settings,
@@ -149,6 +160,7 @@ def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
     if bundle.latents_mean is None and not math.isclose(float(autoencoder.scale_factor), bundle.scale_factor, rel_tol=1e-5):
         log.warning("autoencoder %s has scale_factor %.6g but the U-Net was trained on latents scaled by %.6g: using the U-Net's",
                     bundle.autoencoder_uri, float(autoencoder.scale_factor), bundle.scale_factor)
+    latent_shape = sample_latent_shape(sc, tuple(bundle.latent_shape), autoencoder.downsample_factor)
     text_encoder = load_text_encoder(bundle.text_encoder, device)
     if text_encoder.hidden_size != bundle.hidden_size:
         raise ConfigError(f"text encoder {bundle.text_encoder.name_or_path!r} has hidden size {text_encoder.hidden_size}, "
@@ -159,7 +171,7 @@ def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
     condition = condition_for(sc, context.to(device), mask.to(device), bundle.null_context.to(device),
                               bundle.null_mask.to(device))
     images = generate(
-        unet, autoencoder, plan, condition, latent_shape=tuple(bundle.latent_shape), scale_factor=bundle.scale_factor,
+        unet, autoencoder, plan, condition, latent_shape=latent_shape, scale_factor=bundle.scale_factor,
         num_per_prompt=sc.num_per_prompt, seed=sc.seed, sampler=sc.sampler, batch_size=sc.batch_size,
         mixed_precision=sc.mixed_precision, progress=progress, latents_mean=bundle.latents_mean,
         latents_std=bundle.latents_std,
