@@ -46,7 +46,7 @@ from pipelines.platform import lease, storage, tracking
 from pipelines.config import PipelineConfig
 from pipelines.dag.stage import Stage
 from pipelines.platform.cli import add_config_args, config_from_args
-from pipelines.config.prompts import prompt_digit
+from pipelines.config.prompts import judged_prompts, prompt_digit
 from pipelines.models.inference import forgetting_metrics, output_dir, render, samples_parent, score_digits
 from pipelines.models.registry import lora_base_of, model_to_load
 from pipelines.platform.progress import Progress
@@ -158,9 +158,9 @@ def run_sample(
     prompts = list(prompts if prompts is not None else sc.prompts)
     if not prompts:
         raise ConfigError("sample.prompts: give at least one prompt")
-    if sc.evaluate_digits and not any(prompt_digit(p) is not None for p in prompts):
-        raise ConfigError(f"sample.evaluate_digits: none of the prompts names a digit "
-                          f"(expected e.g. 'a handwritten digit seven'): {prompts}")
+    if sc.evaluate_digits and not any(prompt_digit(p) is not None for p in prompts) and judged_prompts(prompts) is None:
+        raise ConfigError(f"sample.evaluate_digits: none of the prompts names a digit (expected e.g. 'a handwritten "
+                          f"digit seven') and not every one a two-digit number ('the number 42'): {prompts}")
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg.mlflow))
     model_uri = sc.lora_uri or unet_to_load(cfg)  # adapters come with their base
     base_uri = lora_base_of(sc.lora_uri) if sc.lora_uri else None
@@ -223,7 +223,8 @@ STAGE = Stage(
     wiring={"sample.unet_uri": (UPSTREAM_STAGE, "model_uri")},
     consumes=("unet_uri", "autoencoder_uri"),
     produces=("out_dir",),
-    key_metrics=("eval/prompt_accuracy", "eval/classifier_holdout_accuracy"),
+    key_metrics=("eval/prompt_accuracy", "eval/number_accuracy_seen", "eval/number_accuracy_held_out",
+                 "eval/classifier_holdout_accuracy"),
     summary_artifact=GRID_ARTIFACT,
     lost_outputs=samples_lost,
     output_parent=samples_parent,

@@ -17,7 +17,7 @@ class DataConfig(StrictConfig):
 
     # --- building shards (pipelines/prepare_data.py, and the DAG's prepare node)
     source: str | None = None
-    """What to build the shards from when `uri` has none yet: a bundled dataset ("mnist", "mnist_bold", "skimage") or a
+    """What to build the shards from when `uri` has none yet: a bundled dataset ("mnist", "mnist_bold", "numbers", "skimage") or a
     folder of images. None: the shards must already exist."""
     format: Literal["webdataset", "parquet"] = "webdataset"
     """Shard format when building: webdataset tar (KEY.png + KEY.txt + KEY.json) or Parquet (key, image,
@@ -26,7 +26,7 @@ class DataConfig(StrictConfig):
     """Samples per shard when building."""
     prepare_resolution: int | None = Field(default=None, ge=8)
     """Side of stored images when building from a bundled source (None: MNIST's native 28 px, skimage crops
-    at 128 px). Folders are stored as they are."""
+    at 128 px; for "numbers" the height, the width being twice it, None: 32x64). Folders are stored as they are."""
     crops_per_photo: int | None = Field(default=None, ge=1)
     """The bundled "skimage" source only: random crops cut from each of its 15 photographs (None: 64). More
     crops are more varied training data from the same photographs (configs/photos.yaml)."""

@@ -20,7 +20,8 @@ from ldm_core.sampling import SAMPLERS, Condition, SamplingPlan, sampling_plan
 from pipelines.config import PipelineConfig, SampleConfig
 from pipelines.data.sources import open_source
 from pipelines.data.text_encoders import load_text_encoder
-from pipelines.models.judge import ink_fraction, load_or_train_classifier, prompt_adherence
+from pipelines.config.prompts import judged_prompts
+from pipelines.models.judge import ink_fraction, load_or_train_classifier, number_adherence, prompt_adherence
 from pipelines.models.interop import import_unet
 from pipelines.models.registry import UNetBundle, load_autoencoder, load_unet_bundle
 from pipelines.platform import storage
@@ -180,11 +181,19 @@ def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
 
 
 def score_digits(cfg: PipelineConfig, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
-    """The MNIST judge's prompt adherence for `render`'s images (`cfg.sample.num_per_prompt` per prompt)."""
+    """The MNIST judge's prompt adherence for `render`'s images (`cfg.sample.num_per_prompt` per prompt): one digit per
+    image for digit prompts, one per half for two-digit numbers ("the number 42", `judge.number_adherence`)."""
     sc = cfg.sample
     clf = load_or_train_classifier(sc.digit_classifier, cache_uri=f"{cfg.run.output_uri.rstrip('/')}/cache/digit_classifier",
                                    storage_cfg=cfg.storage)
-    metrics = prompt_adherence(images, [p for p in prompts for _ in range(sc.num_per_prompt)], clf)
+    per_sample = [p for p in prompts for _ in range(sc.num_per_prompt)]
+    if judged_prompts(prompts) == "numbers":  # "the number 42": a digit in each half
+        metrics = number_adherence(images, per_sample, clf)
+        log.info("number adherence %.4f: seen numbers %s, held-out numbers %s (classifier held-out accuracy %.4f)",
+                 metrics["eval/prompt_accuracy"], metrics.get("eval/number_accuracy_seen", "n/a"),
+                 metrics.get("eval/number_accuracy_held_out", "n/a"), metrics["eval/classifier_holdout_accuracy"])
+        return metrics
+    metrics = prompt_adherence(images, per_sample, clf)
     metrics["eval/ink_fraction"] = float(ink_fraction(images).mean())
     if sc.ink_reference:
         metrics["eval/ink_fraction_reference"] = reference_ink_fraction(sc.ink_reference, cfg.data.resolution)
