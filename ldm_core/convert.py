@@ -405,7 +405,7 @@ def autoencoder_config_from_diffusers(config: Mapping[str, Any]) -> tuple[Autoen
     return ours, float(c["scaling_factor"])
 
 
-def autoencoder_config_to_diffusers(cfg: AutoencoderConfig, scale_factor: float, sample_size: int | None = None) -> dict[str, Any]:
+def autoencoder_config_to_diffusers(cfg: AutoencoderConfig, scale_factor: float, sample_size: int | list[int] | None = None) -> dict[str, Any]:
     """A diffusers `AutoencoderKL` config.json dict for our config (KL autoencoders only)."""
     if cfg.kind != "kl":
         raise ConfigError("autoencoder kind 'deterministic' has no diffusers AutoencoderKL equivalent (only kind 'kl')")
@@ -514,7 +514,7 @@ def _check_exportable_unet(cfg: UNetConfig) -> None:
         raise ConfigError("this U-Net has no exact Stable Diffusion / diffusers equivalent: " + "; ".join(problems))
 
 
-def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int | None = None) -> dict[str, Any]:
+def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int | list[int] | None = None) -> dict[str, Any]:
     """A diffusers `UNet2DConditionModel` config.json dict for our config (linear transformer projections)."""
     _check_exportable_unet(cfg)
     n = len(cfg.channel_mult)

@@ -33,7 +33,7 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL, normalize_latents
+from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL, latent_shape_for, normalize_latents
 from ldm_core.config import ConfigError
 from pipelines.data import latents
 from pipelines.platform import lease, storage, tracking
@@ -172,6 +172,7 @@ def encode_settings(cfg: PipelineConfig, autoencoder_uri: str, stage_a_run_id: s
         "holdout_by": cfg.data.holdout_by,
         "text_encoder": cfg.encode.text_encoder.name_or_path,
         "max_length": cfg.encode.text_encoder.max_length,
+        **({"split_digits": True} if cfg.encode.text_encoder.split_digits else {}),  # (absent when off: old folder names)
         # only when not SD's scalar, so that the folders of scalar latents keep their names
         **({"latent_normalization": cfg.encode.latent_normalization} if cfg.encode.latent_normalization != "scalar" else {}),
     }
@@ -200,12 +201,10 @@ def default_output_uri(cfg: PipelineConfig, settings: dict) -> str:
 
 
 def check_resolution(cfg: PipelineConfig, autoencoder: AutoencoderKL) -> tuple[int, int, int]:
-    f = autoencoder.downsample_factor
-    if cfg.data.resolution % f:
-        raise ConfigError(f"data.resolution={cfg.data.resolution} is not divisible by the autoencoder's "
-                          f"downsampling factor f={f}")
-    side = cfg.data.resolution // f
-    return (autoencoder.config.latent_channels, side, side)
+    """The latent shape (c, H / f, W / f) of `data.resolution` through `autoencoder`; a side that is not a multiple of
+    its downsampling factor f is refused."""
+    return latent_shape_for(cfg.data.size, autoencoder.config.latent_channels, autoencoder.downsample_factor,
+                            "data.resolution")
 
 
 def check_encode(cfg: PipelineConfig) -> PipelineConfig:
@@ -345,7 +344,8 @@ def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: Autoencode
         "dataset_uri": cfg.data.uri,
         "dataset_digest": settings["dataset_digest"],
         "text_encoder": {"name_or_path": ec.text_encoder.name_or_path, "max_length": int(null["max_length"]),
-                         "hidden_size": int(null["hidden_size"]), "model_type": null["model_type"]},
+                         "hidden_size": int(null["hidden_size"]), "model_type": null["model_type"],
+                         **({"split_digits": True} if ec.text_encoder.split_digits else {})},
         "null_condition": {"path": latents.NULL_CONDITION, "sha256": null_sha,
                            "tokens": int(null["mask"][0].sum())},
         "columns": ["key", "caption", "latent_mean", "latent_std", "text_hidden", "text_mask", "caption_truncated",

@@ -135,7 +135,7 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     os.chmod(path, FILE_MODE)  # readable by others as any new file (safetensors alone writes 0600)
 
 
-def write_diffusers_autoencoder(model: AutoencoderKL, folder: Path, sample_size: int | None = None,
+def write_diffusers_autoencoder(model: AutoencoderKL, folder: Path, sample_size: int | list[int] | None = None,
                                 latents_mean: list[float] | None = None, latents_std: list[float] | None = None) -> None:
     """A diffusers AutoencoderKL folder; `latents_mean` / `latents_std` (a U-Net trained on per-channel normalised
     latents) go into its config.json under diffusers' names, beside `scaling_factor`."""
@@ -147,7 +147,7 @@ def write_diffusers_autoencoder(model: AutoencoderKL, folder: Path, sample_size:
     _save(folder / DIFFUSERS_WEIGHTS, tensors)
 
 
-def write_diffusers_unet(unet: UNet, folder: Path, sample_size: int | None = None) -> None:
+def write_diffusers_unet(unet: UNet, folder: Path, sample_size: int | list[int] | None = None) -> None:
     _write_json(folder / "config.json", convert.unet_config_to_diffusers(unet.config, sample_size=sample_size))
     links = convert.unet_links(unet.config, "diffusers", projection="linear")
     _save(folder / DIFFUSERS_WEIGHTS, convert.export_state(unet.state_dict(), links))
@@ -232,6 +232,13 @@ def export_autoencoder(model: AutoencoderKL, fmt: str, folder: Path) -> None:
     })
 
 
+def diffusers_sample_size(size) -> int | list[int]:
+    """diffusers' `sample_size` for (height, width): one int for a square, else [height, width] (which
+    StableDiffusionPipeline reads as the default height and width)."""
+    height, width = (int(s) for s in size)
+    return height if height == width else [height, width]
+
+
 def export_unet(bundle: UNetBundle, autoencoder: AutoencoderKL, fmt: str, folder: Path,
                 sample: SampleConfig | None = None) -> None:
     """Write the U-Net bundle (with its autoencoder and, for CLIP, text encoder) as `fmt` into `folder`; `sample`
@@ -239,8 +246,9 @@ def export_unet(bundle: UNetBundle, autoencoder: AutoencoderKL, fmt: str, folder
     autoencoder.scale_factor.fill_(bundle.scale_factor)  # the scale the U-Net was trained with
     clip = _clip_text_encoder(bundle)
     if fmt == "diffusers":
-        write_diffusers_unet(bundle.unet, folder / "unet", sample_size=bundle.latent_shape[-1])
-        write_diffusers_autoencoder(autoencoder, folder / "vae", sample_size=bundle.latent_shape[-1] * autoencoder.downsample_factor,
+        f = autoencoder.downsample_factor
+        write_diffusers_unet(bundle.unet, folder / "unet", sample_size=diffusers_sample_size(bundle.latent_shape[-2:]))
+        write_diffusers_autoencoder(autoencoder, folder / "vae", sample_size=diffusers_sample_size([s * f for s in bundle.latent_shape[-2:]]),
                                     latents_mean=bundle.latents_mean, latents_std=bundle.latents_std)
         if bundle.latents_mean is not None:
             log.warning("the U-Net was trained on per-channel normalised latents: vae/config.json has latents_mean / "

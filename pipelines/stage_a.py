@@ -33,7 +33,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torchvision.utils import make_grid
 
-from ldm_core.autoencoder import AutoencoderKL
+from ldm_core.autoencoder import AutoencoderKL, latent_shape_for
 from ldm_core.config import ConfigError
 from ldm_core.discriminator import NLayerDiscriminator
 from ldm_core.ema import EMA
@@ -294,9 +294,11 @@ class StageAResult(TrainResult):
 
 
 def check_stage_a(cfg: PipelineConfig) -> PipelineConfig:
-    """Before any cluster work: stage_a.init_from's architecture replaces stage_a.model, and on GPUs the estimated
-    peak per GPU must fit scaling.gpu_type."""
+    """Before any cluster work: stage_a.init_from's architecture replaces stage_a.model, data.resolution must be a
+    multiple of its downsampling factor, and on GPUs the estimated peak per GPU must fit scaling.gpu_type."""
     cfg = adopt_init_architectures(cfg, ("stage_a",))
+    model = cfg.stage_a.model
+    latent_shape_for(cfg.data.size, model.latent_channels, model.downsample_factor, "data.resolution")
     check_memory_budget(cfg, STAGE)
     return cfg
 

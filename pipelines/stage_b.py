@@ -305,7 +305,8 @@ def run_stage_b(
     null_context, null_mask = latents.read_null_condition(latents_uri, manifest, cfg.storage)
 
     text = manifest["text_encoder"]
-    text_cfg = TextEncoderConfig(name_or_path=text["name_or_path"], max_length=text["max_length"])
+    text_cfg = TextEncoderConfig(name_or_path=text["name_or_path"], max_length=text["max_length"],
+                                 split_digits=text.get("split_digits", False))
     num_gpus = sb.scaling.gpus_per_worker if sb.scaling.use_gpu else 0
     prompts = encode_prompts_remote(text_cfg, cfg.sample.prompts, num_cpus=cfg.data.cpus_per_task, num_gpus=num_gpus) \
         if cfg.sample.prompts else None

@@ -61,6 +61,10 @@ def test_stage_b_prompt_eval_follows_the_prompts_and_checks_them():
     cats = load_config(quickstart, ["sample.prompts=[a cat, a handwritten digit one]"])
     assert not cats.stage_b.prompt_eval.active(cats.sample.prompts)
     assert not load_config(quickstart, ["stage_b.prompt_eval.enabled=false"]).stage_b.prompt_eval.active(cfg.sample.prompts)
+    numbers = load_config(REPO / "configs/numbers.yaml")  # "the number N": judged half by half, on by default too
+    assert numbers.stage_b.prompt_eval.active(numbers.sample.prompts) and numbers.data.size == (32, 64)
+    mixed = load_config(quickstart, ["sample.prompts=[the number 42, a handwritten digit one]"])
+    assert not mixed.stage_b.prompt_eval.active(mixed.sample.prompts)
     # Cross-section checks are one line each, naming the fields (not a dump of the whole config).
     for overrides, message in (
         (["sample.prompts=[a cat]", "stage_b.prompt_eval.enabled=true"], "stage_b.prompt_eval.enabled=true needs sample.prompts"),

@@ -355,6 +355,27 @@ def test_uint8_images_reach_the_model_range_exactly():
         to_model_range(x)  # converting twice would be a silent bug
 
 
+def test_resolution_is_a_side_or_height_and_width():
+    """An int stays an int (so configs and cache keys from before [H, W] hash as they did); [H, W] crops H x W:
+    the image is scaled to cover it (a 2:1 image to exactly 32x64, nothing cut), then centre-cropped."""
+    assert DataConfig(uri="x", resolution=32).model_dump(mode="json")["resolution"] == 32
+    wide = DataConfig(uri="x", resolution=[32, 64], crop="center")
+    assert wide.size == (32, 64) and wide.model_dump(mode="json")["resolution"] == [32, 64]
+    with pytest.raises(ValueError, match="at least 8 px"):
+        DataConfig(uri="x", resolution=[4, 64])
+    rng = np.random.default_rng(0)
+    stripes = np.zeros((50, 100, 3), np.uint8)
+    stripes[:, 50:] = 255  # left half black, right half white
+    image, notes = decode_sample(_png(stripes), wide, rng)
+    assert image.shape == (3, 32, 64) and notes == []
+    assert image[:, :, :30].max() == 0 and image[:, :, 34:].min() == 255  # the halves are where they were
+    square = np.zeros((28, 28, 3), np.uint8)
+    square[:14] = 255  # top half white: the centre crop of the 64x64 upscale keeps rows 16..47
+    image, notes = decode_sample(_png(square), wide, rng)
+    assert image.shape == (3, 32, 64) and notes == ["upscaled"]
+    assert image[:, :14].min() == 255 and image[:, 18:].max() == 0
+
+
 def test_crops_per_photo_sets_the_skimage_sources_size_and_is_refused_elsewhere():
     from pipelines.data.sources import open_source
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from pipelines.models import judge as digits
+from pipelines.config.prompts import DIGIT_WORDS
 from pipelines.models.judge import DigitClassifierConfig
 
 
@@ -142,3 +145,54 @@ def test_prompt_adherence_on_real_digits_matches_labels(classifier, mnist):
 def test_bad_image_shape_is_named():
     with pytest.raises(ValueError, match="images: expected"):
         digits.to_classifier_input(torch.zeros(2, 4, 8, 8))
+
+
+# ------------------------------------------------------------------------- two-digit numbers (issue 26)
+
+def test_numbers_source_never_renders_a_held_out_number_and_uses_digits_the_judge_never_saw(mnist):
+    from pipelines.data.digits import HELD_OUT_NUMBERS, SEEN_NUMBERS, number_words
+    from pipelines.data.sources import NUMBER_CAPTIONS, numbers
+
+    assert HELD_OUT_NUMBERS == (18, 29, 30, 41, 52, 63, 74, 85, 96)
+    assert [number_words(n) for n in (13, 40, 42, 99)] == ["thirteen", "forty", "forty-two", "ninety-nine"]
+    samples = list(numbers(per_number=len(NUMBER_CAPTIONS)))
+    assert len(samples) == len(NUMBER_CAPTIONS) * 81 and sorted({s.meta["number"] for s in samples}) == list(SEEN_NUMBERS)
+    assert {Image.open(io.BytesIO(s.data)).size for s in samples} == {(64, 32)}  # (width, height)
+    captions = {s.caption for s in samples}
+    assert {"the number 42", "42", "forty-two", "the number forty-two", "a 4 followed by a 2",
+            "a four followed by a two"} <= captions
+    held_out_captions = {t.format(n=n, words=number_words(n), tens=n // 10, units=n % 10, tens_word=DIGIT_WORDS[n // 10],
+                                  units_word=DIGIT_WORDS[n % 10]) for n in HELD_OUT_NUMBERS for t in NUMBER_CAPTIONS}
+    assert captions.isdisjoint(held_out_captions)
+    for n in HELD_OUT_NUMBERS:  # each of their digits is seen elsewhere in the same position
+        assert any(m // 10 == n // 10 for m in SEEN_NUMBERS) and any(m % 10 == n % 10 for m in SEEN_NUMBERS)
+    _, labels = mnist
+    _, judge_holdout = digits.stratified_split(labels, DigitClassifierConfig().holdout_fraction, DigitClassifierConfig().seed)
+    used = {i for s in samples for i in s.meta["mnist_index"]}
+    assert used <= set(judge_holdout.tolist())
+    assert all(labels[s.meta["mnist_index"][0]] == s.meta["number"] // 10 for s in samples)
+
+
+def test_number_metrics_count_a_sample_only_when_both_digits_are_right():
+    prompts = ["the number 42", "the number 42", "the number 18", "the number 18"]
+    tens, units = torch.tensor([4, 2, 1, 2]), torch.tensor([2, 4, 8, 8])
+    metrics = digits.number_adherence_metrics(prompts, tens, units)
+    assert metrics["eval/number_accuracy_seen"] == 0.5  # 42 right, its reverse 24 wrong
+    assert metrics["eval/number_accuracy_held_out"] == 0.5
+    assert (metrics["eval/held_out_tens_accuracy"], metrics["eval/held_out_units_accuracy"]) == (0.5, 1.0)
+    assert metrics["eval/prompt_accuracy"] == 0.5
+    with pytest.raises(ValueError, match="two-digit number"):
+        digits.number_adherence_metrics(["a handwritten digit four"], tens[:1], units[:1])
+
+
+def test_number_judge_reads_each_half_of_real_two_digit_images(classifier, mnist):
+    images, labels = _holdout(mnist)
+    first = {d: images[(labels == d).nonzero()[0, 0]] for d in range(10)}
+    pairs = [(4, 2), (2, 4), (1, 8)]
+    wide = torch.stack([torch.cat([first[a], first[b]], dim=1) for a, b in pairs])  # (3, 28, 56)
+    x = F.interpolate(wide.float().div(127.5).sub(1).unsqueeze(1), size=(32, 64), mode="bilinear", align_corners=False)
+    generated = x.expand(-1, 3, -1, -1)
+    right = digits.number_adherence(generated, ["the number 42", "the number 24", "the number 18"], classifier)
+    assert right["eval/prompt_accuracy"] == 1.0 and right["eval/number_accuracy_held_out"] == 1.0
+    swapped = digits.number_adherence(generated, ["the number 24", "the number 42", "the number 81"], classifier)
+    assert swapped["eval/prompt_accuracy"] == 0.0

@@ -513,6 +513,26 @@ def test_diffusers_pipeline_export_carries_the_guidance_settings(tmp_path):
     assert torch.isfinite(rescaled).all() and not torch.allclose(rescaled, run(guidance_scale=5.0), atol=1e-6)
 
 
+def test_non_square_bundle_exports_its_shape_as_the_pipelines_default(tmp_path):
+    """A U-Net trained on 8x16 latents: unet/ and vae/ record sample_size [height, width], which
+    StableDiffusionPipeline takes as its default height and width."""
+    import dataclasses
+
+    from pipelines.export import export_unet
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], num_heads=8,
+                     norm_groups=32, context_dim=32, transformer_norm_eps=convert.SD_TRANSFORMER_NORM_EPS)
+    vae = AutoencoderKL(AutoencoderConfig(base_channels=32, channel_mult=[1, 2], num_res_blocks=1)).eval()
+    bundle = dataclasses.replace(_bundle_on_tiny_clip(_perturbed(UNet(cfg), 6), tmp_path, 0.8), latent_shape=(4, 8, 16))
+    export_unet(bundle, vae, "diffusers", tmp_path / "sd")
+    assert json.loads((tmp_path / "sd" / "unet" / "config.json").read_text())["sample_size"] == [8, 16]
+    assert json.loads((tmp_path / "sd" / "vae" / "config.json").read_text())["sample_size"] == [16, 32]
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "sd"), safety_checker=None)
+    latents = pipe("a cat", num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    assert latents.shape == (1, 4, 8, 16)
+
+
 def test_per_channel_bundle_exports_latents_mean_and_std(tmp_path):
     """A U-Net trained on per-channel normalised latents: vae/config.json gets diffusers' latents_mean / latents_std
     (scaling_factor 1), which diffusers' AutoencoderKL reads; an SD single file, which cannot record them, is refused."""

@@ -306,6 +306,22 @@ def test_cli_flags_override_the_config(published, tmp_path):
         assert not torch.allclose(result.images, other, atol=1e-3), change
 
 
+def test_a_square_trained_model_samples_the_shape_asked_for(published, tmp_path):
+    """The published U-Net was trained on 4x4 latents (8x8 px through f=2): by default it samples that shape;
+    --height/--width give any multiple of f, here 8x16 px; a side the autoencoder cannot make is one line."""
+    base = ["--config", QUICKSTART, *[f"--set={o}" for o in published["overrides"]], "--no-mlflow"]
+    square = sample.main(base + ["--out", str(tmp_path / "square")])
+    assert square.images.shape[-2:] == (8, 8)
+    wide = sample.main(base + ["--height", "8", "--width", "16", "--out", str(tmp_path / "wide")])
+    assert wide.images.shape == (4, 3, 8, 16) and torch.isfinite(wide.images).all()
+    assert {Image.open(p).size for p in wide.image_paths} == {(16, 8)}  # PIL: (width, height)
+    assert json.loads((tmp_path / "wide" / "samples.json").read_text())["settings"]["width"] == 16
+    with pytest.raises(SystemExit) as e:
+        sample.main(base + ["--width", "15", "--out", str(tmp_path / "odd")])
+    assert str(e.value).startswith("error: sample.width=15 (--width): not a multiple") and "\n" not in str(e.value)
+    assert not (tmp_path / "odd").exists()
+
+
 def test_ema_weights_by_default_raw_on_request(published, tmp_path):
     ema = sample.run_sample(_cfg(published, f"sample.out_dir={tmp_path / 'ema'}"), log_to_mlflow=False)
     raw = sample.main(["--config", QUICKSTART, *[f"--set={o}" for o in published["overrides"]], "--no-ema",

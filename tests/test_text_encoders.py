@@ -83,3 +83,18 @@ def test_a_tokenizer_without_a_real_vocabulary_is_refused(tmp_path):
     _tiny_bert(folder, 7, max_positions=16, tokenizer=BertTokenizer(str(vocab)))
     with pytest.raises(TextEncoderError, match="only 7 tokens"):
         load_text_encoder(TextEncoderConfig(name_or_path=str(folder)))
+
+
+def test_split_digits_gives_every_digit_its_own_token_and_is_recorded_only_when_on(minilm):
+    """WordPiece reads "42" as one token; with split_digits it reads "4" "2", which "the number 30" shares with seen
+    numbers. Off, the config dumps as before the option existed (cache keys and records unchanged)."""
+    split = load_text_encoder(TextEncoderConfig(max_length=MAX_LENGTH, split_digits=True))
+    assert minilm.token_counts(["the number 42"]) == [5] and split.token_counts(["the number 42"]) == [6]
+    assert split.prepared(["the number 42", "a 4 followed by a 2", "forty-two"]) == [
+        "the number 4 2", "a 4 followed by a 2", "forty-two"]
+    hidden, _ = split.encode(["the number 42", "the number 4 2"])
+    assert torch.allclose(hidden[0], hidden[1], atol=1e-6)
+    assert not torch.allclose(hidden[0], minilm.encode(["the number 42"])[0][0], atol=1e-3)
+    assert "split_digits" not in TextEncoderConfig().model_dump(mode="json")
+    assert split.config().model_dump(mode="json")["split_digits"] is True
+    assert TextEncoderConfig.model_validate(split.config().model_dump(mode="json")).split_digits

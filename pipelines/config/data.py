@@ -17,7 +17,7 @@ class DataConfig(StrictConfig):
 
     # --- building shards (pipelines/prepare_data.py, and the DAG's prepare node)
     source: str | None = None
-    """What to build the shards from when `uri` has none yet: a bundled dataset ("mnist", "mnist_bold", "skimage") or a
+    """What to build the shards from when `uri` has none yet: a bundled dataset ("mnist", "mnist_bold", "numbers", "skimage") or a
     folder of images. None: the shards must already exist."""
     format: Literal["webdataset", "parquet"] = "webdataset"
     """Shard format when building: webdataset tar (KEY.png + KEY.txt + KEY.json) or Parquet (key, image,
@@ -26,7 +26,7 @@ class DataConfig(StrictConfig):
     """Samples per shard when building."""
     prepare_resolution: int | None = Field(default=None, ge=8)
     """Side of stored images when building from a bundled source (None: MNIST's native 28 px, skimage crops
-    at 128 px). Folders are stored as they are."""
+    at 128 px; for "numbers" the height, the width being twice it, None: 32x64). Folders are stored as they are."""
     crops_per_photo: int | None = Field(default=None, ge=1)
     """The bundled "skimage" source only: random crops cut from each of its 15 photographs (None: 64). More
     crops are more varied training data from the same photographs (configs/photos.yaml)."""
@@ -37,8 +37,10 @@ class DataConfig(StrictConfig):
     decoded: a folder of mostly broken files is a mistake to report, not a dataset."""
 
     # --- streaming (every stage)
-    resolution: int = Field(default=256, ge=8)
-    """Side of the square training crops."""
+    resolution: int | tuple[int, int] = 256
+    """Size of the training crops: one side (square, e.g. 256) or [height, width] (e.g. [32, 64]), each at least 8 px
+    and a multiple of the autoencoder's downsampling factor (checked where the autoencoder is known). Images are
+    resized to cover it (bicubic) and cropped (`crop`)."""
     crop: Literal["random", "center"] = "random"
     """Random crops for training augmentation, or centre crops."""
     random_flip: bool = False
@@ -71,9 +73,16 @@ class DataConfig(StrictConfig):
     the autoscaler for them next to its workers (pipelines/platform/cluster.py). At least `cpus_per_task`; 0 turns
     both off."""
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """`resolution` as (height, width)."""
+        return (self.resolution, self.resolution) if isinstance(self.resolution, int) else tuple(self.resolution)
+
     @model_validator(mode="after")
     def _check(self):
-        if self.min_size > self.resolution:
+        if min(self.size) < 8:
+            raise ValueError(f"resolution {self.resolution}: every side must be at least 8 px")
+        if self.min_size > min(self.size):
             raise ValueError(f"min_size ({self.min_size}) must not exceed resolution ({self.resolution})")
         if self.reserved_cpus and self.reserved_cpus < self.cpus_per_task:
             raise ValueError(

@@ -21,7 +21,7 @@ from ldm_core.config import ConfigError, StrictConfig, format_validation_error
 from ldm_core.model_configs import (AutoencoderConfig, AutoencoderLossConfig, DiffusionConfig, DiscriminatorConfig,
                                     LPIPSConfig, UNetConfig)
 from pipelines.config.data import DataConfig
-from pipelines.config.prompts import prompt_digit
+from pipelines.config.prompts import judged_prompts
 from pipelines.config.sections import (
     DigitClassifierConfig,
     MlflowSection,
@@ -179,13 +179,14 @@ class StageBTrainLoop(TrainLoopSection):
 class StageBPromptEval(StrictConfig):
     """Prompt accuracy of the MNIST digit judge (`pipelines/models/judge.py`), measured on the published U-Net (EMA
     weights) right after training and logged in the Stage B run itself (`eval/prompt_accuracy`, per digit
-    `eval/prompt_accuracy_<d>`), at this fixed sampler budget: DDIM, eta 0, trailing steps, `sample.prompts`,
+    `eval/prompt_accuracy_<d>`; for two-digit number prompts the number metrics of `judge.number_adherence`), at this
+    fixed sampler budget: DDIM, eta 0, trailing steps, `sample.prompts`,
     the judge of `sample.digit_classifier`. A held-out number that moves with the training options, so runs
     compare in MLflow whatever the sample stage is set to."""
 
     enabled: bool | None = None
-    """None: on when every one of `sample.prompts` names a digit (the quickstart's MNIST prompts); true: always
-    (then every prompt must name a digit); false: never."""
+    """None: on when every one of `sample.prompts` names a digit (the quickstart's MNIST prompts) or every one a
+    two-digit number (configs/numbers.yaml); true: always (then the prompts must be such); false: never."""
     num_per_prompt: int = Field(default=10, ge=1)
     """Samples per prompt."""
     steps: int = Field(default=25, ge=1)
@@ -199,8 +200,7 @@ class StageBPromptEval(StrictConfig):
 
     def active(self, prompts: list[str]) -> bool:
         """Whether to measure for these prompts (see `enabled`)."""
-        digits = bool(prompts) and all(prompt_digit(p) is not None for p in prompts)
-        return digits if self.enabled is None else self.enabled
+        return judged_prompts(prompts) is not None if self.enabled is None else self.enabled
 
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "ff.proj", "ff.out", "proj_in", "proj_out", "conv1", "conv2")
@@ -332,6 +332,11 @@ class SampleConfig(StrictConfig):
     set_alpha_to_one: bool = True
     """After the last visited timestep step to alpha_bar = 1, the clean sample (true), or to alpha_bar_0
     (false, Stable Diffusion's setting)."""
+    height: int | None = Field(default=None, ge=1)
+    """Height of the images in pixels, a multiple of the autoencoder's downsampling factor. None: the height the U-Net
+    was trained on (its latent shape). The U-Net is convolutional: other shapes work, as far as it generalises."""
+    width: int | None = Field(default=None, ge=1)
+    """Width of the images in pixels, as `height`. None: the width the U-Net was trained on."""
     seed: int = 0
     """Seed of the initial noise: the same seed gives the same images."""
     use_ema: bool = True
@@ -339,7 +344,9 @@ class SampleConfig(StrictConfig):
     out_dir: str | None = None
     """Where PNGs and the grid go. None: `<run.output_uri>/samples/<stage B run id>`."""
     evaluate_digits: bool = False
-    """Score prompt adherence with a digit classifier trained on real MNIST (for the MNIST prompts)."""
+    """Score prompt adherence with a digit classifier trained on real MNIST: one digit per image for digit prompts
+    ("a handwritten digit seven"), one per half for two-digit numbers ("the number 42", both must be right;
+    `judge.number_adherence` logs seen- and held-out-number accuracy)."""
     forgetting_prompts: list[str] = []
     """With `evaluate_digits`: prompts the base model already knew (e.g. the quickstart's "a handwritten digit
     seven"), also rendered and judged, logged as `eval/old_prompt_accuracy`, so a fine-tune's forgetting shows."""
@@ -386,9 +393,10 @@ class PipelineConfig(StrictConfig):
     @model_validator(mode="after")
     def _prompt_eval_needs_digit_prompts(self):
         prompts = self.sample.prompts
-        if self.stage_b.prompt_eval.enabled and not (prompts and all(prompt_digit(p) is not None for p in prompts)):
+        if self.stage_b.prompt_eval.enabled and judged_prompts(prompts) is None:
             raise ValueError(f"stage_b.prompt_eval.enabled=true needs sample.prompts that each name a digit "
-                             f"(e.g. 'a handwritten digit seven'), got {self.sample.prompts}")
+                             f"(e.g. 'a handwritten digit seven') or each a two-digit number ('the number 42'), "
+                             f"got {self.sample.prompts}")
         steps, T = self.stage_b.prompt_eval.steps, self.stage_b.diffusion.num_timesteps
         if self.stage_b.prompt_eval.active(prompts) and steps > T:
             raise ValueError(f"stage_b.prompt_eval.steps={steps}: more than stage_b.diffusion.num_timesteps={T}")

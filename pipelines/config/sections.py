@@ -11,7 +11,7 @@ import re
 from typing import Annotated, Literal
 from urllib.parse import urlparse
 
-from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_serializer, model_validator
 
 from ldm_core.config import StrictConfig
 
@@ -293,6 +293,19 @@ class TextEncoderConfig(StrictConfig):
     a warning. Capped at the model's own limit (77 for CLIP, 512 for BERT-like encoders)."""
     allow_download: bool = False
     """Let `transformers` download a hub model that is not in the local cache. False: offline, fail fast."""
+    split_digits: bool = False
+    """Write every digit of a prompt as a word of its own before tokenizing ("the number 42" -> "the number 4 2"), as
+    many LLM tokenizers split numbers into digits: WordPiece has one token for "42", so a number no caption held (issue
+    26's held-out numbers) would be a token the U-Net never saw, while its digits are tokens it has seen in their
+    places. Recorded with the latents and the U-Net, so sampling splits as training did; a user still types "42"."""
+
+    @model_serializer(mode="wrap")
+    def _omit_split_digits_when_off(self, handler):
+        # Off, the field is left out of every dump, so the cache keys and records of configs without it stay as they were.
+        data = handler(self)
+        if not self.split_digits:
+            data.pop("split_digits", None)
+        return data
 
 
 class DigitClassifierConfig(StrictConfig):

@@ -107,14 +107,16 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
         raise SkipSample("unsupported_mode") from None
 
 
-def decode_image(data: bytes | None, *, resolution: int, crop: str, random_flip: bool, min_size: int,
+def decode_image(data: bytes | None, *, resolution: int | tuple[int, int], crop: str, random_flip: bool, min_size: int,
                  rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
-    """Encoded image bytes -> uint8 (3, R, R), plus the repairs made. Raises SkipSample.
+    """Encoded image bytes -> uint8 (3, H, W), plus the repairs made. Raises SkipSample.
 
-    Steps: decode (EXIF orientation applied), any mode -> RGB, resize the shorter side to R (bicubic;
-    upscaling counted), crop R x R (random or centre), flip horizontally with p=0.5 when `random_flip`.
+    `resolution`: H = W = resolution, or (H, W). Steps: decode (EXIF orientation applied), any mode -> RGB, resize
+    (bicubic; upscaling counted) by the smallest factor that makes the image cover H x W (for a square, the
+    shorter side becomes H), crop H x W (random or centre), flip horizontally with p=0.5 when `random_flip`.
     The model's [-1, 1] comes later, on the training device (`to_model_range`).
     """
+    out_h, out_w = (resolution, resolution) if isinstance(resolution, int) else resolution
     if not data:
         raise SkipSample("empty_image")
     notes: list[str] = []
@@ -132,20 +134,20 @@ def decode_image(data: bytes | None, *, resolution: int, crop: str, random_flip:
     w, h = img.size
     if min(w, h) < max(min_size, 1):
         raise SkipSample("too_small")
-    if min(w, h) < resolution:
+    scale = max(out_h / h, out_w / w)
+    if scale > 1:
         notes.append("upscaled")
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    new_w, new_h = max(out_w, round(w * scale)), max(out_h, round(h * scale))
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), Image.BICUBIC, reducing_gap=None)
     if crop == "random":
-        x0, y0 = int(rng.integers(0, new_w - resolution + 1)), int(rng.integers(0, new_h - resolution + 1))
+        x0, y0 = int(rng.integers(0, new_w - out_w + 1)), int(rng.integers(0, new_h - out_h + 1))
     else:
-        x0, y0 = (new_w - resolution) // 2, (new_h - resolution) // 2
-    img = img.crop((x0, y0, x0 + resolution, y0 + resolution))
+        x0, y0 = (new_w - out_w) // 2, (new_h - out_h) // 2
+    img = img.crop((x0, y0, x0 + out_w, y0 + out_h))
     if random_flip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)), notes  # (3, R, R) uint8
+    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)), notes  # (H, W, 3) -> (3, H, W) uint8
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -276,8 +278,8 @@ def read_shard(payload: bytes, rel_path: str, columns: dict) -> ShardContents:
     return read_tar(payload)
 
 
-def _rows_per_block(resolution: int) -> int:
-    return max(1, TARGET_BLOCK_BYTES // (3 * resolution * resolution))  # uint8 images
+def _rows_per_block(size: tuple[int, int]) -> int:
+    return max(1, TARGET_BLOCK_BYTES // (3 * size[0] * size[1]))  # uint8 (3, H, W) images
 
 
 def verified(payload: bytes, sha256: str | None) -> bool:
@@ -329,7 +331,7 @@ def decode_shards(batch: dict, *, cfg: DataConfig, split: str, seed: int, counte
     SkipCounter once a shard is done: shard-level losses (which no split owns, since their keys are unknown)
     under part "shard", per-sample skips and repairs under the split.
     """
-    block_rows = _rows_per_block(cfg.resolution)
+    block_rows = _rows_per_block(cfg.size)
     images: list[np.ndarray] = []
     captions: list[str] = []
     keys: list[str] = []

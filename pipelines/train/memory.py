@@ -310,7 +310,7 @@ def estimate_stage_a(cfg: PipelineConfig, device: str = "cuda") -> MemoryBudget:
     then LPIPS and the discriminator on the reconstruction (fp32). The discriminator's own update comes after the
     autoencoder's activations are freed and keeps far less (the discriminator's activations only)."""
     sa = cfg.stage_a
-    batch, res = cfg.data.batch_size, cfg.data.resolution
+    batch, (height, width) = cfg.data.batch_size, cfg.data.size
     bf16 = sa.scaling.use_gpu and sa.train.mixed_precision == "bf16"
     use_lpips = sa.loss.perceptual_weight > 0
     use_disc = sa.loss.disc_weight > 0 and sa.train.max_steps > sa.loss.disc_start
@@ -318,7 +318,7 @@ def estimate_stage_a(cfg: PipelineConfig, device: str = "cuda") -> MemoryBudget:
     def build(ckpt: bool, amp):
         model = AutoencoderKL(sa.model.model_copy(update={"gradient_checkpointing": ckpt}))
         disc = NLayerDiscriminator(sa.discriminator)
-        x = torch.randn(batch, sa.model.in_channels, res, res)
+        x = torch.randn(batch, sa.model.in_channels, height, width)
         lpips_net = _lpips_network(sa.lpips.net, x.device) if use_lpips else None
 
         def forward():
@@ -345,7 +345,7 @@ def estimate_stage_a(cfg: PipelineConfig, device: str = "cuda") -> MemoryBudget:
         persistent["discriminator weights"] = FP32 * p_disc
     if use_lpips:
         persistent[f"LPIPS-{sa.lpips.net} weights (frozen)"] = FP32 * _count_params(lambda: _lpips_network(sa.lpips.net))
-    notes = [f"batch {batch} x {res}px per worker, {'bf16 autocast' if bf16 else 'fp32'}, "
+    notes = [f"batch {batch} x {height}x{width} px per worker, {'bf16 autocast' if bf16 else 'fp32'}, "
              f"gradient checkpointing {'on' if sa.model.gradient_checkpointing else 'off'}, "
              f"{'fused' if sa.optim.fused else 'foreach'} AdamW"]
     return _assemble("stage_a", persistent, act, [p_ae, p_disc], sa.optim.fused, notes)
@@ -371,7 +371,7 @@ def estimate_stage_b(cfg: PipelineConfig, device: str = "cuda") -> MemoryBudget:
     the activations are what a frozen base keeps for the adapters' gradients."""
     sb = cfg.stage_b
     f = cfg.stage_a.model.downsample_factor
-    side = cfg.data.resolution // f
+    lat_h, lat_w = cfg.data.size[0] // f, cfg.data.size[1] // f
     bf16 = sb.scaling.use_gpu and sb.train.mixed_precision == "bf16"
     base_bf16 = bool(sb.lora) and sb.scaling.use_gpu and sb.lora.base_precision == "bf16"
 
@@ -386,7 +386,7 @@ def estimate_stage_b(cfg: PipelineConfig, device: str = "cuda") -> MemoryBudget:
 
     def build(ckpt: bool, amp):
         model = make(ckpt)
-        x = torch.randn(sb.batch_size, sb.unet.in_channels, side, side)
+        x = torch.randn(sb.batch_size, sb.unet.in_channels, lat_h, lat_w)
         t = torch.zeros(sb.batch_size, dtype=torch.long)
         context = torch.randn(sb.batch_size, TEXT_TOKENS, sb.unet.context_dim)
         mask = torch.ones(sb.batch_size, TEXT_TOKENS, dtype=torch.bool)
@@ -399,7 +399,7 @@ def estimate_stage_b(cfg: PipelineConfig, device: str = "cuda") -> MemoryBudget:
         return [("unet", model)], forward
 
     act = _measure(build, sb.unet.gradient_checkpointing, device, bf16)
-    notes = [f"batch {sb.batch_size} x {side}x{side} latents per worker, {'bf16 autocast' if bf16 else 'fp32'}, "
+    notes = [f"batch {sb.batch_size} x {lat_h}x{lat_w} latents per worker, {'bf16 autocast' if bf16 else 'fp32'}, "
              f"gradient checkpointing {'on' if sb.unet.gradient_checkpointing else 'off'}, "
              f"{'fused' if sb.optim.fused else 'foreach'} AdamW"]
     if not sb.lora:
