@@ -56,6 +56,17 @@ SHORTCUT_INIT_LOGVAR = -10.0
 """The posterior log-variance a bicubic-shortcut autoencoder starts at (see AutoencoderConfig.bicubic_shortcut)."""
 
 
+def latent_shape_for(size: tuple[int, int], latent_channels: int, f: int, field: str) -> tuple[int, int, int]:
+    """The latent shape (c, H / f, W / f) of images of `size` (H, W) through an autoencoder of downsampling factor f.
+    Raises ConfigError naming `field` (the setting that gave the size) when a side is not a multiple of f."""
+    height, width = size
+    if height % f or width % f:
+        shown = height if height == width else [height, width]
+        raise ConfigError(f"{field}={shown}: every side must be a multiple of the autoencoder's downsampling "
+                          f"factor f={f} (e.g. {[max(f, round(s / f) * f) for s in size]})")
+    return (latent_channels, height // f, width // f)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The posterior q(z | x).
 # ----------------------------------------------------------------------------------------------------
