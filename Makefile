@@ -1,4 +1,4 @@
-# Everything runs inside .venv; `make install` is idempotent (re-runs only when pyproject.toml changes).
+# Everything runs inside .venv; `make install` is idempotent (re-runs only when pyproject.toml or constraints.txt changes).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,12 +10,13 @@ PYTEST_ARGS ?=
 
 .PHONY: install run test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# torch first, from the pinned build, so nothing below can pull another one in.
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -e '.[test]'
+	# constraints.txt: the versions the suite last passed with (pip's resolver backtracks for minutes without them)
+	$(PY) -m pip install -e '.[test]' -c constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
