@@ -203,7 +203,11 @@ def test_fingerprint_ignores_how_long_and_how_often_but_not_what_is_trained(tmp_
 
 
 @pytest.mark.slow
-def test_buffered_logger_keeps_training_going_through_an_mlflow_outage_and_delivers_everything(tmp_path):
+def test_buffered_logger_keeps_training_going_through_an_mlflow_outage_and_delivers_everything(tmp_path, monkeypatch):
+    # The logger's own retry budget, not the driver's (tracking.setup, called by earlier tests in this process, sets
+    # 4 retries with backoff in the environment, after which one failed call takes longer than this test waits).
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
     port = free_port()
     server = start_mlflow_server(port, tmp_path)
     uri = f"http://127.0.0.1:{port}"
