@@ -32,6 +32,7 @@ from pipelines.config.sections import (
     StorageConfig,
     TextEncoderConfig,
     TrainLoopSection,
+    absolute_sqlite_uri,
     check_uri,
 )
 
@@ -416,9 +417,7 @@ class PipelineConfig(StrictConfig):
             init_from = getattr(self, section).init_from
             if init_from and urlparse(init_from).scheme in ("", "file"):
                 getattr(self, section).init_from = _absolute(init_from, f"{section}.init_from")
-        if self.mlflow.tracking_uri.startswith("sqlite:///") and not self.mlflow.tracking_uri.startswith("sqlite:////"):
-            rel = self.mlflow.tracking_uri[len("sqlite:///"):]
-            self.mlflow.tracking_uri = "sqlite:///" + str(Path(rel).resolve())
+        self.mlflow.tracking_uri = absolute_sqlite_uri(self.mlflow.tracking_uri)
         return self
 
 

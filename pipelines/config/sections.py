@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlparse
 
@@ -90,6 +91,15 @@ def _no_credentials_in_uri(uri: str) -> str:
     if HTTP_USERINFO.match(uri):
         raise ValueError("must not carry credentials (user:password@): set MLFLOW_TRACKING_USERNAME and "
                          "MLFLOW_TRACKING_PASSWORD in the environment instead (a config file or command line exposes them)")
+    return uri
+
+
+
+def absolute_sqlite_uri(uri: str) -> str:
+    """A `sqlite:///relative/path` store made absolute against the working directory (other URIs unchanged): Train
+    workers, encode actors and a later `mlflow ui` run elsewhere and would open another store."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     return uri
 
 

@@ -25,7 +25,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from ldm_core.config import ConfigError
-from pipelines.config.sections import HTTP_USERINFO, MlflowSection, mask_http_userinfo
+from pipelines.config.sections import HTTP_USERINFO, MlflowSection, absolute_sqlite_uri, mask_http_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,7 @@ def tracking_uri(cfg: MlflowSection) -> str:
     as they are in the config (the URI travels to every Train worker and into logs). A relative sqlite path in the
     variable is made absolute against the working directory, as the config's is at load time: Train workers and
     encode actors run in other directories, and would otherwise open (and create) another store."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    uri = absolute_sqlite_uri(os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri)
     if HTTP_USERINFO.match(uri):
         raise ConfigError(f"MLFLOW_TRACKING_URI={mask_http_userinfo(uri)} must not carry credentials (user:password@): "
                           "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
