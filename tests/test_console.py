@@ -231,14 +231,25 @@ def test_a_failed_train_worker_ends_the_console_with_the_stage_run_and_resume_th
     assert rc == 0 and "[stage_b] resumed" in resumed and "[sample] ran" in resumed, resumed[-3000:]
 
 
-def _dom(url: str, profile: Path) -> str:
-    """The page at `url` as a headless Chromium renders it, from a fresh profile (no remembered UI state)."""
+def _dom(url: str, profile: Path, wait_for: str = "", tries: int = 3) -> str:
+    """The page at `url` as a headless Chromium renders it, from a fresh profile (no remembered UI state).
+
+    The UI fetches and draws asynchronously; on a loaded machine a render can end before the data arrived (CI once
+    dumped Stage A's metrics page without its chart). With `wait_for`, the page is rendered again (fresh profile, a
+    longer budget) until its DOM contains that text, up to `tries` times; the last DOM is returned either way, so the
+    caller's assert still decides."""
     chromium = shutil.which("chromium")
     assert chromium, "this test needs Debian's chromium package (.ci/run installs it)"
-    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-                           "--virtual-time-budget=30000", "--dump-dom", url], capture_output=True, text=True, timeout=300)
-    return proc.stdout
+    dom = ""
+    for attempt in range(tries if wait_for else 1):
+        proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                               "--disable-component-update", "--disable-sync", "--no-first-run",
+                               f"--user-data-dir={profile}-{attempt}", f"--virtual-time-budget={30000 * (attempt + 1)}",
+                               "--dump-dom", url], capture_output=True, text=True, timeout=300)
+        dom = proc.stdout
+        if wait_for in dom:
+            break
+    return dom
 
 
 def test_the_mlflow_ui_as_printed_shows_the_stage_runs_a_metric_chart_and_the_sample_grid(dag):
@@ -254,17 +265,19 @@ def test_the_mlflow_ui_as_printed_shows_the_stage_runs_a_metric_chart_and_the_sa
         experiment = dag.client.get_experiment_by_name("ldm-quickstart")
         assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
         url = open_line.removeprefix("then open ").replace(":5000/", f":{port}/")
-        runs = _dom(url, dag.tmp / "chromium-runs")
         pipeline_run = dag.client.get_run(dag.runs["prepare"].data.tags["mlflow.parentRunId"])
+        runs = _dom(url, dag.tmp / "chromium-runs", wait_for=pipeline_run.info.run_name)
         assert pipeline_run.info.run_name in runs, "the experiment page does not list the pipeline run"  # (stages nest in it)
         base = f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs"
         for stage in STAGES:
-            page = _dom(f"{base}/{dag.runs[stage].info.run_id}?workflowType=machine_learning", dag.tmp / f"chromium-{stage}")
+            page = _dom(f"{base}/{dag.runs[stage].info.run_id}?workflowType=machine_learning", dag.tmp / f"chromium-{stage}",
+                        wait_for=dag.runs[stage].info.run_name)
             assert dag.runs[stage].info.run_name in page, f"the {stage} run's page does not show it"
         chart = _dom(f"{base}/{dag.runs['stage_a'].info.run_id}/model-metrics?workflowType=machine_learning",
-                     dag.tmp / "chromium-chart")
+                     dag.tmp / "chromium-chart", wait_for="js-plotly-plot")
         assert "js-plotly-plot" in chart, "no metric chart on Stage A's metrics page"
-        grid = _dom(f"{base}/{dag.runs['sample'].info.run_id}/artifacts/samples/grid.png", dag.tmp / "chromium-grid")
+        grid = _dom(f"{base}/{dag.runs['sample'].info.run_id}/artifacts/samples/grid.png", dag.tmp / "chromium-grid",
+                    wait_for='src="blob:')
         assert re.search(r'<img alt="samples/grid.png" src="blob:', grid), "the sample grid is not shown"
     finally:
         stop_process_group(ui)
