@@ -26,6 +26,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import numpy as np
@@ -33,7 +34,7 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL, latent_shape_for, normalize_latents
+from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL, normalize_latents
 from ldm_core.config import ConfigError
 from pipelines.data import latents
 from pipelines.platform import lease, storage, tracking
@@ -42,6 +43,7 @@ from pipelines.config import PipelineConfig
 from pipelines.dag.stage import Stage
 from pipelines.platform.cli import parse_cli
 from pipelines.data import DatasetError, build_dataset, read_manifest, to_model_range
+from pipelines.data.buckets import check_shapes, split_by_shape
 from pipelines.data.reader import in_split
 from pipelines.models.registry import load_autoencoder, model_to_load, run_id_of
 from pipelines.platform.progress import print_summary, run_with_progress
@@ -90,8 +92,14 @@ class LatentEncoder:
         self.holdout_by = holdout_by  # the same split as Stage A's (DataConfig.holdout_by)
         self.encoded = encoded
 
+    def __call__(self, batch: dict) -> Iterator[dict]:
+        """One output block per image shape in the batch (several with aspect-ratio buckets): a block, and so a
+        Parquet part file, holds latents of one shape."""
+        for same_shape in split_by_shape(batch, "image"):
+            yield self.encode(same_shape)
+
     @torch.no_grad()
-    def __call__(self, batch: dict) -> dict:
+    def encode(self, batch: dict) -> dict:
         # Ray Data's arrays are read-only: a copy (uint8, small), not a tensor over memory torch must not write.
         x = to_model_range(torch.tensor(batch["image"], device=self.device))  # (B, 3, H, W) in [-1, 1]
         posterior = self.autoencoder.encode(x)
@@ -168,6 +176,7 @@ def encode_settings(cfg: PipelineConfig, autoencoder_uri: str, stage_a_run_id: s
         "dataset_uri": cfg.data.uri,
         "dataset_digest": dataset_digest,
         "resolution": cfg.data.resolution,
+        **({"buckets": [list(s) for s in cfg.data.shapes]} if cfg.data.buckets is not None else {}),  # (absent: old names)
         "holdout_fraction": cfg.data.holdout_fraction,
         "holdout_by": cfg.data.holdout_by,
         "text_encoder": cfg.encode.text_encoder.name_or_path,
@@ -200,11 +209,10 @@ def default_output_uri(cfg: PipelineConfig, settings: dict) -> str:
     return f"{latents_parent(cfg)}/{settings['stage_a_run_id']}-{key}"
 
 
-def check_resolution(cfg: PipelineConfig, autoencoder: AutoencoderKL) -> tuple[int, int, int]:
-    """The latent shape (c, H / f, W / f) of `data.resolution` through `autoencoder`; a side that is not a multiple of
-    its downsampling factor f is refused."""
-    return latent_shape_for(cfg.data.size, autoencoder.config.latent_channels, autoencoder.downsample_factor,
-                            "data.resolution")
+def check_resolution(cfg: PipelineConfig, autoencoder: AutoencoderKL) -> list[tuple[int, int, int]]:
+    """The latent shapes (c, H / f, W / f) of `data.resolution` (first) and of every bucket through `autoencoder`; a
+    side that is not a multiple of its downsampling factor f is refused."""
+    return check_shapes(cfg.data, autoencoder.config.latent_channels, autoencoder.downsample_factor)
 
 
 def check_encode(cfg: PipelineConfig) -> PipelineConfig:
@@ -228,7 +236,7 @@ def run_encode(
     stage_a_run_id = run_id_of(autoencoder_uri)
     data_manifest = read_manifest(cfg.data.uri, cfg.storage)  # fails clearly on a missing/empty dataset
     autoencoder = load_autoencoder(autoencoder_uri)
-    latent_shape = check_resolution(cfg, autoencoder)
+    latent_shape, *_ = check_resolution(cfg, autoencoder)
     settings = encode_settings(cfg, autoencoder_uri, stage_a_run_id, data_manifest["digest"])
     output_uri = ec.output_uri or default_output_uri(cfg, settings)
     root = storage.resolve(output_uri, cfg.storage)
@@ -334,6 +342,7 @@ def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: Autoencode
         "num_holdout": totals["holdout"],
         "num_truncated": totals["truncated"],
         "latent_shape": list(latent_shape),
+        "latent_shapes": latents.shape_counts(sink.files),
         "scale_factor": normalization["scale_factor"],
         **({"latents_mean": normalization["latents_mean"], "latents_std": normalization["latents_std"]}
            if normalization["latents_mean"] is not None else {}),

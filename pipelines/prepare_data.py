@@ -87,7 +87,7 @@ STAGE_NAME = "prepare"
 STAGE = Stage(
     name=STAGE_NAME,
     run=run_prepare,
-    sections=("data.source", "data.format", "data.shard_size", "data.prepare_resolution", "data.crops_per_photo",
+    sections=("data.source", "data.format", "data.shard_size", "data.prepare_resolution", "data.crops_per_photo", "data.photo_crops",
               "data.limit", "run.seed"),
     produces=("dataset_uri",),
     key_metrics=("samples", "shards"),
@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--resolution", type=int, default=None, help="side of stored images (bundled sources; numbers: the height, the width is twice it)")
     parser.add_argument("--captions", default=None, help="CSV or JSONL mapping file/key -> caption (folder sources)")
     parser.add_argument("--limit", type=int, default=None, help="keep only the first N samples")
+    parser.add_argument("--photo-crops", default="square", choices=["square", "any"],
+                        help='skimage: square crops, or "any": photographs at their own shapes and several scales')
     parser.add_argument("--seed", type=int, default=0, help="seed of the skimage crops and of the numbers' digit draws")
     parser.add_argument("--max-undecodable-fraction", type=float, default=0.5,
                         help="fail (no dataset) when more of the images than this cannot be decoded (default: %(default)s)")
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
                 manifest = prepare_dataset(
                     args.source, args.output, fmt=args.format, shard_size=args.shard_size, resolution=args.resolution,
                     limit=args.limit, seed=args.seed, captions=args.captions, storage=storage_cfg,
-                    max_undecodable_fraction=args.max_undecodable_fraction,
+                    max_undecodable_fraction=args.max_undecodable_fraction, photo_crops=args.photo_crops,
                 )
     except (DatasetError, lease.LeaseHeld, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None

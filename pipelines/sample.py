@@ -56,6 +56,9 @@ log = logging.getLogger("sample")
 STAGE_NAME = "sample"
 UPSTREAM_STAGE = "stage_b"
 GRID_ARTIFACT = "samples/grid.png"
+SHAPES_GRID = "grid_shapes.png"
+"""A U-Net trained on aspect-ratio buckets: the first prompts at each trained shape, a row per shape."""
+MAX_SHAPE_ROWS = 4
 
 
 class NoModelError(LookupError):
@@ -118,6 +121,26 @@ def to_png(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+def trained_shapes_grid(cfg: PipelineConfig, prompts: list[str], model_uri: str, bundle, f: int) -> torch.Tensor | None:
+    """When the U-Net was trained on several latent shapes (aspect-ratio buckets) and no --height/--width was asked
+    for: one image for each of the first prompts at each trained shape (up to MAX_SHAPE_ROWS shapes), a row per
+    shape on one canvas (CHW in [-1, 1], background -1). None otherwise."""
+    shapes = [tuple(s) for s in bundle.meta.get("latent_shapes") or []]
+    if len(shapes) < 2 or cfg.sample.height or cfg.sample.width:
+        return None
+    rows = []
+    for _, h, w in shapes[:MAX_SHAPE_ROWS]:
+        sc = cfg.sample.model_copy(update={"height": h * f, "width": w * f, "num_per_prompt": 1})
+        images, _ = render(cfg.model_copy(update={"sample": sc}), prompts[:MAX_SHAPE_ROWS], model_uri)
+        rows.append(make_grid(images, nrow=len(images), padding=2, pad_value=-1.0))
+    canvas = torch.full((rows[0].shape[0], sum(r.shape[1] for r in rows), max(r.shape[2] for r in rows)), -1.0)
+    top = 0
+    for row in rows:
+        canvas[:, top:top + row.shape[1], :row.shape[2]] = row
+        top += row.shape[1]
+    return canvas
+
+
 def write_samples(images: torch.Tensor, prompts: list[str], num_per_prompt: int, out_dir: str,
                   storage_cfg: storage.StorageConfig, manifest: dict) -> tuple[list[str], str, np.ndarray]:
     """PNGs `p<i>_<slug>_<j>.png`, `grid.png` (row i = prompt i) and `samples.json` under out_dir (local or
@@ -172,6 +195,7 @@ def run_sample(
     lora_tags = {"lora_uri": model_uri, "lora_scale": str(sc.lora_scale), "lora_base_uri": base_uri} if base_uri else {}
     progress = Progress(STAGE_NAME, total=len(prompts) * sc.num_per_prompt, every=sc.batch_size, unit="images")
     images, bundle = render(cfg, prompts, model_uri, progress)
+    shapes_grid = trained_shapes_grid(cfg, prompts, model_uri, bundle, f=images.shape[-2] // bundle.latent_shape[1])
     metrics = score_digits(cfg, images, prompts) if sc.evaluate_digits else {}
     if sc.evaluate_digits and sc.forgetting_prompts:
         metrics |= forgetting_metrics(cfg, model_uri)
@@ -189,6 +213,8 @@ def run_sample(
         with lease.hold(lease.output_lease_uri(out_dir), what=f"sample into {out_dir}", settings=cfg.run.lease,
                         storage_cfg=cfg.storage):  # one writer per folder: its samples.json describes its PNGs
             paths, grid_uri, grid = write_samples(images, prompts, sc.num_per_prompt, out_dir, cfg.storage, manifest)
+            if shapes_grid is not None:
+                storage.write_bytes(storage.resolve(out_dir, cfg.storage).join(SHAPES_GRID), to_png(shapes_grid))
         if run is not None:
             client = MlflowClient()
             tracking.log_params(client, run_id, tracking.flatten({"sample": manifest["settings"]}))
@@ -197,6 +223,8 @@ def run_sample(
                              "out_dir": out_dir,
                              **({"unet_alias": sc.unet_alias} if sc.unet_alias and not sc.unet_uri else {})})
             tracking.log_image(client, run_id, grid, GRID_ARTIFACT)
+            if shapes_grid is not None:
+                tracking.log_image(client, run_id, tracking.tensor_grid_to_uint8(shapes_grid), f"samples/{SHAPES_GRID}")
             tracking.log_metrics(client, run_id, metrics, 0)
     log.info("wrote %d images and %s", len(paths), grid_uri)
     progress.done(f"{len(paths)} images", prompt_accuracy=metrics.get("eval/prompt_accuracy"))

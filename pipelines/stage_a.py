@@ -33,7 +33,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torchvision.utils import make_grid
 
-from ldm_core.autoencoder import AutoencoderKL, latent_shape_for
+from ldm_core.autoencoder import AutoencoderKL
 from ldm_core.config import ConfigError
 from ldm_core.discriminator import NLayerDiscriminator
 from ldm_core.ema import EMA
@@ -45,6 +45,7 @@ from pipelines.config import PipelineConfig
 from pipelines.platform.cli import parse_cli
 from pipelines.platform.cluster import ClusterError, connect, ensure_resources
 from pipelines.data import DatasetError, build_dataset, open_skip_counter, read_manifest, to_model_range
+from pipelines.data.buckets import check_shapes, iter_shape_batches
 from pipelines.platform.lease import LeaseHeld, LeaseLost, stage_lease
 from pipelines.train.memory import check_memory_budget, estimate_stage_a
 from pipelines.models.interop import (adopt_init_architectures, freeze_encoder, init_from_run_ids, keeps_published_scale,
@@ -91,7 +92,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return  # this run name had finished: its result was reported again
     # The reader starts now (a background thread), so Ray Data's start-up overlaps DDP's.
     batches = model_range(loop.batches(ray.train.get_dataset_shard("train"), batch_size=cfg.data.batch_size,
-                                       shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.run.seed))
+                                       shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.run.seed,
+                                       by_shape=cfg.data.buckets is not None))
     ddp_model = loop.prepare(model)
     # The discriminator runs twice per step (inside the generator loss, then on its own update): keep its
     # buffers out of DDP's per-forward broadcast, which would modify them in place between the two passes.
@@ -217,7 +219,7 @@ def evaluate_holdout(cfg: PipelineConfig, model: AutoencoderKL, lpips_module, de
         return [psnr(y, x).sum(), ssim(y, x).sum(), lp]
 
     holdout = ray.train.get_dataset_shard("holdout")
-    for i, batch in enumerate(holdout.iter_torch_batches(batch_size=cfg.data.batch_size, device=device)):
+    for i, batch in enumerate(iter_shape_batches(holdout, batch_size=cfg.data.batch_size, device=device)):
         if i >= sa.eval.max_batches:
             break
         x = to_model_range(batch["image"])
@@ -294,11 +296,12 @@ class StageAResult(TrainResult):
 
 
 def check_stage_a(cfg: PipelineConfig) -> PipelineConfig:
-    """Before any cluster work: stage_a.init_from's architecture replaces stage_a.model, data.resolution must be a
-    multiple of its downsampling factor, and on GPUs the estimated peak per GPU must fit scaling.gpu_type."""
+    """Before any cluster work: stage_a.init_from's architecture replaces stage_a.model, data.resolution (and every
+    one of data.buckets) must be a multiple of its downsampling factor, and on GPUs the estimated peak per GPU must
+    fit scaling.gpu_type."""
     cfg = adopt_init_architectures(cfg, ("stage_a",))
     model = cfg.stage_a.model
-    latent_shape_for(cfg.data.size, model.latent_channels, model.downsample_factor, "data.resolution")
+    check_shapes(cfg.data, model.latent_channels, model.downsample_factor)
     check_memory_budget(cfg, STAGE)
     return cfg
 

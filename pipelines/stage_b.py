@@ -49,6 +49,7 @@ from pipelines.dag.stage import Stage
 from pipelines.platform.cli import parse_cli
 from pipelines.platform.cluster import ClusterError, connect, ensure_resources
 from pipelines.data import new_skip_counter
+from pipelines.data.buckets import iter_shape_batches
 from pipelines.platform.lease import LeaseHeld, LeaseLost, stage_lease
 from pipelines.train.memory import check_memory_budget, estimate_stage_b
 from pipelines.models import lora
@@ -103,7 +104,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return  # this run name had finished: its result was reported again
     # The reader starts now (a background thread), so Ray Data's start-up overlaps DDP's and the grid sampler's.
     batches = loop.batches(ray.train.get_dataset_shard("train"), batch_size=sb.batch_size,
-                           shuffle_buffer=sb.shuffle_buffer, seed=cfg.run.seed)
+                           shuffle_buffer=sb.shuffle_buffer, seed=cfg.run.seed,
+                           by_shape=len(loop_config["bundle"]["latent_shapes"]) > 1)
     ddp_model = loop.prepare(model)
     loop.record_nodes()
     grids = GridSampler(cfg, loop_config, device) if loop.logger and len(cond["prompt_context"]) else None
@@ -177,7 +179,7 @@ def heldout_loss(cfg: PipelineConfig, model: torch.nn.Module, ema: EMA | None, s
     rank, _ = world()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # rows, raw loss sum, EMA loss sum
     model.eval()
-    for i, batch in enumerate(shard.iter_torch_batches(batch_size=sb.batch_size, device=device)):
+    for i, batch in enumerate(iter_shape_batches(shard, batch_size=sb.batch_size, device=device)):
         if i >= sb.eval_batches:
             break
         g = torch.Generator(device=device).manual_seed(cfg.run.seed + EVAL_SEED_OFFSET + 1000 * rank + i)
@@ -220,7 +222,8 @@ def export_bundle(directory: Path, cfg: PipelineConfig, loop_config: dict, model
         null_context=torch.tensor(cond["null_context"]), null_mask=torch.tensor(cond["null_mask"]),
         latent_shape=info["latent_shape"], scale_factor=info["scale_factor"], autoencoder_uri=info["autoencoder_uri"],
         encode_run_id=info["encode_run_id"], stage_a_run_id=info["stage_a_run_id"], stage_b_run_id=loop_config["mlflow_run_id"],
-        extra={"step": step, "latents_uri": info["latents_uri"], "latents_digest": info["latents_digest"]},
+        extra={"step": step, "latents_uri": info["latents_uri"], "latents_digest": info["latents_digest"],
+               "latent_shapes": info["latent_shapes"]},
         latents_mean=info["latents_mean"], latents_std=info["latents_std"],
     )
 
@@ -242,6 +245,14 @@ def latest_latents_uri(cfg: PipelineConfig, experiment_id: str) -> str:
         return uri
     raise ConfigError(f"stage_b.latents_uri is not set and experiment {cfg.mlflow.experiment!r} has no finished "
                       f"encode run: run pipelines/encode_latents.py first")
+
+
+def trained_shapes(manifest: dict) -> list[list[int]]:
+    """The latent shapes of a latents folder, default first (several with aspect-ratio buckets; older folders record
+    only the default)."""
+    shapes = [list(manifest["latent_shape"])]
+    shapes += [e["shape"] for e in manifest.get("latent_shapes", []) if e["shape"] and e["shape"] != shapes[0]]
+    return shapes
 
 
 def check_compatible(cfg: PipelineConfig, manifest: dict, latents_uri: str) -> None:
@@ -341,6 +352,7 @@ def run_stage_b(
         bundle_info = {
             "text_encoder": text_cfg.model_dump(mode="json"), "hidden_size": text["hidden_size"],
             "latent_shape": manifest["latent_shape"], "scale_factor": manifest["scale_factor"],
+            "latent_shapes": trained_shapes(manifest),
             "latents_mean": manifest.get("latents_mean"), "latents_std": manifest.get("latents_std"),
             "autoencoder_uri": manifest["autoencoder_uri"], "encode_run_id": manifest.get("encode_run_id"),
             "stage_a_run_id": manifest.get("stage_a_run_id"), "latents_uri": latents_uri, "latents_digest": manifest["digest"],

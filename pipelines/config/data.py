@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from ldm_core.config import StrictConfig
+
+
+class BucketGrid(StrictConfig):
+    """Aspect-ratio buckets generated from a pixel budget (SDXL's and kohya's recipe): every (height, width) that is a
+    multiple of `step`, has about `area` pixels (the largest height for each width with height x width <= area) and a
+    long side at most `max_aspect` times the short one."""
+
+    area: int = Field(ge=64)
+    """Target pixels per image, e.g. 65536 for 256 x 256."""
+    step: int = Field(default=64, ge=1)
+    """Every side is a multiple of this: use a multiple of the autoencoder's factor f (8 for kl-f8; 64 is SDXL's)."""
+    max_aspect: float = Field(default=2.0, ge=1.0)
+    """Longest side over shortest side, at most."""
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """The buckets as (height, width), widest first; always holds the square nearest `area` (when it fits)."""
+        out = set()
+        for width in range(self.step, self.area // self.step + 1, self.step):
+            height = (self.area // width) // self.step * self.step
+            if height >= self.step and max(height, width) <= self.max_aspect * min(height, width):
+                out.add((height, width))
+        side = max(self.step, round(math.sqrt(self.area) / self.step) * self.step)
+        if side * side <= self.area * 1.25:
+            out.add((side, side))
+        return sorted(out, key=lambda s: s[1] / s[0], reverse=True)
 
 
 class DataConfig(StrictConfig):
@@ -30,6 +56,11 @@ class DataConfig(StrictConfig):
     crops_per_photo: int | None = Field(default=None, ge=1)
     """The bundled "skimage" source only: random crops cut from each of its 15 photographs (None: 64). More
     crops are more varied training data from the same photographs (configs/photos.yaml)."""
+    photo_crops: Literal["square", "any"] = "square"
+    """The bundled "skimage" source only: "square" crops resized to `prepare_resolution`, or "any": the photographs at
+    their own shapes and at several scales (each whole photograph, then crops of random aspect ratio up to 2:1 whose
+    scale runs from the photograph's own pixels to all of it), stored with their shorter side at `prepare_resolution`
+    (None: 128), for aspect-ratio buckets (`buckets`) to place."""
     limit: int | None = Field(default=None, ge=1)
     """Keep only the first N samples when building (quick experiments and tests)."""
     max_undecodable_fraction: float = Field(default=0.5, ge=0, le=1)
@@ -41,6 +72,12 @@ class DataConfig(StrictConfig):
     """Size of the training crops: one side (square, e.g. 256) or [height, width] (e.g. [32, 64]), each at least 8 px
     and a multiple of the autoencoder's downsampling factor (checked where the autoencoder is known). Images are
     resized to cover it (bicubic) and cropped (`crop`)."""
+    buckets: list[tuple[int, int]] | BucketGrid | None = None
+    """Aspect-ratio buckets (pipelines/data/buckets.py): None keeps every image at `resolution`. A list of
+    [height, width] shapes, or {area, step, max_aspect} to generate them (`BucketGrid`). Each image goes to the bucket
+    nearest its aspect ratio and is resized to cover it, cropping as little as possible; every training batch holds
+    one bucket. `resolution` is then the default shape (what sampling uses unless told otherwise): one of the
+    buckets, by default the one nearest a square. Every side must be a multiple of the autoencoder's factor f."""
     crop: Literal["random", "center"] = "random"
     """Random crops for training augmentation, or centre crops."""
     random_flip: bool = False
@@ -78,11 +115,47 @@ class DataConfig(StrictConfig):
         """`resolution` as (height, width)."""
         return (self.resolution, self.resolution) if isinstance(self.resolution, int) else tuple(self.resolution)
 
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every shape an image can come out of the reader in, as (height, width): the buckets, or `size` alone."""
+        if self.buckets is None:
+            return [self.size]
+        return self.buckets.shapes() if isinstance(self.buckets, BucketGrid) else [tuple(b) for b in self.buckets]
+
+    @property
+    def largest(self) -> tuple[int, int]:
+        """The shape of the most pixels among `shapes`: what a memory estimate must fit."""
+        return max(self.shapes, key=lambda s: (s[0] * s[1], s))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_resolution(cls, data):
+        """With buckets and no `resolution`, the default shape is the bucket nearest a square (widest first on a tie)."""
+        if isinstance(data, dict) and data.get("buckets") is not None and data.get("resolution") is None:
+            buckets = data["buckets"]
+            shapes = BucketGrid.model_validate(buckets).shapes() if isinstance(buckets, dict) else buckets
+            if shapes and all(isinstance(s, (list, tuple)) and len(s) == 2 for s in shapes):
+                h, w = min(shapes, key=lambda s: abs(math.log(max(s[1], 1) / max(s[0], 1))))
+                data = {**data, "resolution": h if h == w else [h, w]}
+        return data
+
     @model_validator(mode="after")
     def _check(self):
         if min(self.size) < 8:
             raise ValueError(f"resolution {self.resolution}: every side must be at least 8 px")
-        if self.min_size > min(self.size):
+        if self.buckets is not None:
+            shapes = self.shapes
+            if not shapes:
+                raise ValueError(f"buckets {self.buckets}: no shape fits (raise area or max_aspect, or lower step)")
+            if len(set(shapes)) != len(shapes):
+                raise ValueError(f"buckets {[list(s) for s in shapes]}: a shape is listed twice")
+            small = [list(s) for s in shapes if min(s) < 8]
+            if small:
+                raise ValueError(f"buckets: {small[0]} has a side below 8 px")
+            if self.size not in shapes:
+                raise ValueError(f"resolution {self.resolution} is not one of the buckets {[list(s) for s in shapes]}: "
+                                 "it is the default shape, so it must be one of them (or leave it out)")
+        if self.min_size > min(min(s) for s in self.shapes):
             raise ValueError(f"min_size ({self.min_size}) must not exceed resolution ({self.resolution})")
         if self.reserved_cpus and self.reserved_cpus < self.cpus_per_task:
             raise ValueError(

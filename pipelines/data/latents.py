@@ -19,6 +19,11 @@ autoencoder's scale factor, so Stage B samples z = latent_mean + latent_std * ep
     holdout            bool      in the held-out split (same hash split as the image reader)
     text_encoder       str       which text encoder produced text_hidden
 
+Every part file holds latents of one shape (its manifest entry's `latent_shape`; the manifest's `latent_shapes`
+counts the rows of each): with aspect-ratio buckets (`data.buckets`) there are several, and a Stage B worker reads rows
+of several shapes and batches them one shape at a time (pipelines/data/buckets.py). The manifest's `latent_shape` is
+the default one (that of `data.resolution`), which sampling uses unless told otherwise.
+
 An interrupted encode leaves part files but no manifest; readers refuse such a folder. Every encode holds the
 folder's lease (`.lease.json`, pipelines/platform/lease.py) and records there the `parts-<attempt>/` folder it writes; the
 next encode writes a fresh one and, once its manifest is in place, removes only the folders it inherited that
@@ -43,6 +48,7 @@ import ray
 import torch
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
+from ray.data.extensions import ArrowTensorArray, ArrowVariableShapedTensorType
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -95,6 +101,8 @@ class PartFile:
     """Rows whose caption was truncated."""
     holdout: int
     """Rows in the held-out split."""
+    latent_shape: list[int] | None = None
+    """(C, h, w) of every row's latents: a file holds one shape (several files, with aspect-ratio buckets)."""
 
 
 class LatentParquetSink(Datasink):
@@ -122,17 +130,17 @@ class LatentParquetSink(Datasink):
         return "LatentParquet"
 
     def write(self, blocks: Iterable, ctx) -> list[dict]:
+        """Rows are gathered per latent shape (one, unless the images came in aspect-ratio buckets), so that every
+        file holds a single shape: a fixed-shape tensor column, which Stage B batches by file."""
         root = storage.resolve(self.root_uri, self.storage_cfg)
         written: list[PartFile] = []
-        pending: list[pa.Table] = []
-        rows = 0
+        pending: dict[tuple[int, ...], list[pa.Table]] = {}
 
-        def flush() -> None:
-            nonlocal pending, rows
-            table = pa.concat_tables(pending)
-            pending, rows = [], 0
+        def flush(shape: tuple[int, ...]) -> None:
+            table = pa.concat_tables(pending.pop(shape))
             for start in range(0, table.num_rows, self.rows_per_file):
-                written.append(self._write_file(root, table.slice(start, self.rows_per_file), ctx.task_idx, len(written)))
+                part = table.slice(start, self.rows_per_file)
+                written.append(self._write_file(root, part, ctx.task_idx, len(written), shape))
                 if self.fail_after_rows is not None and sum(f.num_rows for f in written) >= self.fail_after_rows:
                     raise EncodeFaultInjected(f"fault hook: writer stopping after {self.fail_after_rows} rows "
                                               "(encode.fail_after_rows)")
@@ -141,15 +149,16 @@ class LatentParquetSink(Datasink):
             table = BlockAccessor.for_block(block).to_arrow()
             if table.num_rows == 0:
                 continue
-            pending.append(table)
-            rows += table.num_rows
-            if rows >= self.rows_per_file:
-                flush()
-        if rows:
-            flush()
+            for shape, same in split_by_shape(table, "latent_mean"):
+                pending.setdefault(shape, []).append(same)
+                if sum(t.num_rows for t in pending[shape]) >= self.rows_per_file:
+                    flush(shape)
+        for shape in list(pending):
+            flush(shape)
         return [asdict(f) for f in written]
 
-    def _write_file(self, root: Location, table: pa.Table, task_idx: int, index: int) -> PartFile:
+    def _write_file(self, root: Location, table: pa.Table, task_idx: int, index: int,
+                    shape: tuple[int, ...]) -> PartFile:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression=COMPRESSION)
         payload = buf.getvalue()
@@ -159,10 +168,42 @@ class LatentParquetSink(Datasink):
         return PartFile(
             path=rel, num_rows=table.num_rows, num_bytes=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
             truncated=int(np.asarray(column("caption_truncated")).sum()), holdout=int(np.asarray(column("holdout")).sum()),
+            latent_shape=list(shape),
         )
 
     def on_write_complete(self, write_result) -> None:
         self.files = sorted((PartFile(**f) for task in write_result.write_returns for f in task), key=lambda f: f.path)
+
+
+def split_by_shape(table: pa.Table, column: str) -> list[tuple[tuple[int, ...], pa.Table]]:
+    """A table -> (shape, table) per shape of the tensor `column`'s rows, each with fixed-shape tensor columns.
+
+    The encoder emits one block per shape, but Ray Data may merge blocks on their way to the writer; a merged block
+    holds variable-shaped tensor columns (`ArrowVariableShapedTensorType`), which are split here again by row."""
+    if not isinstance(table.schema.field(column).type, ArrowVariableShapedTensorType):
+        return [(tuple(int(s) for s in table.schema.field(column).type.shape), table)]
+    accessor = BlockAccessor.for_block(table)
+    rows: dict[tuple[int, ...], list[int]] = {}
+    for i, value in enumerate(accessor.to_numpy(column)):
+        rows.setdefault(tuple(int(s) for s in np.shape(value)), []).append(i)
+    out = []
+    for shape, index in rows.items():
+        part = table.take(index)
+        for name in part.column_names:
+            if isinstance(part.schema.field(name).type, ArrowVariableShapedTensorType):
+                fixed = ArrowTensorArray.from_numpy(np.stack(list(BlockAccessor.for_block(part).to_numpy(name))))
+                part = part.set_column(part.column_names.index(name), name, fixed)
+        out.append((shape, part))
+    return out
+
+
+def shape_counts(files: list[PartFile]) -> list[dict]:
+    """Rows per latent shape over the part files, most rows first: [{"shape": [C, h, w], "rows": n}, ...]."""
+    counts: dict[tuple[int, ...], int] = {}
+    for f in files:
+        key = tuple(f.latent_shape or ())
+        counts[key] = counts.get(key, 0) + f.num_rows
+    return [{"shape": list(k), "rows": n} for k, n in sorted(counts.items(), key=lambda kv: -kv[1])]
 
 
 # ---------------------------------------------------------------------------------------------------

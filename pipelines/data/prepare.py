@@ -24,6 +24,7 @@ def prepare_tracked(cfg, experiment_id: str, *, parent_run_id: str | None = None
             cfg.data.source, cfg.data.uri, fmt=cfg.data.format, shard_size=cfg.data.shard_size,
             resolution=cfg.data.prepare_resolution, limit=cfg.data.limit, seed=cfg.run.seed, storage=cfg.storage,
             max_undecodable_fraction=cfg.data.max_undecodable_fraction, crops_per_photo=cfg.data.crops_per_photo,
+            photo_crops=cfg.data.photo_crops,
         )
         mlflow.set_tags({"dataset_uri": cfg.data.uri, "dataset_digest": manifest["digest"]})
         mlflow.log_metrics({"samples": manifest["num_samples"], "shards": len(manifest["shards"])})

@@ -36,6 +36,7 @@ from PIL import Image, ImageOps
 from ray.data.datasource import FileBasedDatasource
 
 from pipelines.config.data import DataConfig
+from pipelines.data.buckets import nearest_bucket
 from pipelines.data.shards import PARQUET_COLUMNS, DatasetError, read_manifest, split_member_name
 from pipelines.platform.storage import StorageConfig, resolve
 
@@ -108,11 +109,12 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
 
 
 def decode_image(data: bytes | None, *, resolution: int | tuple[int, int], crop: str, random_flip: bool, min_size: int,
-                 rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+                 rng: np.random.Generator, buckets: Sequence[tuple[int, int]] = ()) -> tuple[np.ndarray, list[str]]:
     """Encoded image bytes -> uint8 (3, H, W), plus the repairs made. Raises SkipSample.
 
-    `resolution`: H = W = resolution, or (H, W). Steps: decode (EXIF orientation applied), any mode -> RGB, resize
-    (bicubic; upscaling counted) by the smallest factor that makes the image cover H x W (for a square, the
+    `resolution`: H = W = resolution, or (H, W); with `buckets`, (H, W) is instead the bucket nearest the image's
+    aspect ratio (`pipelines.data.buckets.nearest_bucket`). Steps: decode (EXIF orientation applied), any mode -> RGB,
+    resize (bicubic; upscaling counted) by the smallest factor that makes the image cover H x W (for a square, the
     shorter side becomes H), crop H x W (random or centre), flip horizontally with p=0.5 when `random_flip`.
     The model's [-1, 1] comes later, on the training device (`to_model_range`).
     """
@@ -134,6 +136,8 @@ def decode_image(data: bytes | None, *, resolution: int | tuple[int, int], crop:
     w, h = img.size
     if min(w, h) < max(min_size, 1):
         raise SkipSample("too_small")
+    if buckets:
+        out_h, out_w = nearest_bucket(h, w, buckets)
     scale = max(out_h / h, out_w / w)
     if scale > 1:
         notes.append("upscaled")
@@ -162,7 +166,7 @@ def decode_sample(data: bytes | None, cfg: DataConfig, rng: np.random.Generator)
     """`decode_image` with the resolution, crop, flip and minimum size of a DataConfig: what the reader does
     to every sample, usable without Ray (the DataLoader benchmark, notebooks)."""
     return decode_image(data, resolution=cfg.resolution, crop=cfg.crop, random_flip=cfg.random_flip,
-                        min_size=cfg.min_size, rng=rng)
+                        min_size=cfg.min_size, rng=rng, buckets=cfg.shapes if cfg.buckets is not None else ())
 
 
 _SOURCE_SUFFIX = re.compile(r"-\d+$")
@@ -331,18 +335,13 @@ def decode_shards(batch: dict, *, cfg: DataConfig, split: str, seed: int, counte
     SkipCounter once a shard is done: shard-level losses (which no split owns, since their keys are unknown)
     under part "shard", per-sample skips and repairs under the split.
     """
-    block_rows = _rows_per_block(cfg.size)
-    images: list[np.ndarray] = []
-    captions: list[str] = []
-    keys: list[str] = []
+    # One pending block per shape (one, unless data.buckets is set): every block holds images of a single shape.
+    pending: dict[tuple[int, ...], tuple[list[np.ndarray], list[str], list[str]]] = {}
 
-    def block() -> dict:
+    def block(shape: tuple[int, ...]) -> dict:
+        images, captions, keys = pending.pop(shape)
         out = {"image": np.stack(images), "caption": np.array(captions, dtype=object), "key": np.array(keys, dtype=object)}
-        out = {c: out[c] for c in columns}
-        images.clear()
-        captions.clear()
-        keys.clear()
-        return out
+        return {c: out[c] for c in columns}
 
     for payload, path in zip(batch["bytes"], batch["path"]):
         rel = str(path)[len(root_path):].lstrip("/")
@@ -382,14 +381,15 @@ def decode_shards(batch: dict, *, cfg: DataConfig, split: str, seed: int, counte
             split_counts.update(notes)
             if sample.caption is None:
                 split_counts["missing_caption"] += 1
+            images, captions, keys = pending.setdefault(array.shape, ([], [], []))
             images.append(array)
             captions.append(sample.caption or "")
             keys.append(sample.key)
-            if len(images) == block_rows:
-                yield block()
+            if len(images) == _rows_per_block(array.shape[1:]):
+                yield block(array.shape)
         record_skips(counter_name, rel, {"shard": dict(shard_counts), split: dict(split_counts)})
-    if images:
-        yield block()
+    for shape in list(pending):
+        yield block(shape)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -523,14 +523,15 @@ def read_whole_files(paths: list[str], filesystem, *, shuffle=None, num_cpus: fl
 def build_dataset(cfg: DataConfig, split: str = "train", *, storage: StorageConfig | None = None, shuffle: bool = True,
                   seed: int = 0, skip_counter: SkipCounterHandle | None = None,
                   columns: Sequence[str] = COLUMNS) -> tuple[ray.data.Dataset, SkipCounterHandle]:
-    """A streaming Ray Dataset of decoded samples (`image` uint8 (3, R, R), `caption`, `key`)
+    """A streaming Ray Dataset of decoded samples (`image` uint8 (3, H, W), `caption`, `key`)
     and the handle on its skip counter (pass `skip_counter` to share one between the splits of a stage).
 
     `split`: "train", "holdout" (by `cfg.holdout_fraction`, stable per key) or "all". `shuffle`: shard order
     drawn from `seed`, different every epoch (an execution of the dataset); rows are shuffled further by
     the consumer's local shuffle buffer (`cfg.shuffle_buffer`). `columns`: the subset to keep (e.g. only
-    "image" for Stage A). Select them here rather than with `Dataset.select_columns`, whose extra Project
-    tasks reserve a whole CPU each and are never scheduled when only `data.reserved_cpus` < 1 is free
+    "image" for Stage A). With `cfg.buckets`, images come in several shapes, one per block: consume them with
+    `pipelines.data.buckets.iter_shape_batches`, which batches one shape at a time. Select columns here rather
+    than with `Dataset.select_columns`, whose extra Project tasks reserve a whole CPU each and are never scheduled when only `data.reserved_cpus` < 1 is free
     (measured: the pipeline hangs). Raises DatasetError before anything runs when the dataset is missing,
     incomplete or empty.
     """

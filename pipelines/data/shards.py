@@ -173,22 +173,26 @@ def write_shards(samples: Iterable[Sample], output_uri: str, *, fmt: str = "webd
 def prepare_dataset(source: str, output_uri: str, *, fmt: str = "webdataset", shard_size: int = 1000,
                     resolution: int | None = None, limit: int | None = None, seed: int = 0,
                     captions: str | None = None, storage: StorageConfig | None = None,
-                    max_undecodable_fraction: float = 0.5, crops_per_photo: int | None = None) -> dict:
+                    max_undecodable_fraction: float = 0.5, crops_per_photo: int | None = None,
+                    photo_crops: str = "square") -> dict:
     """Build a shard set from a bundled dataset name ("mnist", "skimage") or a folder of images.
 
     `resolution`: side of the stored images for bundled sources (None: their native size; folders are
     stored as they are). `limit`: keep the first N samples. `captions`: CSV/JSONL mapping for a folder.
-    `crops_per_photo`: crops per photograph of the bundled skimage source (None: its default, 64).
+    `crops_per_photo`: crops per photograph of the bundled skimage source (None: its default, 64); `photo_crops`: its
+    crops' shapes ("square", or "any": own shapes and several scales, see `DataConfig.photo_crops`).
     Returns the manifest (with `digest`, `num_samples`, `shards`).
     """
-    samples = open_source(source, resolution=resolution, seed=seed, captions=captions, crops_per_photo=crops_per_photo)
+    samples = open_source(source, resolution=resolution, seed=seed, captions=captions, crops_per_photo=crops_per_photo,
+                          photo_crops=photo_crops)
     if limit is not None:
         samples = islice(samples, limit)
     name = source if "/" not in source else source.rstrip("/").rsplit("/", 1)[-1]
     return write_shards(samples, output_uri, fmt=fmt, shard_size=shard_size, name=name, source=source,
                         storage_cfg=storage, max_undecodable_fraction=max_undecodable_fraction, expected=limit,
                         prepare_resolution=resolution, seed=seed,
-                        **({"crops_per_photo": crops_per_photo} if crops_per_photo is not None else {}))
+                        **({"crops_per_photo": crops_per_photo} if crops_per_photo is not None else {}),
+                        **({"photo_crops": photo_crops} if photo_crops != "square" else {}))
 
 
 INDEX_THREADS = 32

@@ -127,11 +127,17 @@ SKIMAGE_PHOTOS = {
 }
 
 
-def skimage_photos(resolution: int | None = None, seed: int = 0, crops_per_photo: int = 64) -> Iterator[Sample]:
-    """Random square crops of scikit-image's bundled photographs (15 photos -> 960 samples by default).
+def skimage_photos(resolution: int | None = None, seed: int = 0, crops_per_photo: int = 64,
+                   shapes: str = "square") -> Iterator[Sample]:
+    """Random crops of scikit-image's bundled photographs (15 photos -> 960 samples by default).
 
-    Crop sides are drawn between a quarter and the whole of the photo's shorter side, then resized to
-    `resolution` (default 128), so there are enough distinct samples to train an autoencoder on.
+    `shapes="square"`: crop sides are drawn between a quarter and the whole of the photo's shorter side, then resized
+    to `resolution` (default 128), so there are enough distinct samples to train an autoencoder on. `shapes="any"`:
+    the first sample of each photograph is the whole photograph, the others crops whose aspect ratio is drawn
+    (log-uniform) up to 2:1 either way and whose shorter side is drawn log-uniform from `resolution` pixels of the
+    photograph (its own resolution) to the largest crop of that aspect ratio (the photograph scaled down); each is
+    stored with its shorter side at `resolution` (its own shape kept), so that the reader's aspect-ratio buckets see
+    every scale from whole photographs to their own pixels.
     """
     import skimage.data
 
@@ -142,12 +148,39 @@ def skimage_photos(resolution: int | None = None, seed: int = 0, crops_per_photo
         image = Image.fromarray(photo).convert("RGB")
         w, h = image.size
         short = min(w, h)
+        if shapes == "any":
+            yield from _free_crops(image, name, caption, crops_per_photo, side_out, rng)
+            continue
         for j in range(crops_per_photo):
             side = int(rng.integers(max(short // 4, 16), short + 1))
             x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
             crop = image.crop((x0, y0, x0 + side, y0 + side)).resize((side_out, side_out), Image.BICUBIC)
             yield Sample(f"skimage-{name}-{j:03d}", _png(np.asarray(crop)), "png", caption,
                          {"photo": name, "box": [x0, y0, side]})
+
+
+def _free_crops(image: Image.Image, name: str, caption: str, count: int, side_out: int,
+                rng: np.random.Generator) -> Iterator[Sample]:
+    """`skimage_photos(shapes="any")`'s samples of one photograph: itself, then crops of any aspect ratio and scale."""
+    w, h = image.size
+    for j in range(count):
+        if j == 0:
+            box = (0, 0, w, h)
+        else:
+            aspect = float(np.exp(rng.uniform(-np.log(2.0), np.log(2.0))))  # width / height
+            full_w = min(w, h * aspect)  # the largest crop of this aspect ratio that fits
+            full_short = min(full_w, full_w / aspect)
+            # the crop's shorter side, log-uniform from side_out (the photograph's own pixels) to all of it
+            short = float(np.exp(rng.uniform(np.log(min(side_out, full_short)), np.log(full_short))))
+            scale = short / full_short
+            cw, ch = min(w, max(8, round(full_w * scale))), min(h, max(8, round(full_w / aspect * scale)))
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            box = (x0, y0, x0 + cw, y0 + ch)
+        crop = image.crop(box)
+        factor = side_out / min(crop.size)
+        crop = crop.resize((max(1, round(crop.size[0] * factor)), max(1, round(crop.size[1] * factor))), Image.BICUBIC)
+        yield Sample(f"skimage-{name}-{j:03d}", _png(np.asarray(crop)), "png", caption,
+                     {"photo": name, "box": [int(v) for v in box]})
 
 
 def _caption_rows(path: Path) -> Iterator[tuple[int, dict]]:
@@ -211,13 +244,14 @@ BUNDLED: dict[str, Callable[..., Iterator[Sample]]] = {"mnist": mnist, "mnist_bo
 
 
 def open_source(source: str, *, resolution: int | None = None, seed: int = 0, captions: str | None = None,
-                crops_per_photo: int | None = None) -> Iterator[Sample]:
-    """The samples of a bundled dataset (by name) or of a local folder of images. `crops_per_photo`: the
-    bundled skimage source's crops per photograph (None: its default)."""
-    if crops_per_photo is not None and source != "skimage":
-        raise ValueError(f"crops_per_photo applies to the bundled 'skimage' source only, not {source!r}")
-    if source == "skimage" and crops_per_photo is not None:
-        return skimage_photos(resolution=resolution, seed=seed, crops_per_photo=crops_per_photo)
+                crops_per_photo: int | None = None, photo_crops: str = "square") -> Iterator[Sample]:
+    """The samples of a bundled dataset (by name) or of a local folder of images. `crops_per_photo`, `photo_crops`:
+    the bundled skimage source's crops per photograph (None: its default) and their shapes."""
+    for name, value, default in (("crops_per_photo", crops_per_photo, None), ("photo_crops", photo_crops, "square")):
+        if value != default and source != "skimage":
+            raise ValueError(f"{name} applies to the bundled 'skimage' source only, not {source!r}")
+    if source == "skimage":
+        return skimage_photos(resolution=resolution, seed=seed, crops_per_photo=crops_per_photo or 64, shapes=photo_crops)
     if source in BUNDLED:
         return BUNDLED[source](resolution=resolution, seed=seed)
     if Path(source).is_dir():

@@ -297,10 +297,11 @@ class TrainLoop:
         if self.logger:
             self.logger.set_tag("train_nodes", ",".join(sorted(set(nodes))))
 
-    def batches(self, shard, *, batch_size: int, shuffle_buffer: int, seed: int) -> Iterator[dict]:
-        """This rank's endless batch stream, reshuffled per epoch; the seed moves with the resume point."""
+    def batches(self, shard, *, batch_size: int, shuffle_buffer: int, seed: int, by_shape: bool = False) -> Iterator[dict]:
+        """This rank's endless batch stream, reshuffled per epoch; the seed moves with the resume point. `by_shape`:
+        rows of several shapes (aspect-ratio buckets), batched one shape at a time."""
         return batches_forever(shard, batch_size=batch_size, shuffle_buffer=shuffle_buffer,
-                               seed=seed + 1000 * self.rank + self.step, device=self.device)
+                               seed=seed + 1000 * self.rank + self.step, device=self.device, by_shape=by_shape)
 
     def autocast(self):
         return autocast(self.device, self.train.mixed_precision)

@@ -310,7 +310,7 @@ def estimate_stage_a(cfg: PipelineConfig, device: str = "cuda") -> MemoryBudget:
     then LPIPS and the discriminator on the reconstruction (fp32). The discriminator's own update comes after the
     autoencoder's activations are freed and keeps far less (the discriminator's activations only)."""
     sa = cfg.stage_a
-    batch, (height, width) = cfg.data.batch_size, cfg.data.size
+    batch, (height, width) = cfg.data.batch_size, cfg.data.largest  # the bucket of most pixels
     bf16 = sa.scaling.use_gpu and sa.train.mixed_precision == "bf16"
     use_lpips = sa.loss.perceptual_weight > 0
     use_disc = sa.loss.disc_weight > 0 and sa.train.max_steps > sa.loss.disc_start
@@ -371,7 +371,7 @@ def estimate_stage_b(cfg: PipelineConfig, device: str = "cuda") -> MemoryBudget:
     the activations are what a frozen base keeps for the adapters' gradients."""
     sb = cfg.stage_b
     f = cfg.stage_a.model.downsample_factor
-    lat_h, lat_w = cfg.data.size[0] // f, cfg.data.size[1] // f
+    lat_h, lat_w = cfg.data.largest[0] // f, cfg.data.largest[1] // f  # the bucket of most pixels
     bf16 = sb.scaling.use_gpu and sb.train.mixed_precision == "bf16"
     base_bf16 = bool(sb.lora) and sb.scaling.use_gpu and sb.lora.base_precision == "bf16"
 

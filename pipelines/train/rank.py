@@ -21,6 +21,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from pipelines.data.buckets import ShapeBatcher, iter_shape_batches
 from pipelines.platform import storage
 from pipelines.platform.devices import autocast  # noqa: F401  (the loop's precision)
 from pipelines.config.sections import OptimSection, TrainLoopSection
@@ -139,34 +140,42 @@ class StepTimer:
         return out
 
 
-def _epochs(shard, *, batch_size: int, shuffle_buffer: int, seed: int, device: torch.device) -> Iterator[dict]:
-    """This worker's dataset shard, epoch after epoch, reshuffled each epoch."""
+def _epochs(shard, *, batch_size: int, shuffle_buffer: int, seed: int, device: torch.device,
+            by_shape: bool = False) -> Iterator[dict]:
+    """This worker's dataset shard, epoch after epoch, reshuffled each epoch. `by_shape`: the rows come in several
+    shapes (aspect-ratio buckets): each batch holds one (`pipelines.data.buckets.ShapeBatcher`), and rows pending at
+    an epoch's end wait for the next."""
     epoch = 0
+    batcher = ShapeBatcher(batch_size) if by_shape else None
     while True:
         produced = 0
-        for batch in shard.iter_torch_batches(
-            batch_size=batch_size,
-            local_shuffle_buffer_size=shuffle_buffer or None,
-            local_shuffle_seed=seed + epoch if shuffle_buffer else None,
-            drop_last=True,
-            device=device,
-        ):
+        shuffle = {"local_shuffle_buffer_size": shuffle_buffer or None,
+                   "local_shuffle_seed": seed + epoch if shuffle_buffer else None}
+        pending_before = batcher.pending if batcher is not None else 0
+        if batcher is not None:
+            epoch_batches = iter_shape_batches(shard, batch_size=batch_size, device=device, batcher=batcher, **shuffle)
+        else:
+            epoch_batches = shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device, **shuffle)
+        for batch in epoch_batches:
             produced += 1
             yield batch
-        if produced == 0:
+        # By shape, an epoch may end with every row still pending (fewer than a batch of each shape): they carry over,
+        # and the next epoch completes batches. Only an epoch that brought no row at all is a dead end.
+        rows = produced * batch_size + (batcher.pending - pending_before if batcher is not None else 0)
+        if produced == 0 and (batcher is None or rows == 0):
             raise RuntimeError(
-                f"this worker's data shard yielded no full batch of {batch_size}: "
-                "the dataset is smaller than num_workers x batch_size (or everything was skipped)"
+                f"this worker's data shard yielded no full batch of {batch_size}: the dataset is smaller than "
+                "num_workers x batch_size (or everything was skipped)"
             )
         epoch += 1
 
 
 def batches_forever(shard, *, batch_size: int, shuffle_buffer: int, seed: int, device: torch.device,
-                    ahead: int = 8) -> "ReadAhead":
+                    ahead: int = 8, by_shape: bool = False) -> "ReadAhead":
     """Endless iterator over this worker's dataset shard, epoch after epoch, reshuffled each epoch, read ahead
-    by a background thread that starts now (`ReadAhead`)."""
-    return ReadAhead(_epochs(shard, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed, device=device),
-                     ahead=ahead)
+    by a background thread that starts now (`ReadAhead`). `by_shape`: batches of one shape each (see `_epochs`)."""
+    return ReadAhead(_epochs(shard, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed, device=device,
+                             by_shape=by_shape), ahead=ahead)
 
 
 def _read_into(source: Iterator[Any], ready: queue.Queue, stop: threading.Event) -> None:
