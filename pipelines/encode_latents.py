@@ -420,7 +420,7 @@ STAGE = Stage(
     run=run_encode,
     inputs=("stage_a",),
     sections=("encode.text_encoder", "encode.output_uri", "encode.latent_normalization", "data.resolution",
-              "data.holdout_fraction", "data.holdout_by"),
+              "data.buckets", "data.holdout_fraction", "data.holdout_by"),
     wiring={"encode.autoencoder_uri": ("stage_a", "model_uri")},
     consumes=("autoencoder_uri", "dataset_uri"),
     produces=(TAG_LATENTS_URI,),

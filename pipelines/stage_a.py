@@ -322,7 +322,10 @@ def run_stage_a(
 
     experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
     trainer_name = f"{cfg.run.name}-{STAGE_NAME}"
-    fields = fingerprint_fields({STAGE_NAME: sa.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json", include=TRAINED_DATA_FIELDS),
+    trained_data = cfg.data.model_dump(mode="json", include=TRAINED_DATA_FIELDS)
+    if cfg.data.buckets is not None:  # (only when set: the fingerprints of checkpoints without buckets stay as they were)
+        trained_data["buckets"] = [list(s) for s in cfg.data.shapes]
+    fields = fingerprint_fields({STAGE_NAME: sa.model_dump(mode="json"), "data": trained_data,
                                  "dataset": {"digest": manifest["digest"]}, "run": {"seed": cfg.run.seed}}, STAGE_NAME)
     tags = {"dataset_uri": cfg.data.uri, "dataset_digest": manifest["digest"], **(extra_tags or {})}
     with training_run(
