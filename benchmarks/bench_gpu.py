@@ -24,20 +24,38 @@ are downloaded). Each row: `--warmup` steps (compilation included), then `--step
 `torch.cuda.synchronize()`; the peak is `torch.cuda.max_memory_allocated` over the timed steps, to compare with
 `python pipelines/run.py --memory`. Configurations still waiting when `--deadline-s` has passed are skipped
 and reported as such. Without a CUDA device it says so and exits with status 0.
+
+Each training row also gives its FLOPs per step and its model FLOP utilisation (MFU): the FLOPs of one eager
+step, forward and backward, as torch.utils.flop_counter.FlopCounterMode counts them on the meta device
+(`step_flops`: no GPU, no memory, seconds), over (step time x the chip's dense bf16 peak, BF16_DENSE_PEAKS); a
+chip not in that table gets no MFU, and says so. The compiled rows share the eager step's count. The counts
+alone, without a GPU:
+
+    python benchmarks/bench_gpu.py --count-flops [--only unet] [--unet-batch 64] [--json flops.jsonl]
+
+`--profile` follows each GPU training row whose MFU is under 45% (issue 32's target for the compiled U-Net)
+with 3 steps under torch.profiler and prints the kernels the step's GPU time went to:
+
+    python benchmarks/bench_gpu.py --only unet --no-diffusers --profile --json results.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import re
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -76,6 +94,8 @@ class Row:
     images_per_s: float = float("nan")
     peak_gib: float = float("nan")
     warmup_s: float = float("nan")
+    gflop_per_step: float = float("nan")
+    mfu: float = float("nan")
     note: str = ""
 
 
@@ -102,8 +122,16 @@ def timed(step: Callable[[], None], warmup: int, steps: int) -> tuple[float, flo
     return (time.perf_counter() - start) / steps, peak, warm
 
 
-def adamw(params) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=DEVICE.type == "cuda")
+def adamw(params, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
+
+
+def bf16_autocast(device: torch.device) -> Callable[[], ContextManager]:
+    """The training loop's bf16 autocast on `device`; none on the meta device, which has no autocast (the
+    precision changes no FLOP count)."""
+    if device.type == "meta":
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
 
 
 # --- (a) Stage A ---------------------------------------------------------------------------------------------
@@ -130,21 +158,20 @@ class DiffusersVAE(torch.nn.Module):
         return self.vae.decode(posterior.sample()).sample, posterior
 
 
-def stage_a_step(model: torch.nn.Module, batch: int, compiled: bool) -> tuple[Callable[[], None], list[torch.nn.Module]]:
+def stage_a_step(model: torch.nn.Module, batch: int, compiled: bool,
+                 device: torch.device) -> tuple[Callable[[], None], list[torch.nn.Module]]:
     from ldm_core.perceptual import LPIPSConfig, build_lpips
 
-    device = DEVICE
     model = model.to(device)
     disc = NLayerDiscriminator(DiscriminatorConfig(base_channels=64, num_layers=3)).to(device)
     lpips, _ = build_lpips(LPIPSConfig(net="vgg", backbone="random"))
     lpips = lpips.to(device)
-    opt_g, opt_d = adamw(model.parameters()), adamw(disc.parameters())
+    opt_g, opt_d = adamw(model.parameters(), device), adamw(disc.parameters(), device)
     ema = EMA(model, decay=0.9999)
     run_model = torch.compile(model) if compiled else model
     last_layer = model.last_layer
     x = torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=device) * 2 - 1
-
-    autocast = functools.partial(torch.autocast, DEVICE.type, dtype=torch.bfloat16)
+    autocast = bf16_autocast(device)
 
     def step() -> None:
         batch = {"image": x}
@@ -182,16 +209,17 @@ class DiffusersUNet(torch.nn.Module):
         return self.unet(x, t, encoder_hidden_states=context).sample
 
 
-def stage_b_step(model: torch.nn.Module, batch: int, compiled: bool) -> tuple[Callable[[], None], list[torch.nn.Module]]:
+def stage_b_step(model: torch.nn.Module, batch: int, compiled: bool,
+                 device: torch.device) -> tuple[Callable[[], None], list[torch.nn.Module]]:
     from ldm_core.diffusion import DiffusionConfig, NoiseSchedule
 
-    device = DEVICE
     model = model.to(device)
-    opt = adamw(model.parameters())
+    opt = adamw(model.parameters(), device)
     ema = EMA(model, decay=0.9999)
     run_model = torch.compile(model) if compiled else model
     schedule = NoiseSchedule(DiffusionConfig(), device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
+    # Meta tensors draw no numbers: no generator there (the draws change no FLOP count either).
+    generator = None if device.type == "meta" else torch.Generator(device=device).manual_seed(0)
     rows = {  # a batch as the Parquet reader yields it: posterior mean and std, caption states and mask
         "latent_mean": torch.randn(batch, 4, LATENT_SIZE, LATENT_SIZE, device=device),
         "latent_std": torch.full((batch, 4, LATENT_SIZE, LATENT_SIZE), 0.1, device=device),
@@ -200,7 +228,7 @@ def stage_b_step(model: torch.nn.Module, batch: int, compiled: bool) -> tuple[Ca
     }
     null_context = torch.zeros(CONTEXT_LEN, SD2_UNET.context_dim, device=device)
     null_mask = torch.ones(CONTEXT_LEN, dtype=torch.bool, device=device)
-    autocast = functools.partial(torch.autocast, DEVICE.type, dtype=torch.bfloat16)
+    autocast = bf16_autocast(device)
 
     def step() -> None:
         loss, _ = denoising_loss(run_model, rows, schedule, null_context=null_context, null_mask=null_mask,
@@ -243,23 +271,162 @@ def encode_step(models: EncodeModels, batch: int, compiled: bool) -> tuple[Calla
     return step, [models]
 
 
+# --- FLOPs per step and MFU ----------------------------------------------------------------------------------
+
+# Dense (without 2:4 sparsity) bf16 tensor-core peaks in FLOP/s, what MFU divides by, each with its source; the
+# datasheets print the sparse figure, twice the dense one. The first name found as a whole word in
+# torch.cuda.get_device_name() wins: the variants come before their family, and "L4" does not match an L40.
+BF16_DENSE_PEAKS: list[tuple[str, float, str]] = [
+    ("H100 NVL", 835.5e12, "NVIDIA H100 datasheet, NVL: 1,671 TFLOPS with sparsity"),
+    ("H100 PCIe", 756.5e12, "NVIDIA H100 datasheet, PCIe: 1,513 TFLOPS with sparsity (756.5 dense, Hopper whitepaper)"),
+    ("H100", 989.4e12, "NVIDIA H100 datasheet, SXM: 1,979 TFLOPS with sparsity (989.4 dense, Hopper whitepaper)"),
+    ("H200 NVL", 835.5e12, "NVIDIA H200 datasheet, NVL: 1,671 TFLOPS with sparsity"),
+    ("H200", 989.4e12, "NVIDIA H200 datasheet, SXM: 1,979 TFLOPS with sparsity, the H100 SXM's tensor cores"),
+    ("A100", 312e12, "NVIDIA A100 datasheet: 312 TFLOPS dense (624 with sparsity), SXM and PCIe, 40 and 80 GB"),
+    ("L40S", 362.05e12, "NVIDIA L40S datasheet: 362.05 TFLOPS dense (733 with sparsity)"),
+    ("A10G", 70e12, "AWS's A10 variant (g5), no NVIDIA datasheet: 70 TFLOPS as commonly listed (e.g. Baseten's "
+                    "'NVIDIA A10 vs A10G'), against the A10 datasheet's 125; not confirmed by NVIDIA"),
+    ("L4", 121e12, "NVIDIA L4 datasheet: 242 TFLOPS with sparsity"),
+]
+MFU_TARGET = 0.45
+"""Issue 32's bar for the compiled U-Net step; `--profile` lists the top kernels of a GPU row below it."""
+
+
+def bf16_peak(device_name: str) -> tuple[float, str] | None:
+    """(dense bf16 FLOP/s, its source) of the chip `device_name` names; None for a chip not in BF16_DENSE_PEAKS."""
+    for key, flops, source in BF16_DENSE_PEAKS:
+        if re.search(rf"\b{re.escape(key)}\b", device_name):
+            return flops, source
+    return None
+
+
+def count_flops(step: Callable[[], None]) -> dict[str, int]:
+    """The FLOPs of one call of `step` as torch.utils.flop_counter.FlopCounterMode counts them, in all ("Global")
+    and by the top-level module they ran in (its class name): the matmuls, convolutions and attention of the
+    forward and of the backward. Norms, activations, the losses' elementwise work and the optimiser are not
+    counted (no tensor-core work; MFU by convention leaves them out). Attention runs on the math backend, so that
+    it counts as its two matmuls forward and four backward on every device: FlopCounterMode does not count the
+    CPU's fused attention at all, and its formula for the GPU's fused kernels adds the backward's recomputation
+    of the scores, hardware FLOPs rather than the model's."""
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        step()
+    return {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items() if "." not in name}
+
+
+def training_step(bench: str, impl: str, batch: int, compiled: bool,
+                  device: torch.device) -> tuple[Callable[[], None], list[torch.nn.Module]]:
+    """Stage A's ("autoencoder") or Stage B's ("unet") step with our network or diffusers' (`impl`), its networks
+    made on `device` itself (on the meta device: no weights initialised on the CPU first)."""
+    with device:
+        if bench == "autoencoder":
+            model = AutoencoderKL(SD_F8_AE) if impl == "ours" else DiffusersVAE(SD_F8_AE)
+            return stage_a_step(model, batch, compiled, device)
+        model = UNet(SD2_UNET) if impl == "ours" else DiffusersUNet(SD2_UNET)
+        return stage_b_step(model, batch, compiled, device)
+
+
+@functools.cache
+def step_flops(bench: str, impl: str, batch: int) -> tuple[int, int, str]:
+    """(FLOPs of one eager training step of `bench` at `batch`, the part that ran in the trained network (the
+    rest: Stage A's LPIPS and discriminator), where they were counted). On the meta device: shapes only, no
+    memory and no arithmetic, so the SD-sized networks count in seconds on any CPU. Should a network fail there,
+    the step runs for real on the CPU at batch 1 (weights, gradients, AdamW state and EMA in host memory: ~16 GiB
+    for the U-Net) and the counts are scaled by `batch`, every counted op being per sample. The compiled step
+    does the same model FLOPs (what it recomputes is not the model's), so both rows share this count."""
+    meta = torch.device("meta")
+    try:
+        with warnings.catch_warnings():  # lpips loads its linear heads into meta parameters: a no-op, and harmless here
+            warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint to a meta parameter")
+            step, modules = training_step(bench, impl, batch, False, meta)
+        with meta:
+            counts = count_flops(step)
+        scale, where = 1, "meta device"
+    except (NotImplementedError, RuntimeError) as exc:
+        print(f"bench_gpu: counting {bench}/{impl} on the meta device failed ({type(exc).__name__}: {exc}); "
+              f"counting on the CPU at batch 1 instead", flush=True)
+        step, modules = training_step(bench, impl, 1, False, torch.device("cpu"))
+        counts = count_flops(step)
+        scale, where = batch, f"CPU at batch 1, x {batch}"
+    return counts["Global"] * scale, counts[type(modules[0]).__name__] * scale, where
+
+
+def input_shape(bench: str) -> str:
+    if bench == "unet":
+        return f"4x{LATENT_SIZE}x{LATENT_SIZE} latents + {CONTEXT_LEN}x{SD2_UNET.context_dim} context"
+    return f"3x{IMAGE_SIZE}x{IMAGE_SIZE} images"
+
+
+def print_flop_counts(plan: list[tuple[str, str, int]], json_path: Path | None) -> None:
+    """`--count-flops`: each step's FLOPs, counted without running it, as a table (and JSON lines)."""
+    print(f"{'network':<12} {'impl':<10} {'input (per sample)':<38} {'batch':>5} {'GFLOP/step':>11} "
+          f"{'GFLOP/sample':>13} {'in network':>10} {'count s':>8}  counted on")
+    for bench, impl, batch in plan:
+        start = time.perf_counter()
+        flops, network, where = step_flops(bench, impl, batch)
+        seconds = time.perf_counter() - start
+        print(f"{bench:<12} {impl:<10} {input_shape(bench):<38} {batch:>5} {flops / 1e9:>11,.0f} "
+              f"{flops / batch / 1e9:>13,.1f} {network / flops:>10.1%} {seconds:>8.1f}  {where}", flush=True)
+        if json_path:
+            with json_path.open("a") as f:
+                f.write(json.dumps({"bench": bench, "impl": impl, "batch": batch, "input": input_shape(bench),
+                                    "flop_per_step": flops, "network_flop_per_step": network, "counted_on": where,
+                                    "count_s": seconds, "torch": torch.__version__}) + "\n")
+
+
+def print_top_kernels(step: Callable[[], None], seconds_per_step: float, steps: int = 3, limit: int = 15) -> None:
+    """Where a GPU step's time goes (`--profile`, for a row under MFU_TARGET): `steps` more steps under
+    torch.profiler, the `limit` kernels with the most GPU time (per step, share of all kernel time, launches per
+    step), and the kernels' total against the step time measured without the profiler: the rest of the step is
+    the GPU waiting on the host (launches, Python, synchronisation)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.key_averages() if e.device_type == DeviceType.CUDA),
+                     key=lambda e: e.self_device_time_total, reverse=True)
+    total_us = sum(e.self_device_time_total for e in kernels)
+    busy_ms = total_us / steps / 1e3
+    print(f"  kernels: {busy_ms:.1f} ms of GPU time per step against {seconds_per_step * 1e3:.1f} ms per step "
+          f"({busy_ms / (seconds_per_step * 1e3):.0%} busy); the top {limit}:")
+    print(f"  {'ms/step':>8} {'share':>6} {'calls/step':>10}  kernel")
+    for e in kernels[:limit]:
+        print(f"  {e.self_device_time_total / steps / 1e3:>8.2f} {e.self_device_time_total / total_us:>6.1%} "
+              f"{e.count / steps:>10.0f}  {e.key[:110]}")
+    print(flush=True)
+
+
 # --- driver --------------------------------------------------------------------------------------------------
 
 
-def measure(bench: str, impl: str, compiled: bool, batch: int, args) -> Row:
+def measure(bench: str, impl: str, compiled: bool, batch: int, args, peak_flops: float | None) -> Row:
+    """One row: the step timed, and for the training steps its FLOPs (`step_flops`) and MFU against
+    `peak_flops` (None: the chip's peak is unknown, MFU left out)."""
     torch.manual_seed(0)
     if bench == "encode":
         step, modules = encode_step(EncodeModels(), batch, compiled)
-    elif bench == "autoencoder":
-        model = AutoencoderKL(SD_F8_AE) if impl == "ours" else DiffusersVAE(SD_F8_AE)
-        step, modules = stage_a_step(model, batch, compiled)
     else:
-        model = UNet(SD2_UNET) if impl == "ours" else DiffusersUNet(SD2_UNET)
-        step, modules = stage_b_step(model, batch, compiled)
+        step, modules = training_step(bench, impl, batch, compiled, DEVICE)
     row = Row(bench, impl, compiled, batch, round(params_m(modules[0]), 1))
     seconds, peak, warm = timed(step, args.warmup, args.steps)
     row.steps_per_s, row.images_per_s = 1 / seconds, batch / seconds
     row.peak_gib, row.warmup_s = peak, warm
+    if bench == "encode":
+        return row
+    flops, _, where = step_flops(bench, impl, batch)
+    row.gflop_per_step = flops / 1e9
+    if where != "meta device":
+        row.note = f"FLOPs counted on the {where}"
+    if peak_flops:
+        row.mfu = flops / seconds / peak_flops
+    if args.profile and DEVICE.type == "cuda" and not row.mfu >= MFU_TARGET:  # NaN (chip unknown) included
+        mfu = f"{row.mfu:.1%}" if row.mfu == row.mfu else "unknown"
+        print(f"{bench} {impl}{' compiled' if compiled else ''}: MFU {mfu}, target {MFU_TARGET:.0%}; "
+              f"3 more steps under torch.profiler", flush=True)
+        print_top_kernels(step, seconds)
     return row
 
 
@@ -285,7 +452,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline-s", type=float, default=float("inf"), help="start no row after this many seconds")
     parser.add_argument("--json", type=Path, help="append each row as a JSON line to this file")
     parser.add_argument("--device", default="cuda", help="cpu: check that the script runs (tiny sizes, no timings worth reading)")
+    parser.add_argument("--count-flops", action="store_true",
+                        help="only count each training step's FLOPs (on the meta device, no GPU needed) and print them")
+    parser.add_argument("--profile", action="store_true",
+                        help=f"after a GPU training row with MFU under {MFU_TARGET:.0%}: its top kernels (torch.profiler)")
     args = parser.parse_args(argv)
+
+    impls = ["ours"] if args.no_diffusers else ["ours", "diffusers"]
+    if args.count_flops:  # the configured sizes whatever --device says: the figures MFU divides
+        counted = [(bench, impl, batch) for bench, batch in (("unet", args.unet_batch), ("autoencoder", args.ae_batch))
+                   if args.only in (None, bench) for impl in impls]
+        if not counted:
+            print("bench_gpu: --count-flops counts the training steps (unet, autoencoder); encode is inference")
+            return 0
+        print(f"FLOPs of one eager training step, forward + backward (FlopCounterMode), torch {torch.__version__}",
+              flush=True)
+        print_flop_counts(counted, args.json)
+        return 0
 
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -300,7 +483,14 @@ def main(argv: list[str] | None = None) -> int:
         name = props.name
         print(f"device: {name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}",
               flush=True)
+        peak = bf16_peak(name)
+        if peak:
+            print(f"MFU against a dense bf16 peak of {peak[0] / 1e12:,.1f} TFLOP/s: {peak[1]}", flush=True)
+        else:
+            print(f"MFU left out: no dense bf16 peak known for {name!r} (BF16_DENSE_PEAKS)", flush=True)
     else:
+        peak = None
+        print("MFU left out: a CPU run only checks that the script runs", flush=True)
         name = f"{DEVICE} (script check only)"
         global SD_F8_AE, SD2_UNET, IMAGE_SIZE, LATENT_SIZE, CONTEXT_LEN
         SD_F8_AE = SD_F8_AE.model_copy(update={"base_channels": 32, "norm_groups": 8})
@@ -310,7 +500,6 @@ def main(argv: list[str] | None = None) -> int:
                            max_position_embeddings=8, projection_dim=32)
 
     plan: list[tuple[str, str, bool, int]] = []
-    impls = ["ours"] if args.no_diffusers else ["ours", "diffusers"]
     if args.only in (None, "unet"):
         plan += [("unet", impl, False, args.unet_batch) for impl in impls]
     if args.only in (None, "autoencoder"):
@@ -330,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             row = Row(bench, impl, compiled, batch, float("nan"), note="skipped: past --deadline-s")
         else:
             try:
-                row = measure(bench, impl, compiled, batch, args)
+                row = measure(bench, impl, compiled, batch, args, peak[0] if peak else None)
             except torch.cuda.OutOfMemoryError:
                 row = Row(bench, impl, compiled, batch, float("nan"), note="out of GPU memory at this batch")
             except ImportError as exc:
@@ -340,13 +529,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asdict(row)), flush=True)
         if args.json:
             with args.json.open("a") as f:
-                f.write(json.dumps({**asdict(row), "device": name, "torch": torch.__version__}) + "\n")
+                f.write(json.dumps({**asdict(row), "device": name, "torch": torch.__version__,
+                                    "bf16_peak_tflops": peak[0] / 1e12 if peak else None}) + "\n")
 
     print(f"\n{'bench':<12} {'impl':<10} {'compile':<8} {'batch':>5} {'params M':>9} {'steps/s':>8} "
-          f"{'images/s':>9} {'peak GiB':>9} {'warm-up s':>9}  note")
+          f"{'images/s':>9} {'peak GiB':>9} {'warm-up s':>9} {'GFLOP/step':>11} {'MFU':>6}  note")
     for r in rows:
+        mfu = f"{r.mfu:.1%}" if r.mfu == r.mfu else "-"
         print(f"{r.bench:<12} {r.impl:<10} {str(r.compiled):<8} {r.batch:>5} {r.params_m:>9.1f} {r.steps_per_s:>8.2f} "
-              f"{r.images_per_s:>9.1f} {r.peak_gib:>9.2f} {r.warmup_s:>9.1f}  {r.note}")
+              f"{r.images_per_s:>9.1f} {r.peak_gib:>9.2f} {r.warmup_s:>9.1f} {r.gflop_per_step:>11,.0f} {mfu:>6}  "
+              f"{r.note}")
     for bench in ("unet", "autoencoder"):
         for compiled in (False, True):
             pair = {r.impl: r for r in rows if r.bench == bench and r.compiled == compiled}

@@ -257,3 +257,39 @@ def test_the_estimate_is_within_20_percent_of_the_peak_measured_on_a_gpu(bench):
         cfg = load_config(REPO / "configs/sd_f8.yaml", [*overrides, f"{batch_key}={row['batch']}"])
         estimated = memory_budget.estimate(cfg, TRAINING[stage]).peak_gib
         assert abs(estimated - row["peak_gib"]) <= 0.2 * row["peak_gib"], (bench, row["device"], estimated, row["peak_gib"])
+
+
+def test_bench_gpu_counts_the_forward_and_the_backward_of_a_step():
+    """The FLOPs `benchmarks/bench_gpu.py` divides by time for its MFU are a whole training step's: a bias-free
+    Linear layer (96 -> 40) on a batch of 12 whose input needs its gradient is 2*96*40 FLOPs per sample forward
+    and as much again for each of the two gradients (input and weight), 6*96*40*12 in all, here on the meta
+    device as bench_gpu counts the SD-sized networks. Attention is counted on any device, the CPU's too (whose
+    fused kernel FlopCounterMode does not count): its two matmuls forward and four backward."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.bench_gpu import count_flops
+
+    with torch.device("meta"):
+        layer = torch.nn.Linear(96, 40, bias=False)
+        x = torch.randn(12, 96, requires_grad=True)
+    counts = count_flops(lambda: layer(x).sum().backward())
+    assert counts["Global"] == counts["Linear"] == 6 * 96 * 40 * 12
+
+    q, k, v = (torch.randn(2, 3, 16, 8, requires_grad=True) for _ in range(3))  # (batch, heads, tokens, width)
+    counts = count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
+    assert counts["Global"] == 6 * (2 * 2 * 3 * 16 * 16 * 8)
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H200", 989.4),
+    ("NVIDIA A100-SXM4-40GB", 312), ("NVIDIA L40S", 362.05), ("NVIDIA A10G", 70), ("NVIDIA L4", 121),
+    ("NVIDIA L40", None), ("NVIDIA A10", None), ("NVIDIA GeForce RTX 4090", None),
+])
+def test_bench_gpu_knows_the_dense_bf16_peak_of_the_chips_it_names(name, tflops):
+    """The MFU denominator by torch.cuda.get_device_name(): the variants before their family, whole words only
+    (an L40 is not an L4, an A10 not an A10G), and no MFU for a chip not in the table rather than a wrong one."""
+    from benchmarks.bench_gpu import bf16_peak
+
+    peak = bf16_peak(name)
+    assert (peak[0] / 1e12 if peak else None) == tflops
