@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Literal
+from typing import Literal, Sequence
 
 from pydantic import Field, model_validator
 
 from ldm_core.config import StrictConfig
+
+
+def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket (h, w) whose aspect ratio is nearest the image's, on a log scale (a 2:1 and a 1:2 image are as far
+    from a square); on a tie, the first listed. The reader places every image with it (pipelines/data/buckets.py);
+    `DataConfig` picks its default shape with it (the bucket nearest a square)."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - ratio))
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_shapes(area: int, step: int, max_aspect: float) -> tuple[tuple[int, int], ...]:
+    """`BucketGrid.shapes`, computed once per setting: the reader asks for it with every image it decodes."""
+    out = set()
+    for width in range(step, area // step + 1, step):
+        height = (area // width) // step * step
+        if height >= step and max(height, width) <= max_aspect * min(height, width):
+            out.add((height, width))
+    side = max(step, round(math.sqrt(area) / step) * step)
+    if side * side <= area * 1.25:
+        out.add((side, side))
+    return tuple(sorted(out, key=lambda s: s[1] / s[0], reverse=True))
 
 
 class BucketGrid(StrictConfig):
@@ -24,15 +47,7 @@ class BucketGrid(StrictConfig):
 
     def shapes(self) -> list[tuple[int, int]]:
         """The buckets as (height, width), widest first; always holds the square nearest `area` (when it fits)."""
-        out = set()
-        for width in range(self.step, self.area // self.step + 1, self.step):
-            height = (self.area // width) // self.step * self.step
-            if height >= self.step and max(height, width) <= self.max_aspect * min(height, width):
-                out.add((height, width))
-        side = max(self.step, round(math.sqrt(self.area) / self.step) * self.step)
-        if side * side <= self.area * 1.25:
-            out.add((side, side))
-        return sorted(out, key=lambda s: s[1] / s[0], reverse=True)
+        return list(_grid_shapes(self.area, self.step, self.max_aspect))
 
 
 class DataConfig(StrictConfig):
@@ -130,12 +145,13 @@ class DataConfig(StrictConfig):
     @model_validator(mode="before")
     @classmethod
     def _default_resolution(cls, data):
-        """With buckets and no `resolution`, the default shape is the bucket nearest a square (widest first on a tie)."""
+        """With buckets and no `resolution`, the default shape is the bucket nearest a square (the first listed on a
+        tie; a grid lists the widest first)."""
         if isinstance(data, dict) and data.get("buckets") is not None and data.get("resolution") is None:
             buckets = data["buckets"]
             shapes = BucketGrid.model_validate(buckets).shapes() if isinstance(buckets, dict) else buckets
-            if shapes and all(isinstance(s, (list, tuple)) and len(s) == 2 for s in shapes):
-                h, w = min(shapes, key=lambda s: abs(math.log(max(s[1], 1) / max(s[0], 1))))
+            if shapes and all(isinstance(s, (list, tuple)) and len(s) == 2 and min(s) > 0 for s in shapes):
+                h, w = nearest_bucket(1, 1, shapes)
                 data = {**data, "resolution": h if h == w else [h, w]}
         return data
 

@@ -20,21 +20,13 @@ and its workers batch them with the same `ShapeBatcher`.
 
 from __future__ import annotations
 
-import math
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from ldm_core.autoencoder import latent_shape_for
-from pipelines.config.data import DataConfig
-
-
-def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket (h, w) whose aspect ratio is nearest the image's, on a log scale (a 2:1 and a 1:2 image are as far
-    from a square); on a tie, the first listed."""
-    ratio = math.log(width / height)
-    return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - ratio))
+from pipelines.config.data import DataConfig, nearest_bucket  # noqa: F401  (re-exported: the rule lives with the config, whose default shape uses it too)
 
 
 def check_shapes(data: DataConfig, latent_channels: int, f: int) -> list[tuple[int, int, int]]:

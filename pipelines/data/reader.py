@@ -35,8 +35,7 @@ import torch
 from PIL import Image, ImageOps
 from ray.data.datasource import FileBasedDatasource
 
-from pipelines.config.data import DataConfig
-from pipelines.data.buckets import nearest_bucket
+from pipelines.config.data import DataConfig, nearest_bucket
 from pipelines.data.shards import PARQUET_COLUMNS, DatasetError, read_manifest, split_member_name
 from pipelines.platform.storage import StorageConfig, resolve
 
@@ -113,7 +112,7 @@ def decode_image(data: bytes | None, *, resolution: int | tuple[int, int], crop:
     """Encoded image bytes -> uint8 (3, H, W), plus the repairs made. Raises SkipSample.
 
     `resolution`: H = W = resolution, or (H, W); with `buckets`, (H, W) is instead the bucket nearest the image's
-    aspect ratio (`pipelines.data.buckets.nearest_bucket`). Steps: decode (EXIF orientation applied), any mode -> RGB,
+    aspect ratio (`pipelines.config.data.nearest_bucket`). Steps: decode (EXIF orientation applied), any mode -> RGB,
     resize (bicubic; upscaling counted) by the smallest factor that makes the image cover H x W (for a square, the
     shorter side becomes H), crop H x W (random or centre), flip horizontally with p=0.5 when `random_flip`.
     The model's [-1, 1] comes later, on the training device (`to_model_range`).
