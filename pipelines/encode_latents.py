@@ -95,7 +95,7 @@ class LatentEncoder:
     def __call__(self, batch: dict) -> Iterator[dict]:
         """One output block per image shape in the batch (several with aspect-ratio buckets): a block, and so a
         Parquet part file, holds latents of one shape."""
-        for same_shape in split_by_shape(batch, "image"):
+        for _, same_shape in split_by_shape(batch, "image"):
             yield self.encode(same_shape)
 
     @torch.no_grad()

@@ -46,22 +46,23 @@ def cropped_fraction(height: int, width: int, bucket: tuple[int, int]) -> float:
     return 1.0 - (bh * bw) / (height * scale * width * scale)
 
 
-def split_by_shape(batch: dict[str, np.ndarray], column: str) -> Iterator[dict[str, np.ndarray]]:
-    """A numpy batch -> one batch per shape of `column` (in order of first appearance); the batch itself when it has
-    one shape."""
-    values = batch[column]
-    if values.dtype != object:
-        yield batch
+def split_by_shape(batch: dict[str, np.ndarray], column: str | None = None
+                   ) -> Iterator[tuple[tuple, dict[str, np.ndarray]]]:
+    """A numpy batch -> (shape, batch) per distinct row shape, in order of first appearance: the shape of `column`, or
+    without one, of every column together. The batch itself when it has one shape (fixed-shape columns: no per-row
+    loop); otherwise every variable-shaped column (an object array of arrays) comes out stacked."""
+    n = len(next(iter(batch.values()), ()))
+    columns = [column] if column else list(batch)
+    if not n:
+        return
+    if all(batch[c].dtype != object for c in columns):
+        yield tuple(batch[c].shape[1:] for c in columns), batch
         return
     index: dict[tuple, list[int]] = {}
-    for i, value in enumerate(values):
-        index.setdefault(np.shape(value), []).append(i)
-    for rows in index.values():
-        yield {c: _stack(v, rows) if c == column else v[rows] for c, v in batch.items()}
-
-
-def _row_shape(batch: dict[str, np.ndarray], i: int) -> tuple:
-    return tuple(np.shape(batch[c][i]) for c in batch)
+    for i in range(n):
+        index.setdefault(tuple(np.shape(batch[c][i]) for c in columns), []).append(i)
+    for shape, rows in index.items():
+        yield shape, {c: _stack(v, rows) for c, v in batch.items()}
 
 
 class ShapeBatcher:
@@ -81,17 +82,7 @@ class ShapeBatcher:
 
     def add(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         """Take in a batch; yield every batch of one shape that is complete now."""
-        if not batch:
-            return
-        n = len(next(iter(batch.values())))
-        if all(v.dtype != object for v in batch.values()):
-            groups = {tuple(v.shape[1:] for v in batch.values()): batch} if n else {}
-        else:  # variable-shaped columns: group the rows by shape
-            index: dict[tuple, list[int]] = {}
-            for i in range(n):
-                index.setdefault(_row_shape(batch, i), []).append(i)
-            groups = {shape: {c: _stack(batch[c], rows) for c in batch} for shape, rows in index.items()}
-        for shape, chunk in groups.items():
+        for shape, chunk in split_by_shape(batch):
             self._pending.setdefault(shape, []).append(chunk)
             self._counts[shape] = self._counts.get(shape, 0) + len(next(iter(chunk.values())))
             while self._counts[shape] >= self.batch_size:
@@ -119,9 +110,10 @@ class ShapeBatcher:
 
 
 def _stack(column: np.ndarray, rows: list[int]) -> np.ndarray:
-    if column.dtype != object:
+    """`column[rows]`, stacked into one array when the column holds arrays (a variable-shaped tensor column)."""
+    if column.dtype != object or not isinstance(column[rows[0]], np.ndarray):
         return column[rows]
-    return np.stack([np.asarray(column[i]) for i in rows])
+    return np.stack([column[i] for i in rows])
 
 
 def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor | np.ndarray]:
