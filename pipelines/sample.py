@@ -47,7 +47,7 @@ from pipelines.config import PipelineConfig
 from pipelines.dag.stage import Stage
 from pipelines.platform.cli import add_config_args, config_from_args
 from pipelines.config.prompts import judged_prompts, prompt_digit
-from pipelines.models.inference import forgetting_metrics, output_dir, render, samples_parent, score_digits
+from pipelines.models.inference import Renderer, forgetting_metrics, output_dir, render, samples_parent, score_digits
 from pipelines.models.registry import lora_base_of, model_to_load
 from pipelines.platform.progress import Progress
 from pipelines.platform.runtime import exit_on, setup_logging
@@ -121,17 +121,18 @@ def to_png(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def trained_shapes_grid(cfg: PipelineConfig, prompts: list[str], model_uri: str, bundle, f: int) -> torch.Tensor | None:
+def trained_shapes_grid(cfg: PipelineConfig, prompts: list[str], renderer: Renderer) -> torch.Tensor | None:
     """When the U-Net was trained on several latent shapes (aspect-ratio buckets) and no --height/--width was asked
     for: one image for each of the first prompts at each trained shape (up to MAX_SHAPE_ROWS shapes), a row per
-    shape on one canvas (CHW in [-1, 1], background -1). None otherwise."""
-    shapes = [tuple(s) for s in bundle.meta.get("latent_shapes") or []]
+    shape on one canvas (CHW in [-1, 1], background -1). None otherwise. The models are the ones already loaded."""
+    shapes = [tuple(s) for s in renderer.bundle.meta.get("latent_shapes") or []]
     if len(shapes) < 2 or cfg.sample.height or cfg.sample.width:
         return None
+    f = renderer.downsample_factor
     rows = []
     for _, h, w in shapes[:MAX_SHAPE_ROWS]:
-        sc = cfg.sample.model_copy(update={"height": h * f, "width": w * f, "num_per_prompt": 1})
-        images, _ = render(cfg.model_copy(update={"sample": sc}), prompts[:MAX_SHAPE_ROWS], model_uri)
+        images = renderer(cfg.sample.model_copy(update={"height": h * f, "width": w * f, "num_per_prompt": 1}),
+                          prompts[:MAX_SHAPE_ROWS])
         rows.append(make_grid(images, nrow=len(images), padding=2, pad_value=-1.0))
     canvas = torch.full((rows[0].shape[0], sum(r.shape[1] for r in rows), max(r.shape[2] for r in rows)), -1.0)
     top = 0
@@ -194,8 +195,9 @@ def run_sample(
                           f"--model-uri out (the adapters load their base) or give that one")
     lora_tags = {"lora_uri": model_uri, "lora_scale": str(sc.lora_scale), "lora_base_uri": base_uri} if base_uri else {}
     progress = Progress(STAGE_NAME, total=len(prompts) * sc.num_per_prompt, every=sc.batch_size, unit="images")
-    images, bundle = render(cfg, prompts, model_uri, progress)
-    shapes_grid = trained_shapes_grid(cfg, prompts, model_uri, bundle, f=images.shape[-2] // bundle.latent_shape[1])
+    images, renderer = render(cfg, prompts, model_uri, progress)
+    bundle = renderer.bundle
+    shapes_grid = trained_shapes_grid(cfg, prompts, renderer)
     metrics = score_digits(cfg, images, prompts) if sc.evaluate_digits else {}
     if sc.evaluate_digits and sc.forgetting_prompts:
         metrics |= forgetting_metrics(cfg, model_uri)

@@ -144,40 +144,68 @@ def sample_latent_shape(sc: SampleConfig, trained: tuple[int, int, int], f: int)
     return (channels, (sc.height or h * f) // f, (sc.width or w * f) // f)
 
 
+@dataclasses.dataclass
+class Renderer:
+    """A published U-Net with the autoencoder and text encoder of its lineage, loaded once (`Renderer.load`) and
+    rendering any number of prompt sets and `SampleConfig` settings (shapes, steps, guidance) after."""
+
+    model_uri: str
+    bundle: UNetBundle
+    unet: torch.nn.Module
+    autoencoder: torch.nn.Module
+    text_encoder: object
+    device: torch.device
+
+    @classmethod
+    def load(cls, cfg: PipelineConfig, model_uri: str) -> "Renderer":
+        sc = cfg.sample
+        device = pick_device(sc.device)
+        bundle = load_unet_bundle(model_uri, use_ema=sc.use_ema, lora_scale=sc.lora_scale, load_base=import_unet)
+        try:  # fail before sampling, not after
+            storage.check_writable(storage.resolve(output_dir(cfg, bundle), cfg.storage))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"sample.out_dir: {e}") from None
+        plan_for(sc, bundle.schedule)  # fail before loading the rest
+        autoencoder = load_autoencoder(bundle.autoencoder_uri).to(device)
+        if bundle.latents_mean is None and not math.isclose(float(autoencoder.scale_factor), bundle.scale_factor, rel_tol=1e-5):
+            log.warning("autoencoder %s has scale_factor %.6g but the U-Net was trained on latents scaled by %.6g: using the U-Net's",
+                        bundle.autoencoder_uri, float(autoencoder.scale_factor), bundle.scale_factor)
+        text_encoder = load_text_encoder(bundle.text_encoder, device)
+        if text_encoder.hidden_size != bundle.hidden_size:
+            raise ConfigError(f"text encoder {bundle.text_encoder.name_or_path!r} has hidden size {text_encoder.hidden_size}, "
+                              f"but the U-Net {model_uri} was trained on {bundle.hidden_size}")
+        return cls(model_uri, bundle, bundle.unet.to(device).eval(), autoencoder, text_encoder, device)
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.autoencoder.downsample_factor
+
+    def __call__(self, sc: SampleConfig, prompts: list[str], progress: Progress | None = None) -> torch.Tensor:
+        """Images (P * N, C, H, W) in [-1, 1] for `prompts` at `sc`'s settings (its shape, steps, guidance, seed)."""
+        bundle = self.bundle
+        plan = plan_for(sc, bundle.schedule.to(self.device))
+        latent_shape = sample_latent_shape(sc, tuple(bundle.latent_shape), self.downsample_factor)
+        context, mask = self.text_encoder.encode(prompts)
+        log.info("sampling %d x %d images of %dx%d with %s (autoencoder %s, text encoder %s) on %s", len(prompts),
+                 sc.num_per_prompt, latent_shape[1] * self.downsample_factor, latent_shape[2] * self.downsample_factor,
+                 self.model_uri, bundle.autoencoder_uri, bundle.text_encoder.name_or_path, self.device)
+        condition = condition_for(sc, context.to(self.device), mask.to(self.device), bundle.null_context.to(self.device),
+                                  bundle.null_mask.to(self.device))
+        return generate(
+            self.unet, self.autoencoder, plan, condition, latent_shape=latent_shape, scale_factor=bundle.scale_factor,
+            num_per_prompt=sc.num_per_prompt, seed=sc.seed, sampler=sc.sampler, batch_size=sc.batch_size,
+            mixed_precision=sc.mixed_precision, progress=progress, latents_mean=bundle.latents_mean,
+            latents_std=bundle.latents_std,
+        )
+
+
 def render(cfg: PipelineConfig, prompts: list[str], model_uri: str,
-           progress: Progress | None = None) -> tuple[torch.Tensor, UNetBundle]:
+           progress: Progress | None = None) -> tuple[torch.Tensor, Renderer]:
     """Images (P * N, C, H, W) in [-1, 1] for `prompts` with the U-Net at `model_uri` and `cfg.sample`'s settings,
-    decoded by the autoencoder of its lineage; and the loaded bundle. `progress` counts the images done."""
-    sc = cfg.sample
-    device = pick_device(sc.device)
-    bundle = load_unet_bundle(model_uri, use_ema=sc.use_ema, lora_scale=sc.lora_scale, load_base=import_unet)
-    try:  # fail before sampling, not after
-        storage.check_writable(storage.resolve(output_dir(cfg, bundle), cfg.storage))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"sample.out_dir: {e}") from None
-    plan = plan_for(sc, bundle.schedule.to(device))  # fail before loading the rest
-    unet = bundle.unet.to(device).eval()
-    autoencoder = load_autoencoder(bundle.autoencoder_uri).to(device)
-    if bundle.latents_mean is None and not math.isclose(float(autoencoder.scale_factor), bundle.scale_factor, rel_tol=1e-5):
-        log.warning("autoencoder %s has scale_factor %.6g but the U-Net was trained on latents scaled by %.6g: using the U-Net's",
-                    bundle.autoencoder_uri, float(autoencoder.scale_factor), bundle.scale_factor)
-    latent_shape = sample_latent_shape(sc, tuple(bundle.latent_shape), autoencoder.downsample_factor)
-    text_encoder = load_text_encoder(bundle.text_encoder, device)
-    if text_encoder.hidden_size != bundle.hidden_size:
-        raise ConfigError(f"text encoder {bundle.text_encoder.name_or_path!r} has hidden size {text_encoder.hidden_size}, "
-                          f"but the U-Net {model_uri} was trained on {bundle.hidden_size}")
-    context, mask = text_encoder.encode(prompts)
-    log.info("sampling %d x %d images with %s (autoencoder %s, text encoder %s) on %s",
-             len(prompts), sc.num_per_prompt, model_uri, bundle.autoencoder_uri, bundle.text_encoder.name_or_path, device)
-    condition = condition_for(sc, context.to(device), mask.to(device), bundle.null_context.to(device),
-                              bundle.null_mask.to(device))
-    images = generate(
-        unet, autoencoder, plan, condition, latent_shape=latent_shape, scale_factor=bundle.scale_factor,
-        num_per_prompt=sc.num_per_prompt, seed=sc.seed, sampler=sc.sampler, batch_size=sc.batch_size,
-        mixed_precision=sc.mixed_precision, progress=progress, latents_mean=bundle.latents_mean,
-        latents_std=bundle.latents_std,
-    )
-    return images, bundle
+    decoded by the autoencoder of its lineage; and the loaded `Renderer` (its `.bundle`: the U-Net's bundle), to
+    render more with. `progress` counts the images done."""
+    renderer = Renderer.load(cfg, model_uri)
+    return renderer(cfg.sample, prompts, progress), renderer
 
 
 def score_digits(cfg: PipelineConfig, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
