@@ -67,3 +67,7 @@ def test_config_diff_names_each_changed_dotted_path_old_to_new():
     new = {"stage_b.optim.lr": "0.0005", "stage_b.batch_size": "128", "run.seed": "0", "stage_b.ema": "0.999"}
     assert config_diff(old, new) == ["stage_b.ema: (not set) -> 0.999", "stage_b.optim.lr: 0.001 -> 0.0005"]
     assert config_diff(new, new) == []
+    # a field the dump leaves out at its default (split_digits turned off again) is named too, within the sections
+    on = {"encode.text_encoder.split_digits": "True", "encode.text_encoder.max_length": "16", "sample.seed": "1"}
+    off = {"encode.text_encoder.max_length": "16"}
+    assert config_diff(on, off, ("encode.text_encoder",)) == ["encode.text_encoder.split_digits: True -> (default)"]

@@ -58,10 +58,14 @@ def _logged_config(client: MlflowClient, run) -> dict[str, str]:
     return dict(client.get_run(parent).data.params) if parent else dict(run.data.params)
 
 
-def config_diff(old: dict[str, str], new: dict[str, str]) -> list[str]:
-    """`path: old -> new` for every dotted path of `new` whose logged value differs."""
-    return [f"{path}: {old.get(path, '(not set)')} -> {value}" for path, value in sorted(new.items())
-            if old.get(path) != value]
+def config_diff(old: dict[str, str], new: dict[str, str], sections: tuple[str, ...] = ()) -> list[str]:
+    """`path: old -> new` for every dotted path of `new` whose logged value differs, and `path: old -> (default)` for
+    every path under `sections` that `old` has and `new` lacks (a field whose dump omits it at its default, such as
+    `encode.text_encoder.split_digits` turned off again)."""
+    changed = {path: f"{old.get(path, '(not set)')} -> {value}" for path, value in new.items() if old.get(path) != value}
+    dropped = {path: f"{value} -> (default)" for path, value in old.items()
+               if path not in new and any(path.startswith(f"{s}.") or path == s for s in sections)}
+    return [f"{path}: {what}" for path, what in sorted((changed | dropped).items())]
 
 
 def _last_checkpoint_step(cfg: PipelineConfig, trainer_name: str) -> int | None:
@@ -146,7 +150,7 @@ def _why_not_cached(client: MlflowClient | None, experiment, cfg: PipelineConfig
     if not runs:
         return [f"no finished {stage.name} run yet"]
     newest = runs[0]
-    diff = config_diff(_logged_config(client, newest), _flat_strings(section_values(cfg, stage.sections)))
+    diff = config_diff(_logged_config(client, newest), _flat_strings(section_values(cfg, stage.sections)), stage.sections)
     if diff:
         return [f"config differs from run {newest.info.run_id} (the newest finished {stage.name}):", *diff]
     if newest.data.tags.get("dataset_digest") not in (None, digest):  # a stage that records the dataset it read
