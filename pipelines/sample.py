@@ -201,7 +201,7 @@ def run_sample(
     metrics = score_digits(cfg, images, prompts) if sc.evaluate_digits else {}
     if sc.evaluate_digits and sc.forgetting_prompts:
         metrics |= forgetting_metrics(cfg, model_uri)
-    out_dir = output_dir(cfg, bundle)
+    out_dir = output_dir(cfg, bundle, prompts)
 
     manifest = {"model_uri": model_uri, **lora_tags, "autoencoder_uri": bundle.autoencoder_uri, "use_ema": bundle.use_ema,
                 "prompts": prompts, "settings": sc.model_dump(mode="json", exclude={"prompts", "out_dir"}), "metrics": metrics}

@@ -265,7 +265,11 @@ def test_run_sample_uses_the_latest_finished_stage_b_and_records_lineage(publish
     assert result.model_uri == published["latest"] != published["failed"]
     assert len(result.image_paths) == 4 and all(Path(p).is_file() for p in result.image_paths)
     assert Path(result.grid_path).is_file()
-    assert result.out_dir == f"{cfg.run.output_uri}/samples/{published['latest_run']}"
+    assert result.out_dir.startswith(f"{cfg.run.output_uri}/samples/{published['latest_run']}-")
+    # another request of the same U-Net gets a folder of its own: the first one's grid and samples.json stay
+    other = sample.run_sample(cfg, prompts=["a handwritten digit one"], log_to_mlflow=False)
+    assert other.out_dir != result.out_dir and Path(result.grid_path).is_file()
+    assert json.loads((Path(result.out_dir) / "samples.json").read_text())["prompts"] == list(cfg.sample.prompts)
     run = MlflowClient().get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["stage"] == "sample"

@@ -343,7 +343,8 @@ class SampleConfig(StrictConfig):
     use_ema: bool = True
     """Use the EMA weights when the model has them."""
     out_dir: str | None = None
-    """Where PNGs and the grid go. None: `<run.output_uri>/samples/<stage B run id>`."""
+    """Where PNGs and the grid go. None: `<run.output_uri>/samples/<stage B run id>-<key>`, the key a hash of the
+    prompts and these settings (a folder per request: another request never overwrites this one's files)."""
     evaluate_digits: bool = False
     """Score prompt adherence with a digit classifier trained on real MNIST: one digit per image for digit prompts
     ("a handwritten digit seven"), one per half for two-digit numbers ("the number 42", both must be right;

@@ -5,7 +5,9 @@ Used by `pipelines/sample.py` and by Stage B's own prompt evaluation."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import json
 import logging
 import math
 
@@ -31,9 +33,16 @@ from pipelines.platform.devices import autocast, pick_device
 log = logging.getLogger("sample")
 
 
-def output_dir(cfg: PipelineConfig, bundle: UNetBundle) -> str:
-    """`sample.out_dir`, else `<run.output_uri>/samples/<stage B run id>`."""
-    return cfg.sample.out_dir or f"{samples_parent(cfg)}/{bundle.stage_b_run_id}"
+def output_dir(cfg: PipelineConfig, bundle: UNetBundle, prompts: list[str]) -> str:
+    """`sample.out_dir`, else `<run.output_uri>/samples/<stage B run id>-<key>`, the key a hash of the prompts and
+    the sample settings: a folder per request, so that sampling other prompts (or other settings) of the same U-Net
+    never overwrites the grid and `samples.json` an earlier request wrote there (the DAG's sample stage included);
+    the same request again writes the same images to the same folder."""
+    if cfg.sample.out_dir:
+        return cfg.sample.out_dir
+    request = {"prompts": list(prompts), "settings": cfg.sample.model_dump(mode="json", exclude={"prompts", "out_dir"})}
+    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{samples_parent(cfg)}/{bundle.stage_b_run_id}-{key}"
 
 
 def samples_parent(cfg) -> str:
@@ -162,7 +171,7 @@ class Renderer:
         device = pick_device(sc.device)
         bundle = load_unet_bundle(model_uri, use_ema=sc.use_ema, lora_scale=sc.lora_scale, load_base=import_unet)
         try:  # fail before sampling, not after
-            storage.check_writable(storage.resolve(output_dir(cfg, bundle), cfg.storage))
+            storage.check_writable(storage.resolve(cfg.sample.out_dir or samples_parent(cfg), cfg.storage))
         except (OSError, ValueError) as e:
             raise ConfigError(f"sample.out_dir: {e}") from None
         plan_for(sc, bundle.schedule)  # fail before loading the rest
