@@ -7,8 +7,9 @@ For each N it starts a fresh `moto_server` (tests/helpers.py's), writes N img2da
 images (`NNNNN.tar` with 2 samples and `NNNNN_stats.json`: tests/helpers.py's `synthetic_shards`; without
 img2dataset's `NNNNN.parquet` metadata, which the index before the fix refused to index beside the tars), then runs each step in a fresh Python process and measures it there: wall time and driver CPU
 (user + system) of the step alone, the process's peak RSS (its imports included, so the RSS before the step is
-given too). The S3 requests each step makes are counted from moto's access log, and the bytes it reads from moto's
-request recorder (each GET's Range header, or the object's size for a whole GET). Steps:
+given too). The S3 requests each step makes are counted from moto's access log (by method, and by the object's
+name with its numbers as N: `GET N.tar`, `PUT part-N-N.parquet`), and the bytes it reads from moto's request recorder
+(each GET's Range header, or the object's size for a whole GET). Steps:
 
 - `index`: `prepare_data.py --index` as it is now (`index_shards`);
 - `index_old`: the same from the commit before issue 31's fix (`--old-tree`: a copy of that tree, e.g. made with
@@ -19,11 +20,20 @@ request recorder (each GET's Range header, or the object's size for a whole GET)
   call to the first batch (Ray already started), then the rate over the whole pass (or its first
   `--reader-seconds`);
 - `mlflow_input`: `tracking.log_dataset_input` of the dataset into a run of a local SQLite store, and the
-  lineage chain (`lineage_chain`) of a two-run chain that consumed it.
+  lineage chain (`lineage_chain`) of a two-run chain that consumed it;
+- `encode`: `run_encode` (configs/quickstart.yaml at 8 px, parts of `ENCODE_ROWS_PER_PART` rows) over the dataset
+  into Parquet latents on the same moto, with a small random autoencoder registered first as Stage A would
+  (tests/test_encode.py's `publish_tiny_autoencoder`, 4x4x4 latents) and the bundled all-MiniLM-L6-v2; on a local
+  Ray of 2 CPUs started before the timing. Its row adds the rows, the Parquet part count and the latents
+  manifest's size;
+- `stage_b_first_batch`: what Stage B does before its first step, on those latents: read their manifest and null
+  condition, build the latents reader (`build_latent_dataset`, train split, shuffled) and take the first batch
+  through `batches_forever` (the quickstart's batch of 64 and shuffle buffer of 512), one consumer where Stage B
+  splits it between its workers. Its requests and bytes are counted up to that first batch.
 
-Encode and Stage B are not run here (they need a trained autoencoder and text encoder: benchmarks/SCALE.md works
-their part counts and manifest sizes out on paper). Each row goes as a JSON line to `--out` (default
-benchmarks/results/scale_cpu_<date>.jsonl); `--plot` draws the per-shard costs against N on log-log axes.
+The steps after `index` need the dataset's manifest: when it is missing they get one from `index_shards` first,
+unmeasured. Each row goes as a JSON line to `--out` (default benchmarks/results/scale_cpu_<date>.jsonl); `--plot`
+draws the per-shard costs against N on log-log axes.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -44,7 +55,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, os.environ.get("LDM_SCALE_TREE") or str(REPO))  # index_old: the tree before the fix
 
-STEPS = ("index_old", "index", "prepare_skip", "plan", "reader", "mlflow_input")
+STEPS = ("index_old", "index", "prepare_skip", "plan", "reader", "mlflow_input", "encode", "stage_b_first_batch")
+BUCKET = "scale-bench"
+ENCODE_ROWS_PER_PART = 256
+"""`encode.rows_per_shard` here: the quickstart's 1,000 would make 2 to 20 parts at 2 samples per shard; 256 makes
+enough (8 to 79) to show whether the part count follows the rows or the input files."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,6 +137,48 @@ def run_step(step: str, uri: str, work: Path) -> dict:
                 tracking.log_dataset_input(uri, manifest.get("name", "images"), manifest["digest"], "stage_a")
             chain = lineage_chain(MlflowClient(), run.info.run_id, stages())
             extra["chain"] = len(chain)
+    elif step == "encode":
+        from pipelines.encode_latents import run_encode
+        from pipelines.platform.cluster import connect
+        from tests.test_encode import publish_tiny_autoencoder
+
+        cfg = encode_config(uri, work)
+        os.environ["MLFLOW_TRACKING_URI"] = cfg.mlflow.tracking_uri
+        publish_tiny_autoencoder(cfg, work / "ae")
+        connect(cfg)
+
+        def prepare():
+            result = run_encode(cfg)
+            files = result.manifest["files"]
+            extra.update(rows=result.num_rows, parts=len(files), latents_bytes=sum(f["num_bytes"] for f in files),
+                         rows_per_s=round(result.metrics["perf/images_per_s"], 1))
+    elif step == "stage_b_first_batch":
+        import ray
+        import torch
+
+        from pipelines.data import latents
+        from pipelines.data.reader import new_skip_counter
+        from pipelines.train.rank import batches_forever
+
+        cfg = encode_config(uri, work)
+        sb = cfg.stage_b
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+        def prepare():
+            started = time.perf_counter()
+            found = cfg.encode.output_uri
+            manifest = latents.read_latents_manifest(found)
+            latents.read_null_condition(found, manifest)
+            ds, _ = latents.build_latent_dataset(found, split="train", shuffle=True, num_cpus=cfg.data.cpus_per_task,
+                                                 skip_counter=new_skip_counter())
+            batches = batches_forever(ds, batch_size=sb.batch_size, shuffle_buffer=sb.shuffle_buffer, seed=cfg.run.seed,
+                                      device=torch.device("cpu"))
+            first = next(batches)
+            # Where moto's log and recorder stood at the first batch: the reads ahead after it are not counted.
+            extra.update(first_batch_s=round(time.perf_counter() - started, 3), batch_rows=len(first["latent_mean"]),
+                         parts=len(manifest["files"]), log_cut=os.path.getsize(work / "moto.log"),
+                         recording_cut=os.path.getsize(os.environ["MOTO_RECORDER_FILEPATH"]))
+            batches.close()
     else:
         raise SystemExit(f"unknown step {step}")
     rss_before = _rss_mib()
@@ -137,16 +194,36 @@ def run_step(step: str, uri: str, work: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
+def latents_uri(uri: str) -> str:
+    """Where `encode` writes the latents of the dataset at `uri` (and `stage_b_first_batch` reads them)."""
+    return uri.replace("/img2dataset-", "/latents-")
+
+
+def encode_config(uri: str, work: Path):
+    """configs/quickstart.yaml on the dataset at `uri` (8 px), its stores in `work`, its latents beside the shards."""
+    from pipelines.config import load_config
+
+    return load_config(REPO / "configs" / "quickstart.yaml", [
+        f"data.uri={uri}", "data.resolution=8", f"run.output_uri={work / 'out'}", "ray.num_cpus=2",
+        f"mlflow.tracking_uri=sqlite:///{work / 'encode.db'}", f"encode.output_uri={latents_uri(uri)}",
+        f"encode.rows_per_shard={ENCODE_ROWS_PER_PART}"])
+
+
 def _moto_api(endpoint: str, action: str) -> None:
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/recorder/{action}", method="POST")).read()
 
 
-def bytes_read(recording: Path, sizes: dict[str, int]) -> int:
-    """Bytes of object data the recorded GETs asked for: a Range's length, or the object's size."""
+def bytes_read(recording: Path, sizes: dict[str, int], until: int | None = None) -> int:
+    """Bytes of object data the recorded GETs asked for: a Range's length, or the object's size. `until`: only the
+    requests recorded before that byte offset of the recording."""
     total = 0
     if not recording.exists():
         return 0
-    for line in recording.read_text().splitlines():
+    with open(recording, "rb") as f:
+        text = f.read(until if until is not None else -1).decode()
+    for line in text.splitlines(keepends=True):
+        if not line.endswith("\n"):  # a line the recorder was writing at `until`
+            break
         entry = json.loads(line)
         if entry["method"] != "GET":
             continue
@@ -172,24 +249,31 @@ def measure(step: str, n: int, uri: str, endpoint: str, work: Path, log, recordi
     log.mark()
     proc = subprocess.run([sys.executable, __file__, "--worker", step, "--uri", uri, "--work", str(work)], env=env,
                           capture_output=True, text=True, cwd=tree)
-    requests = log.since()
     _moto_api(endpoint, "stop-recording")
     if proc.returncode:
         raise RuntimeError(f"{step} at {n} shards failed:\n{proc.stderr[-3000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
+    requests = [r for r in log.since(until=row.pop("log_cut", None)) if not r.path.startswith("/moto-api/")]
     kinds = Counter(f"{r.method} {'list' if 'list-type' in r.query else 'object'}" for r in requests)
+    # which objects: the key's last part with its numbers (3+ digits) as N (N.tar, part-N-N.parquet, manifest.json, ...)
+    objects = Counter(f"{r.method} {'list' if 'list-type' in r.query else re.sub(r'[0-9]{3,}', 'N', r.path.rsplit('/', 1)[-1])}"
+                      for r in requests)
     row.update(step=step, shards=n, requests=len(requests), requests_by_kind=dict(kinds),
-               bytes_read=bytes_read(recording, sizes))
-    if step.startswith("index"):
-        from pipelines.platform import storage
+               requests_by_object=dict(objects.most_common()),
+               bytes_read=bytes_read(recording, sizes, until=row.pop("recording_cut", None)))
+    from pipelines.platform import storage
 
+    if step.startswith("index"):
         row["manifest_bytes"] = len(storage.read_bytes(storage.resolve(uri).join("manifest.json")))
+    if step == "encode":
+        row["latents_manifest_bytes"] = len(storage.read_bytes(storage.resolve(latents_uri(uri)).join("manifest.json")))
     for key in ("wall_s", "cpu_s", "requests", "bytes_read"):
         row[f"{key}_per_shard"] = row[key] / n
     return row
 
 
 def run_scale(counts: list[int], steps: list[str], out: Path, old_tree: Path | None) -> None:
+    from pipelines.data import index_shards
     from pipelines.platform import storage
     from tests.helpers import S3RequestLog, start_moto_server, synthetic_shards
 
@@ -204,8 +288,8 @@ def run_scale(counts: list[int], steps: list[str], out: Path, old_tree: Path | N
         try:
             import boto3
 
-            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="scale-bench")
-            uri = f"s3://scale-bench/img2dataset-{n}"
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+            uri = f"s3://{BUCKET}/img2dataset-{n}"
             started = time.perf_counter()
             synthetic_shards(uri, n, img2dataset_parquet=False)  # the old index refuses img2dataset's metadata Parquet
             print(f"[{n} shards] written in {time.perf_counter() - started:.1f}s", flush=True)
@@ -214,9 +298,13 @@ def run_scale(counts: list[int], steps: list[str], out: Path, old_tree: Path | N
             for step in steps:
                 if step == "index_old" and old_tree is None:
                     continue
-                if step.startswith("index") and storage.exists(root.join("manifest.json")):
+                indexed = storage.exists(root.join("manifest.json"))
+                if step.startswith("index") and indexed:
                     root.filesystem.delete_file(root.join("manifest.json").path)
-                sizes = {o.path: o.size for o in storage.list_objects(root)}
+                elif not step.startswith("index") and not indexed:
+                    index_shards(uri)  # the later steps' input, not measured
+                # the whole bucket's: the latents beside the shards too
+                sizes = {o.path: o.size for o in storage.list_objects(storage.resolve(f"s3://{BUCKET}"))}
                 row = measure(step, n, uri, endpoint, work, log, work / "recording.jsonl", sizes, old_tree)
                 row.update(machine=machine(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            load_1min=os.getloadavg()[0])
@@ -329,9 +417,15 @@ def table(rows_file: Path) -> str:
         notes = []
         if "manifest_bytes" in r:
             notes.append(f"manifest {r['manifest_bytes'] / r['shards']:.0f} B/shard")
-        if "first_batch_s" in r:
+        if r["step"] == "reader":
             notes.append(f"first batch {r['first_batch_s']:.1f} s, {r['rows_per_s']:.1f} rows/s"
                          + ("" if r.get("whole_pass", True) else f" over the first {r['rows']:,} rows"))
+        if r["step"] == "encode":
+            notes.append(f"{r['rows']:,} rows at {r['rows_per_s']:.1f} rows/s; {r['parts']} parts "
+                         f"({r['parts'] / r['shards']:.4f} / shard), {r['latents_bytes'] / r['rows']:,.0f} B/row; "
+                         f"latents manifest {r['latents_manifest_bytes']:,} B ({r['latents_manifest_bytes'] / r['parts']:.0f} B/part)")
+        if r["step"] == "stage_b_first_batch":
+            notes.append(f"first batch of {r['batch_rows']} rows from {r['parts']} parts")
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["requests_by_kind"].items()))
         out.append(f"| {r['step']} | {r['shards']:,} | {r['wall_s']:.1f} | {1000 * r['wall_s_per_shard']:.1f} | "
                    f"{1000 * r['cpu_s_per_shard']:.2f} | {r['peak_rss_mib']:.0f} ({r['rss_before_mib']:.0f}) | "

@@ -163,10 +163,12 @@ class S3RequestLog:
     def mark(self) -> None:
         self.offset = self.path.stat().st_size
 
-    def since(self) -> list[S3Request]:
+    def since(self, until: int | None = None) -> list[S3Request]:
+        """The requests served since `mark()`; with `until`, only those logged before that byte offset of the log
+        (its size at some moment, e.g. a benchmark's first batch)."""
         with open(self.path, "rb") as f:
             f.seek(self.offset)
-            text = f.read().decode(errors="replace")
+            text = f.read(-1 if until is None else max(0, until - self.offset)).decode(errors="replace")
         return [S3Request(m[1], m[2], m[3], int(m[4])) for m in _REQUEST_LINE.finditer(text)]
 
 
