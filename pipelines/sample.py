@@ -47,7 +47,8 @@ from pipelines.config import PipelineConfig
 from pipelines.dag.stage import Stage
 from pipelines.platform.cli import add_config_args, config_from_args
 from pipelines.config.prompts import judged_prompts, prompt_digit
-from pipelines.models.inference import Renderer, forgetting_metrics, output_dir, render, samples_parent, score_digits
+from pipelines.models.inference import (Renderer, forgetting_metrics, output_dir, render, sample_settings, samples_parent,
+                                        score_digits)
 from pipelines.models.registry import lora_base_of, model_to_load
 from pipelines.platform.progress import Progress
 from pipelines.platform.runtime import exit_on, setup_logging
@@ -204,7 +205,7 @@ def run_sample(
     out_dir = output_dir(cfg, bundle, prompts)
 
     manifest = {"model_uri": model_uri, **lora_tags, "autoencoder_uri": bundle.autoencoder_uri, "use_ema": bundle.use_ema,
-                "prompts": prompts, "settings": sc.model_dump(mode="json", exclude={"prompts", "out_dir"}), "metrics": metrics}
+                "prompts": prompts, "settings": sample_settings(sc), "metrics": metrics}
     upstream = tuple(upstream_run_ids) or tuple(r for r in (bundle.stage_b_run_id,) if r)
 
     run_context = contextlib.nullcontext() if not log_to_mlflow else tracking.stage_run(

@@ -33,6 +33,12 @@ from pipelines.platform.devices import autocast, pick_device
 log = logging.getLogger("sample")
 
 
+def sample_settings(sc: SampleConfig) -> dict:
+    """The settings of a sample request besides its prompts and folder (what `samples.json` records, and what the
+    default folder's key hashes)."""
+    return sc.model_dump(mode="json", exclude={"prompts", "out_dir"})
+
+
 def output_dir(cfg: PipelineConfig, bundle: UNetBundle, prompts: list[str]) -> str:
     """`sample.out_dir`, else `<run.output_uri>/samples/<stage B run id>-<key>`, the key a hash of the prompts and
     the sample settings: a folder per request, so that sampling other prompts (or other settings) of the same U-Net
@@ -40,7 +46,7 @@ def output_dir(cfg: PipelineConfig, bundle: UNetBundle, prompts: list[str]) -> s
     the same request again writes the same images to the same folder."""
     if cfg.sample.out_dir:
         return cfg.sample.out_dir
-    request = {"prompts": list(prompts), "settings": cfg.sample.model_dump(mode="json", exclude={"prompts", "out_dir"})}
+    request = {"prompts": list(prompts), "settings": sample_settings(cfg.sample)}
     key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:10]
     return f"{samples_parent(cfg)}/{bundle.stage_b_run_id}-{key}"
 
