@@ -104,7 +104,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="per reader, the first one a warm-up")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--cpus-per-task", type=float, default=DataConfig.model_fields["cpus_per_task"].default)
+    parser.add_argument("--cpus-per-task", type=float, default=None,
+                        help="data.cpus_per_task (default: unset, chosen as a stage would for --ray-cpus free CPUs)")
     parser.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray (the DataLoader has 2 workers)")
     args = parser.parse_args()
 
@@ -137,7 +138,8 @@ def main() -> None:
           f"torch {torch.__version__}, ray {ray.__version__}; {time.strftime('%Y-%m-%d')}")
     print(f"dataset: {args.source} ({args.format}), {manifest['num_samples']} images in {len(manifest['shards'])} "
           f"shards, {args.resolution} px crops, batch {args.batch_size}, Ray num_cpus {args.ray_cpus}, "
-          f"data.cpus_per_task {args.cpus_per_task}; repairs/skips {skipped}")
+          f"data.cpus_per_task {cfg.fit(args.ray_cpus).cpus_per_task:g}"
+          f"{' (unset: chosen by DataConfig.fit)' if args.cpus_per_task is None else ''}; repairs/skips {skipped}")
     print(f"ray data reader:   {ray_rate:8.0f} images/s   (epochs: {', '.join(f'{r:.0f}' for r in ray_rates)})")
     print(f"torch DataLoader:  {torch_rate:8.0f} images/s   (epochs: {', '.join(f'{r:.0f}' for r in torch_rates)})")
     print(f"ratio ray/torch:   {ray_rate / torch_rate:8.2f}")

@@ -169,7 +169,7 @@ def run_step(step: str, uri: str, work: Path) -> dict:
             found = cfg.encode.output_uri
             manifest = latents.read_latents_manifest(found)
             latents.read_null_condition(found, manifest)
-            ds, _ = latents.build_latent_dataset(found, split="train", shuffle=True, num_cpus=cfg.data.cpus_per_task,
+            ds, _ = latents.build_latent_dataset(found, split="train", shuffle=True, num_cpus=cfg.data.fit(1).cpus_per_task,
                                                  skip_counter=new_skip_counter())
             batches = batches_forever(ds, batch_size=sb.batch_size, shuffle_buffer=sb.shuffle_buffer, seed=cfg.run.seed,
                                       device=torch.device("cpu"))
@@ -434,6 +434,64 @@ def table(rows_file: Path) -> str:
     return "\n".join(out)
 
 
+def task_payload(counts: list[int], tasks: int = 200) -> list[dict]:
+    """What a read task pays for the per-shard facts every decode task receives (`decode_shards`' `shards`), as a
+    dict with an entry per shard (before the fix) and as `FileTable` (after): the argument's pickled size in band,
+    the time to unpickle it the way a Ray worker does (protocol 5, buffers out of band), and the wall time per task
+    of a real Ray Data pass over `tasks` tiny local files carrying it (a local Ray with one CPU)."""
+    import hashlib
+    import pickle
+
+    import numpy as np
+    import pyarrow.fs as pafs
+    import ray
+
+    from pipelines.data.reader import FileTable, read_whole_files
+
+    def facts(n: int) -> dict[str, dict]:
+        return {f"shards/{i:06d}.tar": {"num_samples": 10_000, "sha256": hashlib.sha256(str(i).encode()).hexdigest(),
+                                        "size": 500_000_000 + i, "etag": f'"{hashlib.md5(str(i).encode()).hexdigest()}-60"'}
+                for i in range(n)}
+
+    def probe(batch, *, shards):
+        path = str(batch["path"][0])
+        return {"found": np.array([shards.get(path) is not None])}
+
+    folder = Path(tempfile.mkdtemp(prefix="task-payload-"))
+    paths = []
+    for i in range(tasks):
+        (folder / f"{i:05d}.bin").write_bytes(b"x" * 100)
+        paths.append(str(folder / f"{i:05d}.bin"))
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    rows = []
+    try:
+        for n in counts:
+            entries = facts(n)
+            for form, arg in (("dict", entries), ("table", FileTable(entries, ("num_samples", "sha256", "size", "etag")))):
+                buffers: list = []
+                in_band = pickle.dumps(arg, protocol=5, buffer_callback=buffers.append)
+                started = time.perf_counter()
+                for _ in range(5):
+                    pickle.loads(in_band, buffers=buffers)
+                unpickle_ms = (time.perf_counter() - started) / 5 * 1000
+                ds = read_whole_files(paths, pafs.LocalFileSystem(), override_num_blocks=tasks, num_cpus=0.5)
+                ds = ds.map_batches(probe, batch_size=None, num_cpus=0.5, fn_kwargs={"shards": arg})
+                started = time.perf_counter()
+                ds.take_all()
+                wall = time.perf_counter() - started
+                row = {"step": f"task_payload_{form}", "shards": n, "tasks": tasks, "in_band_bytes": len(in_band),
+                       "out_of_band_bytes": sum(memoryview(b).nbytes for b in buffers),
+                       "unpickle_ms": round(unpickle_ms, 3), "ms_per_task": round(wall / tasks * 1000, 1),
+                       "load": round(os.getloadavg()[0], 1), "machine": machine(),
+                       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, nargs="+", default=[1000, 3000, 10000])
@@ -445,6 +503,11 @@ def main() -> None:
     parser.add_argument("--latent-row-bytes", type=int, nargs="+", metavar="TOKENS",
                         help="print the bytes per encode Parquet row with this many caption tokens, and exit")
     parser.add_argument("--jpeg-bytes", action="store_true", help="print the bytes of a 256-px JPEG (quality 95), and exit")
+    parser.add_argument("--task-payload", type=int, nargs="+", metavar="SHARDS",
+                        help="measure what each read task pays for the per-shard facts at these shard counts "
+                             "(a dict per shard against FileTable), append the rows to --payload-out, and exit")
+    parser.add_argument("--payload-out", type=Path,
+                        default=REPO / "benchmarks" / "results" / f"task_payload_cpu_{time.strftime('%Y-%m-%d')}.jsonl")
     parser.add_argument("--worker", choices=STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--uri", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -463,6 +526,12 @@ def main() -> None:
     if args.latent_row_bytes:
         for tokens in args.latent_row_bytes:
             print(json.dumps({"caption_tokens": tokens, "bytes_per_row": round(latent_row_bytes(tokens))}))
+        return
+    if args.task_payload:
+        args.payload_out.parent.mkdir(parents=True, exist_ok=True)
+        with args.payload_out.open("a") as f:
+            for row in task_payload(args.task_payload):
+                f.write(json.dumps(row) + "\n")
         return
     if args.plot:
         plot(args.plot, args.plot.with_suffix(".png"))

@@ -38,7 +38,7 @@ from ldm_core.autoencoder import AutoencoderConfig, AutoencoderKL, normalize_lat
 from ldm_core.config import ConfigError
 from pipelines.data import latents
 from pipelines.platform import lease, storage, tracking
-from pipelines.platform.cluster import ClusterError, connect
+from pipelines.platform.cluster import ClusterError, cluster_resources, connect
 from pipelines.config import PipelineConfig
 from pipelines.dag.stage import Stage
 from pipelines.platform.cli import parse_cli
@@ -292,7 +292,9 @@ def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: Autoencode
     null_ref = encode_prompts_remote(ec.text_encoder, [""], num_cpus=sc.cpus_per_actor, num_gpus=num_gpus)
 
     # Stage A's crops may be random; latents are computed once, so take the centre, unflipped.
-    data_cfg = cfg.data.model_copy(update={"crop": "center", "random_flip": False})
+    # Unset data.cpus_per_task: chosen for the CPUs the encoder actors leave free.
+    free_cpus = cluster_resources().get("CPU", 0) - sc.num_actors * sc.cpus_per_actor
+    data_cfg = cfg.data.fit(free_cpus).model_copy(update={"crop": "center", "random_flip": False})
     images, skip_counter = build_dataset(data_cfg, split="all", storage=cfg.storage, shuffle=False, seed=cfg.run.seed)
     normalization = latent_normalization(cfg, autoencoder)
     weights = ray.put({"config": autoencoder.config.model_dump(mode="json"), "state": autoencoder.state_dict(),

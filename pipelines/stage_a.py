@@ -318,7 +318,8 @@ def run_stage_a(
         connect(cfg)
     sa = cfg.stage_a
     manifest = read_manifest(cfg.data.uri, cfg.storage)  # fails clearly on a missing/empty dataset
-    ensure_resources(sa.scaling, cfg.data, cfg.ray, section=STAGE_NAME)  # waits for an autoscaler to add them
+    # Waits for an autoscaler to add them; unset data.cpus_per_task / reserved_cpus are chosen for the cluster.
+    cfg = cfg.model_copy(update={"data": ensure_resources(sa.scaling, cfg.data, cfg.ray, section=STAGE_NAME)})
 
     experiment_id = tracking.setup(cfg.mlflow, cfg.run.output_uri)
     trainer_name = f"{cfg.run.name}-{STAGE_NAME}"

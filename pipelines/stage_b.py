@@ -312,7 +312,8 @@ def run_stage_b(
     latents_uri = sb.latents_uri or latest_latents_uri(cfg, experiment_id)
     manifest = latents.read_latents_manifest(latents_uri, cfg.storage)  # fails clearly on missing/incomplete latents
     check_compatible(cfg, manifest, latents_uri)
-    ensure_resources(sb.scaling, cfg.data, cfg.ray, section=STAGE_NAME)  # waits for an autoscaler to add them
+    # Waits for an autoscaler to add them; unset data.cpus_per_task / reserved_cpus are chosen for the cluster.
+    cfg = cfg.model_copy(update={"data": ensure_resources(sb.scaling, cfg.data, cfg.ray, section=STAGE_NAME)})
     null_context, null_mask = latents.read_null_condition(latents_uri, manifest, cfg.storage)
 
     text = manifest["text_encoder"]

@@ -180,7 +180,9 @@ def test_a_fixed_size_cluster_still_fails_fast_on_the_cpu_budget(ray_local):
     with pytest.raises(ValueError, match=r"CPU budget: stage_a.scaling.num_workers x stage_a.scaling.cpus_per_worker"):
         ensure_resources(cfg.stage_a.scaling, cfg.data, cfg.ray, section="stage_a")
     assert time.monotonic() - started < 5  # judged at once, no waiting
-    ensure_resources(load_config(REPO / "configs/quickstart.yaml").stage_a.scaling, cfg.data, cfg.ray, section="stage_a")
+    # The quickstart's 2 x 0.5-CPU workers leave 1 of the 2 CPUs: the reader's unset CPU fields come back as halves
+    fitted = ensure_resources(load_config(REPO / "configs/quickstart.yaml").stage_a.scaling, cfg.data, cfg.ray, section="stage_a")
+    assert (cfg.data.cpus_per_task, fitted.cpus_per_task, fitted.reserved_cpus) == (None, 0.5, 0.5)
     assert StageNeeds.of(cfg.stage_a.scaling, cfg.data).describe() == "4 x {CPU: 0.5} for Train + 0.5 CPU for Ray Data"
 
 

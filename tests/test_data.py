@@ -399,6 +399,32 @@ def test_cpu_budget_error_names_the_fields(tmp_path):
         DataConfig(uri=str(tmp_path), reserved_cpus=0.25, cpus_per_task=0.5)
 
 
+def test_unset_reader_cpus_are_chosen_from_the_cpus_the_workers_leave(tmp_path):
+    """`data.cpus_per_task` / `reserved_cpus` unset: whole CPUs where data has at least 2 of its own, halves where
+    Train workers share a small machine; what the user set is kept. They are left out of cache keys: the same config
+    on another cluster reuses its stages."""
+    from pipelines.dag.executor import cache_key
+
+    data = DataConfig(uri=str(tmp_path))
+    assert (data.cpus_per_task, data.reserved_cpus) == (None, None)
+    for free, expected in ((1.0, 0.5), (1.99, 0.5), (2.0, 1.0), (30.0, 1.0), (0.0, 0.5)):
+        fitted = data.fit(free)
+        assert (fitted.cpus_per_task, fitted.reserved_cpus) == (expected, expected), free
+    assert DataConfig(uri=str(tmp_path), cpus_per_task=0.25).fit(30).model_dump(include={"cpus_per_task", "reserved_cpus"}) \
+        == {"cpus_per_task": 0.25, "reserved_cpus": 0.25}
+    assert DataConfig(uri=str(tmp_path), reserved_cpus=0.5).fit(30).cpus_per_task == 0.5  # capped by what is reserved
+    off = DataConfig(uri=str(tmp_path), reserved_cpus=0).fit(30)
+    assert (off.cpus_per_task, off.reserved_cpus) == (1.0, 0)
+    # The quickstart on 2 CPUs: 2 x 0.5 leaves 1, enough for one half-CPU task; 2 x 1.0 leaves none
+    check_cpu_budget(2, ScalingSection(num_workers=2, cpus_per_worker=0.5), data)
+    with pytest.raises(ValueError, match="leaving 0 < data.reserved_cpus = 0.5"):
+        check_cpu_budget(2, ScalingSection(num_workers=2, cpus_per_worker=1.0), data)
+    keys = {cache_key("stage_a", {"data": data.fit(free).model_dump(mode="json")}, [], "digest") for free in (1, 8)}
+    assert len(keys) == 1
+    assert cache_key("stage_a", {"data": data.model_copy(update={"resolution": 64}).model_dump(mode="json")}, [], "digest") \
+        not in keys
+
+
 def test_ray_train_workers_get_disjoint_splits_and_read_the_skip_counter(ray_local, tmp_path):
     """The issue's hang: Train workers take all but data.reserved_cpus of the 2 CPUs (2 x 0.75), and the
     reader's 0.5-CPU tasks must still run in the 0.5 left. Each worker streams its own split."""

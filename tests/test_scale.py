@@ -5,6 +5,7 @@ same steps at 1,000 to 10,000 shards."""
 from __future__ import annotations
 
 import hashlib
+import pickle
 from collections import Counter
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from pipelines.config import load_config
 from pipelines.dag.plan import plan_pipeline
 from pipelines.data import index_shards
-from pipelines.data.reader import s3_etag, shard_matches
+from pipelines.data.reader import FileTable, s3_etag, shard_matches
 from pipelines.platform import storage
 from pipelines.run import stages
 from tests.helpers import REPO, synthetic_shards
@@ -108,3 +109,35 @@ def test_a_shard_indexed_by_its_etag_streams_and_a_changed_one_is_skipped(ray_lo
     storage.fsspec_filesystem(uri).pipe(changed.path, payload.replace(b"a grey square", b"a gray square"))
     ds, counter = build_dataset(cfg, split="all", shuffle=False)
     assert len(ds.take_all()) == 6 and counter.snapshot() == {"corrupt_shard": 2}
+
+
+def _shard_facts(n: int) -> dict[str, dict]:
+    facts = {f"shards/{i:05d}.tar": {"num_samples": 10_000 + i, "sha256": hashlib.sha256(str(i).encode()).hexdigest()}
+             for i in range(n)}
+    facts["shards/00003.tar"] = {"num_samples": 7, "size": 2**40, "etag": '"abc-3"'}  # indexed by ETag, no sha256
+    facts["shards/00004.tar"] = {"num_samples": 0, "sha256": None, "size": 12}
+    return facts
+
+
+def test_file_table_reads_back_the_manifest_and_its_pickle_does_not_grow_with_it():
+    """The per-shard facts every decode task receives: the same answers as the dict they come from, and a
+    pickle whose in-band part (what a task unpickles entry by entry) stays the same size from 100 to 20,000
+    shards, the rest travelling as buffers Ray maps from its object store."""
+    fields = ("num_samples", "sha256", "size", "etag")
+    sizes = {}
+    for n in (100, 20_000):
+        facts = _shard_facts(n)
+        table = FileTable(facts, fields)
+        assert len(table) == n
+        for path in ("shards/00000.tar", "shards/00003.tar", "shards/00004.tar", f"shards/{n - 1:05d}.tar"):
+            expected = {k: v for k, v in facts[path].items() if v is not None}
+            assert table.get(path) == expected, path
+        assert table.get("shards/99999.tar") is None and table.get("", {}) == {} and table.get("shards/") is None
+        buffers: list = []
+        in_band = pickle.dumps(table, protocol=5, buffer_callback=buffers.append)
+        again = pickle.loads(in_band, buffers=buffers)
+        assert again.get("shards/00003.tar") == facts["shards/00003.tar"]
+        sizes[n] = len(in_band), sum(memoryview(b).nbytes for b in buffers)
+    assert sizes[100][0] < 1_000 and sizes[20_000][0] < 1_000, sizes  # dtype widths only
+    assert sizes[20_000][1] > 100 * sizes[100][1] // 2, sizes  # the facts themselves are all there, out of band
+    assert len(FileTable({}, fields)) == 0 and FileTable({}, fields).get("x") is None

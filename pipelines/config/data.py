@@ -10,6 +10,9 @@ from pydantic import Field, model_validator
 
 from ldm_core.config import StrictConfig
 
+WHOLE_CPU_FROM = 2.0
+"""Free CPUs from which an unset `data.cpus_per_task` is a whole CPU (`DataConfig.fit`)."""
+
 
 def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """The bucket (h, w) whose aspect ratio is nearest the image's, on a log scale (a 2:1 and a 1:2 image are as far
@@ -116,14 +119,32 @@ class DataConfig(StrictConfig):
     of a training photograph flatters the model."""
 
     # --- CPU budget
-    cpus_per_task: float = Field(default=0.5, gt=0)
-    """CPUs each Ray Data read+decode task (one shard) reserves. Measured on 2 cores (benchmarks/README.md):
-    smaller fractions run more decode tasks at once than there are cores, and throughput drops."""
-    reserved_cpus: float = Field(default=0.5, ge=0)
+    cpus_per_task: float | None = Field(default=None, gt=0)
+    """CPUs each Ray Data read+decode task (one shard) reserves. Unset (the default): chosen when a stage starts,
+    from the CPUs its Train workers (or encode actors) leave free on the cluster (`fit`): 1 where at least
+    `WHOLE_CPU_FROM` are free (data has cores of its own: a cluster's CPU nodes, a GPU node's spare cores), 0.5 where
+    fewer are (two 0.5-CPU Train workers on a 2-core laptop, where whole-CPU tasks would wait behind them). Measured
+    on 2 cores (benchmarks/README.md): 1 CPU per task reads 256-px JPEGs at 0.8x+ a DataLoader, 0.5 at ~0.7x; below
+    0.5 more decode tasks run at once than there are cores, and throughput drops."""
+    reserved_cpus: float | None = Field(default=None, ge=0)
     """CPUs that must stay free of Train workers so read/decode tasks can run: `check_cpu_budget` fails
     before training when num_workers x cpus_per_worker leaves less; on an autoscaling cluster the stage asks
     the autoscaler for them next to its workers (pipelines/platform/cluster.py). At least `cpus_per_task`; 0 turns
-    both off."""
+    both off. Unset (the default): one task's worth, `cpus_per_task` as chosen."""
+
+    def fit(self, free_cpus: float) -> "DataConfig":
+        """This config with `cpus_per_task` and `reserved_cpus` chosen where they are unset, for a cluster on which
+        `free_cpus` CPUs are left to Ray Data (its CPUs less the stage's Train workers or encode actors). Values the
+        user set are kept; an explicit `reserved_cpus` caps the chosen `cpus_per_task`."""
+        per_task = self.cpus_per_task
+        if per_task is None:
+            per_task = 1.0 if free_cpus >= WHOLE_CPU_FROM else 0.5
+            if self.reserved_cpus:
+                per_task = min(per_task, self.reserved_cpus)
+        reserved = per_task if self.reserved_cpus is None else self.reserved_cpus
+        if (per_task, reserved) == (self.cpus_per_task, self.reserved_cpus):
+            return self
+        return self.model_copy(update={"cpus_per_task": per_task, "reserved_cpus": reserved})
 
     @property
     def size(self) -> tuple[int, int]:
@@ -173,7 +194,7 @@ class DataConfig(StrictConfig):
                                  "it is the default shape, so it must be one of them (or leave it out)")
         if self.min_size > min(min(s) for s in self.shapes):
             raise ValueError(f"min_size ({self.min_size}) must not exceed resolution ({self.resolution})")
-        if self.reserved_cpus and self.reserved_cpus < self.cpus_per_task:
+        if self.reserved_cpus and self.cpus_per_task and self.reserved_cpus < self.cpus_per_task:
             raise ValueError(
                 f"reserved_cpus ({self.reserved_cpus}) is smaller than cpus_per_task ({self.cpus_per_task}): "
                 "not even one read task could run"

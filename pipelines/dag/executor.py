@@ -68,9 +68,14 @@ LOCATION_FIELDS = ("data.uri",)
 content digest instead, so a moved or copied project (same dataset, another path) keeps its cache."""
 
 
+RESOURCE_FIELDS = ("data.cpus_per_task", "data.reserved_cpus")
+"""Config fields that say how a stage is scheduled, not what it computes: left out of cache keys too, so the same
+config run on another cluster (where unset ones are chosen differently) keeps its cache."""
+
+
 def _without_locations(sections: dict) -> dict:
     config = json.loads(json.dumps(sections, default=str))
-    for dotted in LOCATION_FIELDS:
+    for dotted in LOCATION_FIELDS + RESOURCE_FIELDS:
         config.pop(dotted, None)
         parent, _, leaf = dotted.rpartition(".")
         if isinstance(config.get(parent), dict):

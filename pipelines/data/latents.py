@@ -53,7 +53,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from pipelines.platform import storage
-from pipelines.data.reader import read_whole_files, record_skips, verified
+from pipelines.data.reader import FileTable, read_whole_files, record_skips, verified
 from pipelines.platform.storage import Location, StorageConfig
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ def remove_parts(root: Location, folders: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-def read_part_files(batch: dict, *, columns: list[str], split: str, root_path: str, files: dict[str, dict],
+def read_part_files(batch: dict, *, columns: list[str], split: str, root_path: str, files: FileTable,
                     counter_name: str | None = None) -> Iterator[pa.Table]:
     """Ray Data map_batches fn: whole Parquet files (bytes) -> their rows of `split`, projected to `columns`.
 
@@ -326,7 +326,7 @@ def build_latent_dataset(uri: str, storage_cfg: StorageConfig | None = None, *, 
     ds = read_whole_files(paths, root.filesystem, shuffle="files" if shuffle else None, num_cpus=num_cpus)
     ds = ds.map_batches(read_part_files, batch_size=1, num_cpus=num_cpus,
                         fn_kwargs={"columns": list(columns or TRAIN_COLUMNS), "split": split, "root_path": root.path,
-                                   "files": {f["path"]: f for f in manifest["files"]},
+                                   "files": FileTable({f["path"]: f for f in manifest["files"]}, ("num_rows", "sha256")),
                                    "counter_name": skip_counter.name if skip_counter is not None else None})
     return ds, manifest
 

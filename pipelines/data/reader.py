@@ -324,10 +324,47 @@ def shard_matches(payload: bytes, identity: dict) -> bool:
     return not sizes or any(s3_etag(payload, parts, size) == etag for size in sizes)
 
 
+class FileTable:
+    """Per-file facts of a manifest ({relative path: {field: value}}), looked up by path inside Ray tasks.
+
+    Ray hands a map function's keyword arguments to every task it runs, and a task unpickles them anew: a dict with
+    an entry per shard costs O(N) in each of N tasks, O(N^2) per pass (measured by `benchmarks/scale.py
+    --task-payload`). Here the facts are sorted numpy columns, which pickle protocol 5 (Ray's) carries out of band:
+    a task maps them from the object store and pays a binary search per lookup, whatever N.
+
+    Fields hold ints or strings; an entry without a field (or with None) reads back without it, as from a dict.
+    """
+
+    def __init__(self, entries: dict[str, dict], fields: Sequence[str]):
+        paths = sorted(entries)
+        self._paths = np.array([p.encode() for p in paths], dtype=np.bytes_) if paths else np.zeros(0, "S1")
+        self._columns: dict[str, tuple[np.ndarray, np.ndarray, bool]] = {}
+        for name in fields:
+            values = [entries[p].get(name) for p in paths]
+            present = np.array([v is not None for v in values], dtype=bool)
+            numeric = all(isinstance(v, int) and not isinstance(v, bool) for v in values if v is not None)
+            if numeric:
+                column = np.array([v if v is not None else 0 for v in values], dtype=np.int64)
+            else:
+                column = np.array([str(v).encode() if v is not None else b"" for v in values], dtype=np.bytes_)
+            self._columns[name] = (column, present, numeric)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def get(self, path: str, default: dict | None = None) -> dict | None:
+        key = path.encode()
+        i = int(np.searchsorted(self._paths, key))
+        if i == len(self._paths) or self._paths[i] != key:
+            return default
+        return {name: int(column[i]) if numeric else column[i].decode()
+                for name, (column, present, numeric) in self._columns.items() if present[i]}
+
+
 def decode_shards(batch: dict, *, cfg: DataConfig, split: str, seed: int, counter_name: str, root_path: str,
-                  expected: dict[str, int], parquet_columns: dict, columns: tuple[str, ...],
-                  checksums: dict[str, dict] | None = None) -> Iterator[dict]:
-    """Ray Data map_batches fn: whole shard files in, blocks of decoded samples out.
+                  shards: FileTable, parquet_columns: dict, columns: tuple[str, ...]) -> Iterator[dict]:
+    """Ray Data map_batches fn: whole shard files in, blocks of decoded samples out. `shards`: the manifest's
+    `num_samples` and identity (`sha256`, or `size` and `etag`) of every shard, by path under `root_path`.
 
     A shard whose bytes do not match the manifest's sha256 or ETag (changed since it was written, or gone) is skipped
     whole, its samples counted as `corrupt_shard`: changed data is never used silently. Counts go to the
@@ -344,11 +381,12 @@ def decode_shards(batch: dict, *, cfg: DataConfig, split: str, seed: int, counte
 
     for payload, path in zip(batch["bytes"], batch["path"]):
         rel = str(path)[len(root_path):].lstrip("/")
-        n_expected = expected.get(rel, 0)
+        entry = shards.get(rel, {})
+        n_expected = entry.get("num_samples", 0)
         shard_hash = int.from_bytes(hashlib.blake2b(rel.encode(), digest_size=4).digest(), "big")
         # Seeded per shard, plus fresh entropy: crops and flips differ from epoch to epoch.
         rng = np.random.default_rng([seed, shard_hash, int(np.random.default_rng().integers(2**31))])
-        if not shard_matches(payload, (checksums or {}).get(rel, {})) or (not payload and n_expected):
+        if not shard_matches(payload, entry) or (not payload and n_expected):
             log.warning("shard %s %s: its %d samples are skipped (corrupt_shard)", rel,
                         "is gone" if not payload else "does not match the sha256 in the manifest", n_expected)
             contents = ShardContents([], True, True)
@@ -540,6 +578,8 @@ def build_dataset(cfg: DataConfig, split: str = "train", *, storage: StorageConf
     if not columns or set(columns) - set(COLUMNS):
         raise ValueError(f"columns {list(columns)}: choose among {', '.join(COLUMNS)}")
     manifest = read_manifest(cfg.uri, storage)
+    if cfg.cpus_per_task is None:  # not fitted by a stage (`DataConfig.fit`): nothing else is known to need CPUs
+        cfg = cfg.fit(ray.cluster_resources().get("CPU", 0))
     root = resolve(cfg.uri, storage)
     paths = [root.join(s["path"]).path for s in manifest["shards"]]
     counter = skip_counter or new_skip_counter()
@@ -554,8 +594,7 @@ def build_dataset(cfg: DataConfig, split: str = "train", *, storage: StorageConf
         decode_shards, batch_size=None, num_cpus=cfg.cpus_per_task,  # None: whole read blocks, so it fuses
         fn_kwargs={
             "cfg": cfg, "split": split, "seed": seed, "counter_name": counter.name, "root_path": root.path,
-            "expected": {s["path"]: s["num_samples"] for s in manifest["shards"]},
-            "checksums": {s["path"]: {k: s[k] for k in ("sha256", "size", "etag") if k in s} for s in manifest["shards"]},
+            "shards": FileTable({s["path"]: s for s in manifest["shards"]}, ("num_samples", "sha256", "size", "etag")),
             "parquet_columns": manifest.get("columns", PARQUET_COLUMNS), "columns": columns,
         },
     ), counter

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from pipelines.config.data import DataConfig
 from pipelines.config.sections import RaySection, ScalingSection
 from pipelines.platform.runtime import init_ray
 from pipelines.platform.storage import resolve
+
+log = logging.getLogger(__name__)
 
 # The v1 autoscaler (`ray start --autoscaling-config`, the cluster launcher, KubeRay's default) publishes its
 # status under this internal-KV key every update; v2 marks itself in the autoscaler-state namespace instead.
@@ -140,7 +143,8 @@ class StageNeeds:
 
     @classmethod
     def of(cls, scaling: ScalingSection, data: DataConfig) -> "StageNeeds":
-        return cls(scaling.num_workers, scaling.resources_per_worker(), data.reserved_cpus)
+        """`data` unfitted (`reserved_cpus` unset): the least Ray Data can run with, half a CPU."""
+        return cls(scaling.num_workers, scaling.resources_per_worker(), data.fit(0).reserved_cpus)
 
     def bundles(self) -> list[dict[str, float]]:
         return [dict(self.per_worker)] * self.workers + ([{"CPU": self.data_cpus}] if self.data_cpus else [])
@@ -173,8 +177,10 @@ def check_cpu_budget(total_cpus: float, scaling, data: DataConfig, section: str 
     `scaling`: any object with `num_workers` and `cpus_per_worker` (pipelines.config.sections.ScalingSection);
     `section`: the config section it came from, named in the error. `data.reserved_cpus = 0` turns the
     check off. For fixed-size clusters: pipelines/platform/cluster.py asks an autoscaling one for the CPUs instead.
+    Unset `data` CPU fields are judged as `DataConfig.fit` would choose them on this cluster.
     """
     used = scaling.num_workers * scaling.cpus_per_worker
+    data = data.fit(total_cpus - used)
     if data.reserved_cpus and total_cpus - used < data.reserved_cpus:
         raise ConfigError(
             f"CPU budget: {section}.scaling.num_workers x {section}.scaling.cpus_per_worker = "
@@ -185,8 +191,9 @@ def check_cpu_budget(total_cpus: float, scaling, data: DataConfig, section: str 
         )
 
 
-def ensure_resources(scaling: ScalingSection, data: DataConfig, ray_cfg: RaySection, section: str) -> None:
-    """Make sure the connected cluster can run a training stage's workers next to its Ray Data tasks.
+def ensure_resources(scaling: ScalingSection, data: DataConfig, ray_cfg: RaySection, section: str) -> DataConfig:
+    """Make sure the connected cluster can run a training stage's workers next to its Ray Data tasks, and return
+    `data` fitted to it (`DataConfig.fit`: its unset CPU fields chosen from the CPUs the workers leave free).
 
     Fixed-size cluster: `check_cpu_budget` against its CPUs now (fails at once). Autoscaling cluster: when its
     totals fall short, request the stage's bundles from the autoscaler and wait up to
@@ -197,10 +204,10 @@ def ensure_resources(scaling: ScalingSection, data: DataConfig, ray_cfg: RaySect
     """
     if not autoscaler_running():
         check_cpu_budget(cluster_resources().get("CPU", 0), scaling, data, section=section)
-        return
+        return fit_data(scaling, data, section)
     needs = StageNeeds.of(scaling, data)
     if not needs.missing(cluster_resources()):
-        return
+        return fit_data(scaling, data, section)
     request_resources(bundles=needs.bundles())
     started = time.monotonic()
     print(f"[{section}] waiting for the autoscaler: need {needs.describe()} (the cluster has {_have(needs)})", flush=True)
@@ -224,3 +231,14 @@ def ensure_resources(scaling: ScalingSection, data: DataConfig, ray_cfg: RaySect
               f"(the cluster has {_have(needs)})", flush=True)
     finally:
         request_resources(bundles=[])
+    return fit_data(scaling, data, section)
+
+
+def fit_data(scaling, data: DataConfig, section: str) -> DataConfig:
+    """`data.fit` for the CPUs the stage's workers leave free on the cluster now, said in one line when it chose."""
+    free = cluster_resources().get("CPU", 0) - scaling.num_workers * scaling.cpus_per_worker
+    fitted = data.fit(free)
+    if fitted.cpus_per_task != data.cpus_per_task:
+        log.info("%s: data.cpus_per_task = %g, data.reserved_cpus = %g (unset: chosen for the %g CPUs its Train "
+                 "workers leave free)", section, fitted.cpus_per_task, fitted.reserved_cpus, free)
+    return fitted
