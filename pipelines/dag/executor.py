@@ -68,14 +68,19 @@ LOCATION_FIELDS = ("data.uri",)
 content digest instead, so a moved or copied project (same dataset, another path) keeps its cache."""
 
 
-RESOURCE_FIELDS = ("data.cpus_per_task", "data.reserved_cpus")
-"""Config fields that say how a stage is scheduled, not what it computes: left out of cache keys too, so the same
-config run on another cluster (where unset ones are chosen differently) keeps its cache."""
+KEYED_AS_BEFORE = {"data.cpus_per_task": 0.5, "data.reserved_cpus": 0.5}
+"""Fields that may now be left unset (chosen when the stage runs, for the cluster it runs on) and had these
+defaults before: unset, they are keyed as those values, so the stages cached before stay cached, and the same config
+keys alike on any cluster (the key sees the config, not what was chosen)."""
 
 
 def _without_locations(sections: dict) -> dict:
     config = json.loads(json.dumps(sections, default=str))
-    for dotted in LOCATION_FIELDS + RESOURCE_FIELDS:
+    for dotted, before in KEYED_AS_BEFORE.items():
+        parent, _, leaf = dotted.rpartition(".")
+        if isinstance(config.get(parent), dict) and leaf in config[parent] and config[parent][leaf] is None:
+            config[parent][leaf] = before
+    for dotted in LOCATION_FIELDS:
         config.pop(dotted, None)
         parent, _, leaf = dotted.rpartition(".")
         if isinstance(config.get(parent), dict):

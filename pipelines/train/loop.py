@@ -149,6 +149,16 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def adamw_impl(device_type: str, fused: bool = False) -> dict[str, bool]:
+    """AdamW's implementation for a device: the fused kernel on CUDA when `optim.fused` asks (one launch for all
+    parameters, no full-size temporaries); torch's own choice (foreach) otherwise on CUDA; and foreach on the CPU,
+    where torch would take its per-parameter loop (benchmarks/README.md, "CPU step time": the loop's many small
+    kernels cost the CPU step more than the temporaries foreach allocates)."""
+    if device_type == "cuda":
+        return {"fused": True} if fused else {}
+    return {"foreach": True}
+
+
 def fingerprint_fields(sections: Mapping[str, Any], stage: str) -> dict[str, Any]:
     """The dotted fields that define what a stage trains (`sections`: name -> JSON config), less the fields a
     resume may change (`RESUMABLE_FIELDS`, relative to the stage's own section)."""
@@ -235,11 +245,9 @@ class TrainLoop:
 
     # --- set-up
     def adamw(self, params, lr: float) -> torch.optim.AdamW:
-        """AdamW with the section's betas and decay; `optim.fused` picks the fused CUDA kernel (one launch for
-        all parameters, no full-size temporaries) where it exists."""
-        fused = self.optim.fused and self.device.type == "cuda"
+        """AdamW with the section's betas and decay, in the implementation `adamw_impl` picks for the device."""
         return torch.optim.AdamW(params, lr=lr, betas=self.optim.betas, weight_decay=self.optim.weight_decay,
-                                 **({"fused": True} if fused else {}))
+                                 **adamw_impl(self.device.type, self.optim.fused))
 
     def resume(self, *, modules: Mapping[str, Any], optimizers: Mapping[str, torch.optim.Optimizer],
                ema: EMA | None = None) -> bool:
