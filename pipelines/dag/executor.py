@@ -74,7 +74,8 @@ defaults before: unset, they are keyed as those values, so the stages cached bef
 keys alike on any cluster (the key sees the config, not what was chosen)."""
 
 
-def _without_locations(sections: dict) -> dict:
+def _keyed_config(sections: dict) -> dict:
+    """`sections` as cache keys see them: unset `KEYED_AS_BEFORE` fields as their old values, no `LOCATION_FIELDS`."""
     config = json.loads(json.dumps(sections, default=str))
     for dotted, before in KEYED_AS_BEFORE.items():
         parent, _, leaf = dotted.rpartition(".")
@@ -90,7 +91,7 @@ def _without_locations(sections: dict) -> dict:
 
 def cache_key(stage: str, sections: dict, input_keys: list[str], dataset_digest: str) -> str:
     payload = json.dumps(
-        {"stage": stage, "config": _without_locations(sections), "inputs": input_keys, "dataset": dataset_digest,
+        {"stage": stage, "config": _keyed_config(sections), "inputs": input_keys, "dataset": dataset_digest,
          "version": project_version()},
         sort_keys=True, default=str,
     )

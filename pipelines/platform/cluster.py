@@ -203,11 +203,12 @@ def ensure_resources(scaling: ScalingSection, data: DataConfig, ray_cfg: RaySect
     autoscaler also launches nodes for pending placement groups.
     """
     if not autoscaler_running():
-        check_cpu_budget(cluster_resources().get("CPU", 0), scaling, data, section=section)
-        return fit_data(scaling, data, section)
+        total_cpus = cluster_resources().get("CPU", 0)
+        check_cpu_budget(total_cpus, scaling, data, section=section)
+        return fit_data(scaling, data, section, total_cpus)
     needs = StageNeeds.of(scaling, data)
-    if not needs.missing(cluster_resources()):
-        return fit_data(scaling, data, section)
+    if not needs.missing(have := cluster_resources()):
+        return fit_data(scaling, data, section, have.get("CPU", 0))
     request_resources(bundles=needs.bundles())
     started = time.monotonic()
     print(f"[{section}] waiting for the autoscaler: need {needs.describe()} (the cluster has {_have(needs)})", flush=True)
@@ -231,12 +232,13 @@ def ensure_resources(scaling: ScalingSection, data: DataConfig, ray_cfg: RaySect
               f"(the cluster has {_have(needs)})", flush=True)
     finally:
         request_resources(bundles=[])
-    return fit_data(scaling, data, section)
+    return fit_data(scaling, data, section, cluster_resources().get("CPU", 0))
 
 
-def fit_data(scaling, data: DataConfig, section: str) -> DataConfig:
-    """`data.fit` for the CPUs the stage's workers leave free on the cluster now, said in one line when it chose."""
-    free = cluster_resources().get("CPU", 0) - scaling.num_workers * scaling.cpus_per_worker
+def fit_data(scaling, data: DataConfig, section: str, total_cpus: float) -> DataConfig:
+    """`data.fit` for the CPUs the stage's workers leave free of the cluster's `total_cpus`, said in one line when
+    it chose."""
+    free = total_cpus - scaling.num_workers * scaling.cpus_per_worker
     fitted = data.fit(free)
     if fitted.cpus_per_task != data.cpus_per_task:
         log.info("%s: data.cpus_per_task = %g, data.reserved_cpus = %g (unset: chosen for the %g CPUs its Train "
