@@ -1,11 +1,11 @@
 """The cluster path as users run it, on real multi-node Ray clusters on this machine (Ray 2.60's default token
 authentication on):
 
-* a static two-node cluster (`ray start --head` plus a second `ray start`): Stage A alone through `ray job
-  submit`, preparing its dataset itself, one DDP worker per node (STRICT_SPREAD, gloo across raylets);
 * an autoscaling cluster from zero: Ray's fake multi-node provider with worker types derived from
   infra/aws/cluster.yaml and a moto S3 server for everything, started by the very commands of infra/README.md's
-  walkthrough: the whole DAG, then a worker node killed in the middle of Stage A;
+  walkthrough: the whole DAG through `ray job submit`, one DDP rank per node (STRICT_SPREAD, gloo across raylets),
+  then Stage A alone (preparing its dataset itself) with a worker node killed in its middle;
+* both stages checkpointing to S3 and a DAG driver killed in the middle of Stage B, on the session's local Ray;
 * what the drivers check before any work: local paths on a multi-node cluster, the CPU budget of a fixed-size
   cluster, the autoscaler's deadline.
 
@@ -34,7 +34,7 @@ from safetensors.torch import load
 from pipelines.platform.cluster import ClusterError, StageNeeds, autoscaler_running, check_local_paths, ensure_resources
 from pipelines import run as pipeline
 from pipelines.config import load_config
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port
 from tests.helpers import REPO, tiny_later_stages, tiny_overrides
 
 VENV_BIN = Path(sys.executable).parent
@@ -56,95 +56,6 @@ def _stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-@pytest.fixture(scope="module")
-def two_node_cluster(tmp_path_factory, moto_server):
-    tmp = tmp_path_factory.mktemp("cluster")
-    gcs_port, dash_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is the venv's
-        "RAY_AUTH_MODE": "token",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
-    head = _start(["--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=2",
-                   "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
-                   "--dashboard-agent-listen-port=0"],  # 52365 may be another Ray's on this machine
-                  env, tmp / "head.log")
-    nodes, worker_tmp = [head], None
-    try:
-        wait_for_port(dash_port, timeout=120, proc=head)
-        # Its own temp dir: two nodes sharing one machine's /tmp/ray would also share (and garbage-collect)
-        # each other's unpacked job working directories.
-        worker_tmp = tempfile.mkdtemp(prefix="rayw", dir="/tmp")
-        worker = _start([f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                         f"--temp-dir={worker_tmp}", "--dashboard-agent-listen-port=0"], env, tmp / "worker.log")
-        nodes.append(worker)
-        _wait_for_nodes(env, gcs_port, 2)
-        yield {"env": env, "dashboard": f"http://127.0.0.1:{dash_port}", "tmp": tmp}
-    finally:
-        for proc in reversed(nodes):
-            _stop(proc)
-        if worker_tmp:
-            shutil.rmtree(worker_tmp, ignore_errors=True)
-        # `ray start` records the head for `ray.init(address="auto")`; killed by PID, nobody else clears it.
-        current = Path("/tmp/ray/ray_current_cluster")
-        if current.is_file() and current.read_text().strip().endswith(f":{gcs_port}"):
-            current.unlink()
-
-
-def _wait_for_nodes(env: dict, gcs_port: int, count: int, timeout: float = 120) -> None:
-    code = f"import ray; ray.init(address='127.0.0.1:{gcs_port}'); print('alive', sum(n['Alive'] for n in ray.nodes()))"
-    deadline, out = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-        if f"alive {count}" in out.stdout:
-            return
-        time.sleep(2)
-    raise TimeoutError(f"the cluster did not reach {count} live nodes: {out.stdout[-500:]} {out.stderr[-2000:]}")
-
-
-@pytest.mark.slow
-def test_ray_job_submit_runs_stage_a_alone_preparing_its_data_with_one_worker_per_node(two_node_cluster, tmp_path):
-    """`ray job submit -- python pipelines/stage_a.py ...` on a dataset that does not exist yet: the entry point
-    prepares it (a `prepare` MLflow run, Stage A's upstream) and trains with its two DDP ranks on two nodes.
-    Both nodes are this machine, so its disk is a shared filesystem, and the config says so."""
-    env = two_node_cluster["env"]
-    overrides = tiny_overrides(tmp_path, str(tmp_path / "data" / "mnist")) + [
-        "data.source=mnist", "data.limit=96", "data.shard_size=32", "stage_a.scaling.placement_strategy=STRICT_SPREAD",
-        "storage.shared_filesystem=true"]
-    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", two_node_cluster["dashboard"],
-           "--runtime-env", "infra/runtime_env.yaml", "--",
-           "python", "pipelines/stage_a.py", "--config", "configs/quickstart.yaml"]
-    for item in overrides:
-        cmd += ["--set", item]
-
-    # Without the token mode the Jobs API refuses us: the cluster really enforces authentication.
-    # (`ray job list` rather than a refused submit, which would upload the same working-dir package.)
-    no_auth = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
-    refused = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", two_node_cluster["dashboard"]],
-                             env=no_auth, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert refused.returncode != 0
-    assert "token" in (refused.stdout + refused.stderr).lower()
-
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-12000:]
-    assert "has no manifest.json: preparing it from data.source=mnist" in out, out[-4000:]
-    match = re.search(r"stage_a finished: run (\w+)", out)
-    assert match, out[-4000:]
-
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    run = client.get_run(match.group(1))
-    assert run.info.status == "FINISHED"
-    assert len(run.data.tags["train_nodes"].split(",")) == 2  # one DDP rank on each node
-    assert "eval/psnr" in run.data.metrics
-    prepare = client.get_run(run.data.tags["upstream_run_ids"])
-    assert prepare.data.tags["stage"] == "prepare" and prepare.info.status == "FINISHED"
-    assert prepare.data.tags["dataset_digest"] == run.data.tags["dataset_digest"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -338,6 +249,12 @@ def test_readme_walkthrough_autoscales_from_zero_and_runs_the_whole_dag_on_s3(au
     cluster = autoscaling_cluster
     assert [n["head"] for n in cluster.nodes()] == [True]  # min 0 workers: the head alone, with 0 CPUs
 
+    # Without the token mode the Jobs API refuses us: the cluster really enforces authentication.
+    no_auth = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
+    refused = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", cluster.dashboard],
+                             env=no_auth, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower()
+
     # Before any work, on this cluster: a local path is one line and a failed job, and no node is launched for it.
     refused = cluster.submit("data.uri=outputs/datasets/mnist", timeout=300)
     out = refused.stdout + refused.stderr
@@ -448,9 +365,13 @@ def test_a_worker_node_lost_in_the_middle_of_stage_a_restarts_the_group_on_the_s
     nodes = cluster.nodes()
     assert not next(n for n in nodes if n["id"] == ranks[1])["alive"]
 
+    assert "has no manifest.json: preparing it from data.source=mnist" in out, out[-4000:]  # stage_a.py alone
     run_id = re.search(r"stage_a finished: run (\w+)", out).group(1)
     client = cluster.mlflow()
     run = client.get_run(run_id)
+    prepare = client.get_run(run.data.tags["upstream_run_ids"])
+    assert prepare.data.tags["stage"] == "prepare" and prepare.info.status == "FINISHED"
+    assert prepare.data.tags["dataset_digest"] == run.data.tags["dataset_digest"]
     resumed = [m.value for m in client.get_metric_history(run_id, "train/resumed_from_step")]
     assert resumed and all(0 < step < max_steps and step % 2 == 0 for step in resumed), resumed
     train_nodes = set(run.data.tags["train_nodes"].split(","))
@@ -472,9 +393,10 @@ def test_a_worker_node_lost_in_the_middle_of_stage_a_restarts_the_group_on_the_s
 @pytest.mark.slow
 def test_both_stages_checkpoint_to_s3_and_resume_from_there_after_a_driver_kill(ray_local, s3_bucket, tmp_path):
     """run.storage_path and run.output_uri on the moto S3 server. The DAG driver (its own process, attached to the
-    test's Ray) is SIGKILLed while Stage A's fault hook holds a worker after the step-2 checkpoint; a second
-    driver resumes Stage A from S3 and is SIGKILLed the same way in Stage B; a third finishes the DAG. Nothing of
-    the config is on local disk: only the MLflow store (the tracking server's stand-in) and the drivers' logs."""
+    test's Ray) is SIGKILLed while Stage B's fault hook holds a worker after the step-2 checkpoint; a second driver
+    reuses the finished stages and resumes Stage B in the same MLflow run from the checkpoint on S3, which it never
+    saw written. Nothing of the config is on local disk: only the MLflow store (the tracking server's stand-in) and
+    the driver's log. (Stage A resuming from S3 inside one driver: the worker-node-loss test above.)"""
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
@@ -482,8 +404,8 @@ def test_both_stages_checkpoint_to_s3_and_resume_from_there_after_a_driver_kill(
     overrides = [o for o in tiny_overrides(tmp_path, "") if not o.startswith(("run.output_uri=", "data.uri="))] + [
         f"data.uri=s3://{s3_bucket}/datasets/mnist", f"run.output_uri=s3://{s3_bucket}/runs",
         f"run.storage_path=s3://{s3_bucket}/checkpoints", "data.source=mnist", "data.limit=96", "data.shard_size=32",
-        "run.name=s3resume", *tiny_later_stages(), "stage_a.train.max_steps=6", "stage_a.train.fail_at_step=3",
-        "stage_b.train.max_steps=6", "stage_b.train.fail_at_step=3", f"mlflow.tracking_uri={mlflow_uri}"]
+        "run.name=s3resume", *tiny_later_stages(), "stage_b.train.max_steps=6", "stage_b.train.fail_at_step=3",
+        f"mlflow.tracking_uri={mlflow_uri}"]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token",
            "MLFLOW_TRACKING_URI": mlflow_uri}
     cmd = [sys.executable, str(REPO / "pipelines/run.py"), "--config", str(REPO / "configs/quickstart.yaml"),
@@ -504,33 +426,43 @@ def test_both_stages_checkpoint_to_s3_and_resume_from_there_after_a_driver_kill(
                 assert time.monotonic() < deadline, f"{stage} never reached the fault hook:\n{log_path.read_text()[-3000:]}"
                 time.sleep(0.3)
             time.sleep(2.0)  # inside the hook's grace period: the step-2 checkpoint is registered, the worker still alive
+            os.killpg(driver.pid, signal.SIGKILL)  # not SIGTERM: a driver told to stop closes its runs itself
+            driver.wait(timeout=30)
         finally:
             _kill_group(driver.pid)
         return log_path.read_text()
 
-    first = kill_driver_at_fault("stage_a")
-    assert "[stage_a] running" in first and "[stage_a] ran" not in first, first[-3000:]
-    second = kill_driver_at_fault("stage_b")
-    assert re.search(r"\[stage_a\] resumed ", second) and "[encode] ran" in second, second[-3000:]
-    assert "[stage_b] ran" not in second and "[stage_b] resumed" not in second, second[-3000:]
+    killed = kill_driver_at_fault("stage_b")
+    assert "[stage_a] ran" in killed and "[encode] ran" in killed, killed[-3000:]
+    assert "[stage_b] running" in killed and "[stage_b] ran" not in killed, killed[-3000:]
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name(load_config(REPO / "configs/quickstart.yaml", overrides).mlflow.experiment)
+    interrupted = client.search_runs([experiment.experiment_id], "tags.stage = 'stage_b'")
+    assert len(interrupted) == 1 and interrupted[0].info.status == "RUNNING"  # its driver died without a word
+    dead_parent = interrupted[0].data.tags["mlflow.parentRunId"]
+    assert client.get_run(dead_parent).info.status == "RUNNING"
 
     outcomes = pipeline.run_pipeline(load_config(REPO / "configs/quickstart.yaml", overrides))
     assert [outcomes[s].status for s in pipeline.STAGE_NAMES] == ["skipped", "reused", "reused", "resumed", "ran"]
+    # The same MLflow run goes on under the new driver's pipeline run; the dead driver's is closed as KILLED.
+    assert outcomes["stage_b"].run_id == interrupted[0].info.run_id
+    assert client.get_run(dead_parent).info.status == "KILLED"
+    assert client.get_run(outcomes["stage_b"].run_id).data.tags["mlflow.parentRunId"] != dead_parent
 
-    client = MlflowClient(mlflow_uri)
-    for stage, optimizer in (("stage_a", "opt_g"), ("stage_b", "opt")):
+    # Stage A (run whole by the killed driver) and Stage B (restarted from the step-2 checkpoint, read back from S3)
+    # end at their last step, each update applied once (Adam's own step counter), their checkpoints on S3.
+    for stage, optimizer, steps, resumed in (("stage_a", "opt_g", 4, []), ("stage_b", "opt", 6, [2.0])):
         run = client.get_run(outcomes[stage].run_id)
         assert run.info.status == "FINISHED"
-        # Restarted from the step-2 checkpoint, read back from S3 by a driver that never saw it written.
-        assert [m.value for m in client.get_metric_history(run.info.run_id, "train/resumed_from_step")] == [2.0]
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "train/resumed_from_step")] == resumed
         bucket, key = run.data.tags["checkpoint"].split("/", 1)
         assert bucket == s3_bucket and key.startswith("checkpoints/")
-        assert json.loads(s3.get_object(Bucket=bucket, Key=f"{key}/meta.json")["Body"].read())["step"] == 6
+        assert json.loads(s3.get_object(Bucket=bucket, Key=f"{key}/meta.json")["Body"].read())["step"] == steps
         adam = load(s3.get_object(Bucket=bucket, Key=f"{key}/{optimizer}.safetensors")["Body"].read())
-        assert {float(v) for k, v in adam.items() if k.endswith(".step")} == {6.0}  # no update applied twice
+        assert {float(v) for k, v in adam.items() if k.endswith(".step")} == {float(steps)}
     # Latents, samples and MLflow's artifacts are on S3 too; locally there is only the tracking store and the logs.
     assert outcomes["encode"].outputs["latents_uri"].startswith(f"s3://{s3_bucket}/runs/")
     assert outcomes["sample"].outputs["out_dir"].startswith(f"s3://{s3_bucket}/runs/samples/")
     assert keys("runs/latents/") and keys("runs/samples/") and keys("runs/mlartifacts/")
     local = sorted(p.name for p in tmp_path.iterdir())
-    assert all(n in ("driver-stage_a.log", "driver-stage_b.log") or n.startswith("mlflow.db") for n in local), local
+    assert all(n == "driver-stage_b.log" or n.startswith("mlflow.db") for n in local), local

@@ -237,13 +237,14 @@ def _dom(url: str, profile: Path, wait_for: str = "", tries: int = 3) -> str:
     The UI fetches and draws asynchronously; on a loaded machine a render can end before the data arrived (CI once
     dumped Stage A's metrics page without its chart). With `wait_for`, the page is rendered again (fresh profile, a
     longer budget) until its DOM contains that text, up to `tries` times; the last DOM is returned either way, so the
-    caller's assert still decides."""
+    caller's assert still decides. The window is tall: the UI draws a chart only once it scrolls into view (an
+    IntersectionObserver), and headless Chromium's default 800x600 leaves most of a metrics page below the fold."""
     chromium = shutil.which("chromium")
     assert chromium, "this test needs Debian's chromium package (.ci/run installs it)"
     dom = ""
     for attempt in range(tries if wait_for else 1):
         proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                               "--disable-component-update", "--disable-sync", "--no-first-run",
+                               "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1600,4000",
                                f"--user-data-dir={profile}-{attempt}", f"--virtual-time-budget={30000 * (attempt + 1)}",
                                "--dump-dom", url], capture_output=True, text=True, timeout=300)
         dom = proc.stdout

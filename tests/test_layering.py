@@ -52,6 +52,15 @@ def test_a_bad_command_line_or_config_is_refused_before_torch_ray_or_mlflow_impo
     assert heavy == "heavy: "
 
 
+def test_the_modules_ray_data_processes_import_leave_torch_out():
+    """Every Ray process that decodes shards, reads latents, plans a read (SplitCoordinator) or counts skips imports
+    these modules; torch's import costs each of them seconds of CPU, which a 2-core box pays per stage."""
+    code = ("import sys, pipelines.data, pipelines.data.reader, pipelines.data.latents\n"
+            "print(','.join(sorted(k for k in sys.modules if k.split('.')[0] in {'torch', 'torchvision', 'transformers'})))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
 # pipelines/ is layered: each package may import its own layer and the ones below it, never one above; the entry
 # points on top (pipelines/*.py) import anything below. README "Where things live" names the same order.
 LAYERS = ("config", "platform", "data", "models", "train", "dag")

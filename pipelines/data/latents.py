@@ -38,23 +38,25 @@ import io
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-import torch
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 from ray.data.extensions import ArrowTensorArray, ArrowVariableShapedTensorType
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from pipelines.platform import storage
 from pipelines.data.reader import FileTable, read_whole_files, record_skips, verified
 from pipelines.platform.storage import Location, StorageConfig
+
+if TYPE_CHECKING:
+    import torch
+# torch (and safetensors.torch) are imported inside the two functions that make tensors: Stage B's read tasks and
+# the Ray processes that plan them import this module, and need neither (see pipelines/data/reader.py).
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +214,9 @@ def shape_counts(files: list[PartFile]) -> list[dict]:
 
 
 def null_condition_bytes(context: torch.Tensor, mask: torch.Tensor) -> bytes:
+    import torch
+    from safetensors.torch import save as save_safetensors
+
     return save_safetensors({"context": context.float().contiguous(), "mask": mask.to(torch.bool).contiguous()})
 
 
@@ -263,6 +268,9 @@ def read_null_condition(uri: str, manifest: dict, storage_cfg: StorageConfig | N
     payload = storage.read_bytes(root.join(entry["path"]))
     if hashlib.sha256(payload).hexdigest() != entry["sha256"]:
         raise LatentsError(f"latents {root.uri}: {entry['path']} does not match the sha256 in {MANIFEST}")
+    import torch
+    from safetensors.torch import load as load_safetensors
+
     tensors = load_safetensors(payload)
     return tensors["context"], tensors["mask"].to(torch.bool)
 

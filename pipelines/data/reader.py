@@ -25,19 +25,23 @@ import re
 import tarfile
 import uuid
 from collections import Counter
-from typing import Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import torch
 from PIL import Image, ImageOps
 from ray.data.datasource import FileBasedDatasource
 
 from pipelines.config.data import DataConfig, nearest_bucket
 from pipelines.data.shards import PARQUET_COLUMNS, DatasetError, read_manifest, split_member_name
 from pipelines.platform.storage import StorageConfig, resolve
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported where a tensor is made, not here: every Ray process that decodes shards, plans a read or
+# counts skips imports this module, and torch's import (4 s of CPU on a 2-core box) would be paid in each of them.
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +160,8 @@ def decode_image(data: bytes | None, *, resolution: int | tuple[int, int], crop:
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """The reader's uint8 images (any shape) -> float32 in [-1, 1] (x / 127.5 - 1), on their own device: call
     it after the batch reached the GPU, so that a quarter of the bytes crossed PCIe."""
+    import torch
+
     if images.dtype != torch.uint8:
         raise TypeError(f"to_model_range expects the reader's uint8 images, got {images.dtype}")
     return images.float().div_(127.5).sub_(1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import hashlib
 import importlib.util
 import logging
 import os
@@ -39,6 +40,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 VERBOSE_ENV = "LDM_VERBOSE"
 RAY_DATA_LOGGING_YAML = Path(__file__).with_name("ray_data_logging.yaml")
 """Ray Data's logging config for quiet runs: everything to ray-data.log, only warnings to the console."""
+_RAY_DATA_LOGGING = RAY_DATA_LOGGING_YAML.read_text()
+"""Its text, read with this module: Ray Data opens the file named by RAY_DATA_LOGGING_CONFIG whenever a process
+first imports it, and a path inside the job's unpacked working_dir can be missing at that moment (a node joining
+a cluster whose nodes share a temp dir unpacks it again; seen failing an encode read task)."""
 TRAIN_REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
 """Where Ray Train logs "Reporting training result N: TrainingReport(metrics={...})" at INFO on every rank, under
 a logger named by the module's file path (so Train's own log-level setting does not reach it)."""
@@ -71,11 +76,23 @@ def worker_setup() -> None:
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     if verbose():
         return
-    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING_YAML))
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(_ray_data_logging_file()))
     spec = importlib.util.find_spec(TRAIN_REPORT_LOGGER_MODULE)
     if spec is not None and spec.origin:
         logging.getLogger(spec.origin).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
+
+
+def _ray_data_logging_file() -> Path:
+    """A copy of ray_data_logging.yaml outside Ray's working_dir, named by its content (written once per machine
+    and version, atomically: concurrent workers write the same bytes)."""
+    digest = hashlib.sha256(_RAY_DATA_LOGGING.encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"ldm-ray-data-logging-{digest}.yaml"
+    if not path.is_file():
+        part = path.with_name(f"{path.name}.{os.getpid()}.part")
+        part.write_text(_RAY_DATA_LOGGING)
+        os.replace(part, path)
+    return path
 
 
 def _quiet_ray_data_in_this_process() -> None:
@@ -134,7 +151,7 @@ def init_ray(cfg: RaySection) -> None:
         # Two training stages' worker groups, Ray Data's actors and tasks start more workers at once than the
         # raylet's default (one per CPU) expects, and it warns at 4x that: the quickstart started 8 on 2 CPUs.
         cpus = cfg.num_cpus or os.cpu_count() or 1
-        ray.init(address="local", num_cpus=cfg.num_cpus,
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard,
                  _system_config={"worker_maximum_startup_concurrency": max(16, int(4 * cpus))}, **options)
     if quiet:
         _quiet_ray_data_in_this_process()

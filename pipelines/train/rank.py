@@ -29,7 +29,9 @@ from pipelines.config.sections import OptimSection, TrainLoopSection
 log = logging.getLogger(__name__)
 
 
-FAULT_GRACE_S = 5.0
+FAULT_GRACE_S = 10.0
+"""How long the fault hook's worker lives on after writing its marker: tests that kill a driver at the fault wait
+for the marker (on S3: a listing, seconds on a loaded box) and 2 s more, and must act before the worker exits."""
 
 
 class NonFiniteLossError(RuntimeError):
