@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,13 +65,16 @@ def _name(pid: int) -> str:
     if "pipelines/run.py" in " ".join(words[:3]):
         return "driver (pipelines/run.py)"
     program = Path(first.split()[0]).name if first else ""
-    if program.startswith("python"):  # Ray's helpers (dashboard, agents, log monitor), the console filter: by script
-        for i, word in enumerate(words[1:], 1):
-            if word.endswith(".py"):
-                return f"python {Path(word).name}"
-            if word in ("-m", "-c") and i + 1 < len(words):
-                return f"python -m {words[i + 1]}" if word == "-m" else "python -c (console filter)" \
-                    if "ANSI" in words[i + 1] else f"python -c {words[i + 1][:40]!r}"
+    if not program.startswith("python"):
+        return program
+    # Ray's helpers (dashboard, agents, log monitor) and the console filter: by their script, module or code.
+    for flag, value in zip(words[1:], words[2:] + [""]):
+        if flag.endswith(".py"):
+            return f"python {Path(flag).name}"
+        if flag == "-m" and value:
+            return f"python -m {value}"
+        if flag == "-c" and value:
+            return "python -c (console filter)" if "ANSI" in value else f"python -c {value[:40]!r}"
     return program
 
 
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.keep or rc != 0:
         print(f"console: {tmp / 'console.log'}")
     else:
-        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
     sys.exit(rc)
 
 

@@ -40,24 +40,6 @@ from tests.helpers import REPO, tiny_later_stages, tiny_overrides
 VENV_BIN = Path(sys.executable).parent
 
 
-def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--block", *args], env=env, cwd=REPO,
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 # ---------------------------------------------------------------------------------------------------
 # What the drivers check before any work
 # ---------------------------------------------------------------------------------------------------
@@ -435,14 +417,15 @@ def test_both_stages_checkpoint_to_s3_and_resume_from_there_after_a_driver_kill(
     killed = kill_driver_at_fault("stage_b")
     assert "[stage_a] ran" in killed and "[encode] ran" in killed, killed[-3000:]
     assert "[stage_b] running" in killed and "[stage_b] ran" not in killed, killed[-3000:]
+    cfg = load_config(REPO / "configs/quickstart.yaml", overrides)
     client = MlflowClient(mlflow_uri)
-    experiment = client.get_experiment_by_name(load_config(REPO / "configs/quickstart.yaml", overrides).mlflow.experiment)
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
     interrupted = client.search_runs([experiment.experiment_id], "tags.stage = 'stage_b'")
     assert len(interrupted) == 1 and interrupted[0].info.status == "RUNNING"  # its driver died without a word
     dead_parent = interrupted[0].data.tags["mlflow.parentRunId"]
     assert client.get_run(dead_parent).info.status == "RUNNING"
 
-    outcomes = pipeline.run_pipeline(load_config(REPO / "configs/quickstart.yaml", overrides))
+    outcomes = pipeline.run_pipeline(cfg)
     assert [outcomes[s].status for s in pipeline.STAGE_NAMES] == ["skipped", "reused", "reused", "resumed", "ran"]
     # The same MLflow run goes on under the new driver's pipeline run; the dead driver's is closed as KILLED.
     assert outcomes["stage_b"].run_id == interrupted[0].info.run_id

@@ -83,11 +83,14 @@ def worker_setup() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
 
 
+_RAY_DATA_LOGGING_COPY = (Path(tempfile.gettempdir()) /
+                          f"ldm-ray-data-logging-{hashlib.sha256(_RAY_DATA_LOGGING.encode()).hexdigest()[:16]}.yaml")
+
+
 def _ray_data_logging_file() -> Path:
     """A copy of ray_data_logging.yaml outside Ray's working_dir, named by its content (written once per machine
     and version, atomically: concurrent workers write the same bytes)."""
-    digest = hashlib.sha256(_RAY_DATA_LOGGING.encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"ldm-ray-data-logging-{digest}.yaml"
+    path = _RAY_DATA_LOGGING_COPY
     if not path.is_file():
         part = path.with_name(f"{path.name}.{os.getpid()}.part")
         part.write_text(_RAY_DATA_LOGGING)
