@@ -78,8 +78,7 @@ def lease_uri(request, tmp_path):
 
 
 def test_a_live_owner_makes_a_second_driver_wait_then_hands_over(lease_uri):
-    # The holder lets go 3 s after the refusal below is asked for: room for a slow S3 (moto on a loaded box) call.
-    holder = _holder(lease_uri, hold_s=6.5, notes={"parts": ["parts-holder"]})
+    holder = _holder(lease_uri, hold_s=4.5, notes={"parts": ["parts-holder"]})
     try:
         _wait_line(holder, "held")
         time.sleep(3.5)  # longer than ttl_s: only the heartbeats keep the owner alive now
