@@ -129,6 +129,33 @@ def test_a_lease_on_another_host_counts_by_its_heartbeat(tmp_path):
         assert not mine.waited and mine.previous["host"] == "other-host"
 
 
+def test_a_record_overwritten_on_s3_while_it_is_read_is_never_read_torn(s3_bucket):
+    """A lease's heartbeat overwrites its record while other drivers read it. pyarrow reads an S3 object with a HEAD
+    (its size) and then a GET of that many bytes, so a read that straddles an overwrite of another length comes
+    back torn; a torn lease record once read as "no record" let a second driver take a live lease (CI, 2026-12-07).
+    Here a writer overwrites one record every 50 ms with records of two lengths while it is read 200 times."""
+    loc = storage.resolve(f"s3://{s3_bucket}/torn.lease.json")
+    records = [{"notes": "x"}, {"notes": "x" * 60}]
+    storage.write_json(loc, records[0])
+    stop = threading.Event()
+
+    def overwrite() -> None:
+        for i in range(100_000):
+            if stop.wait(0.05):
+                return
+            storage.write_json(loc, records[i % 2])
+
+    writer = threading.Thread(target=overwrite, daemon=True)
+    writer.start()
+    try:
+        read = [storage.read_json(loc) for _ in range(200)]
+    finally:
+        stop.set()
+        writer.join(timeout=30)
+    assert all(r in records for r in read)
+    assert {json.dumps(r) for r in read} == {json.dumps(r) for r in records}  # the reads did straddle overwrites
+
+
 def test_a_driver_whose_lease_was_taken_over_may_not_publish(tmp_path):
     """fit_and_publish calls lease.check_held() right before publishing: a driver that stalled past ttl_s and
     was taken over (another owner's record in its place) learns it there, not at release."""

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,8 +187,19 @@ def write_json(loc: Location, obj: Any) -> None:
     write_bytes(loc, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
-def read_json(loc: Location) -> Any:
-    return json.loads(read_bytes(loc))
+def read_json(loc: Location, attempts: int = 5) -> Any:
+    """A JSON object. On S3 an object overwritten while it is read (a lease's heartbeat record) can come back torn:
+    pyarrow sizes the read with a HEAD, then GETs that many bytes of whatever object is there by then. A torn JSON
+    object never parses, so it is read again; one that still does not parse is what the store holds (ValueError).
+    Local writes are atomic renames: nothing to read again."""
+    for attempt in range(attempts):
+        data = read_bytes(loc)
+        try:
+            return json.loads(data)
+        except ValueError:
+            if loc.scheme == "file" or attempt == attempts - 1:
+                raise
+            time.sleep(0.02 * (attempt + 1))
 
 
 def list_files(loc: Location, suffix: str = "") -> list[str]:
