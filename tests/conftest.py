@@ -143,7 +143,8 @@ def mlflow_uri(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def ray_local(moto_server):
-    """A real local Ray cluster (2 CPUs, no dashboard), shared by the tests that run Ray jobs in-process.
+    """A real local Ray cluster (2 CPUs), shared by the tests that run Ray jobs in-process. With its dashboard, as
+    a driver's local Ray: Ray Train's placement-group cleaner asks the state API, which the dashboard serves.
 
     It depends on moto_server so that the AWS variables are set before Ray starts: its workers inherit them.
     """
@@ -154,7 +155,6 @@ def ray_local(moto_server):
     ray.init(
         address="local",
         num_cpus=2,
-        include_dashboard=False,
         log_to_driver=True,
     )
     yield ray

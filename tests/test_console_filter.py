@@ -1,5 +1,5 @@
 """The driver's stderr filter (Ray core log records off the console) and the progress line of a job counted elsewhere.
-The end-to-end check, against a real pipeline run, is in test_console.py."""
+The end-to-end check, against a real pipeline run, is in test_pipeline.py."""
 
 from __future__ import annotations
 

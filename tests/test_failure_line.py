@@ -1,5 +1,5 @@
 """The pieces of a failed pipeline's last line and of `--plan`'s reasons that need no Ray: the cause, the resume
-command and the dotted config diff. (tests/test_console.py checks them end to end on a real run.)"""
+command and the dotted config diff. (tests/test_pipeline.py checks them end to end on a real run.)"""
 
 from __future__ import annotations
 

@@ -22,10 +22,17 @@ def _cfg(tmp_path: Path, data_uri: str, *extra: str):
     return load_config(REPO / "configs/quickstart.yaml", tiny_overrides(tmp_path, data_uri) + list(extra))
 
 
-def test_two_worker_run_publishes_checkpoint_metrics_images_and_model(ray_local, mlflow_uri, tmp_path):
+def test_two_worker_run_crashes_resumes_publishes_then_a_rerun_reuses_it_and_a_changed_config_is_refused(
+        ray_local, mlflow_uri, tmp_path):
+    """One Stage A run whose rank dies at step 3 (after the step-2 checkpoint) and is restarted from it, then the
+    same command again (reused, nothing trained or published) and a changed setting under the same name (refused)."""
+    from pipelines.stage_a import main
+
     data_uri = mnist_dataset(tmp_path)
-    cfg = _cfg(tmp_path, data_uri, "stage_a.loss.disc_start=2",  # both loss branches run
-               "stage_a.eval.every=2")  # a held-out point mid-run: the curve in the MLflow UI
+    extra = ["stage_a.loss.disc_start=2",  # both loss branches run
+             "stage_a.eval.every=2",  # a held-out point mid-run: the curve in the MLflow UI
+             "stage_a.train.fail_at_step=3", "stage_a.train.max_failures=1", "run.name=crashy"]
+    cfg = _cfg(tmp_path, data_uri, *extra)
     result = run_stage_a(cfg)
 
     client = MlflowClient()
@@ -41,13 +48,18 @@ def test_two_worker_run_publishes_checkpoint_metrics_images_and_model(ray_local,
         assert key in run.data.metrics, key
     assert run.data.metrics["perf/setup_s"] > 0  # the stage's set-up, kept out of the first steps' data wait
     history = client.get_metric_history(result.run_id, "train/rec")
-    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    assert {m.step for m in history} == {1, 2, 3, 4}
     assert run.data.metrics["train/adaptive_weight"] > 0  # the GAN term was on by step 4
     # Held-out PSNR as a curve: step 2 during training, step 4 at the end (the final evaluation).
     curve = {m.step: m.value for m in client.get_metric_history(result.run_id, "eval/psnr")}
     assert sorted(curve) == [2, 4] and all(5.0 < v < 60.0 for v in curve.values())
     assert curve[4] == pytest.approx(result.metrics["eval/psnr"])
-    assert sorted(m.step for m in client.get_metric_history(result.run_id, "eval/bicubic_psnr")) == [2, 4]
+    assert {m.step for m in client.get_metric_history(result.run_id, "eval/bicubic_psnr")} == {2, 4}
+
+    # The crash: the fault fired at step 3, the group restarted from the step-2 checkpoint.
+    marker = Path(cfg.run.checkpoint_root) / "crashy-stage_a" / ".fault_injected"
+    assert marker.read_text().strip() == "step=3"
+    assert [m.value for m in client.get_metric_history(result.run_id, "train/resumed_from_step")] == [2.0]
 
     images = [a.path for a in client.list_artifacts(result.run_id, "reconstructions")]
     assert "reconstructions/holdout_final.png" in images and len(images) >= 2
@@ -71,51 +83,23 @@ def test_two_worker_run_publishes_checkpoint_metrics_images_and_model(ray_local,
     assert run.data.metrics["latent_channel_std_3"] == pytest.approx(model.latents_std[3])
     assert client.get_model_version(cfg.mlflow.autoencoder_model_name, str(result.model_version)).run_id == result.run_id
 
-    # Checkpoint: safetensors + resolved config + step, nothing pickled.
+    # Checkpoint: safetensors + resolved config + step, nothing pickled; Adam counts its own updates: exactly
+    # max_steps, so across the crash no step was applied twice or lost.
     ckpt = Path(run.data.tags["checkpoint"])
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["step"] == 4 and meta["config"]["stage_a"]["train"]["max_steps"] == 4
     assert (ckpt / "autoencoder_state.safetensors").is_file() and (ckpt / "autoencoder" / "model.safetensors").is_file()
     assert not list(ckpt.rglob("*.pt")) and not list(ckpt.rglob("*.pkl"))
+    assert {float(v) for k, v in load_file(str(ckpt / "opt_g.safetensors")).items() if k.endswith(".step")} == {4.0}
 
-
-def test_worker_crash_resumes_from_last_checkpoint(ray_local, mlflow_uri, tmp_path):
-    data_uri = mnist_dataset(tmp_path)
-    cfg = _cfg(
-        tmp_path, data_uri,
-        "stage_a.train.max_steps=5", "stage_a.train.checkpoint_every=2", "stage_a.train.fail_at_step=3",
-        "stage_a.train.max_failures=1", "run.name=crashy",
-    )
-    result = run_stage_a(cfg)
-
-    marker = Path(cfg.run.checkpoint_root) / "crashy-stage_a" / ".fault_injected"
-    assert marker.read_text().strip() == "step=3"  # the fault really fired
-    client = MlflowClient()
-    resumed = client.get_metric_history(result.run_id, "train/resumed_from_step")
-    assert [m.value for m in resumed] == [2.0]  # restarted from the step-2 checkpoint
-
-    ckpt = Path(client.get_run(result.run_id).data.tags["checkpoint"])
-    assert json.loads((ckpt / "meta.json").read_text())["step"] == 5
-    # Adam counts its own updates: exactly max_steps, so no step was applied twice or lost.
-    adam = load_file(str(ckpt / "opt_g.safetensors"))
-    steps = {float(v) for k, v in adam.items() if k.endswith(".step")}
-    assert steps == {5.0}
-
-
-def test_rerun_under_the_same_name_reuses_a_finished_model_and_refuses_a_changed_config(ray_local, mlflow_uri, tmp_path, capsys):
-    from pipelines.stage_a import main
-
-    data_uri = mnist_dataset(tmp_path)
-    cfg = _cfg(tmp_path, data_uri, "stage_a.train.max_steps=2", "run.name=again")
-    first = run_stage_a(cfg)
-    again = run_stage_a(cfg)  # same name, same settings: the finished checkpoint is not trained or published again
-    assert (again.model_uri, again.model_version) == (first.model_uri, first.model_version)
-    client = MlflowClient()
+    # Same name, same settings: the finished checkpoint is not trained or published again.
+    again = run_stage_a(cfg)
+    assert (again.model_uri, again.model_version) == (result.model_uri, result.model_version)
     assert len(client.search_model_versions(f"name='{cfg.mlflow.autoencoder_model_name}'")) == 1
 
     # Training longer is a resume; training something else under the same name is refused in one line.
     new_lr = cfg.stage_a.optim.lr * 2
-    overrides = tiny_overrides(tmp_path, data_uri) + ["stage_a.train.max_steps=2", "run.name=again", f"stage_a.optim.lr={new_lr}"]
+    overrides = tiny_overrides(tmp_path, data_uri) + extra + [f"stage_a.optim.lr={new_lr}"]
     args = ["--config", str(REPO / "configs/quickstart.yaml")] + [a for o in overrides for a in ("--set", o)]
     with pytest.raises(SystemExit) as exit_info:
         main(args)

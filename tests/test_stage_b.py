@@ -1,5 +1,6 @@
 """Stage B on a real local Ray: encode to Parquet on S3 (a real moto server), then train the U-Net with 2 DDP
-workers streaming those latents from S3, crash a worker midway, resume, publish, and load the bundle back.
+workers streaming those latents from S3, publish, and load the bundle back. (Stage B restarted from a checkpoint
+after a failed worker or a killed driver: tests/test_pipeline.py; a 2-rank restart: tests/test_stage_a.py.)
 (The local-disk variant of the Parquet, with an interrupted encode, is in test_encode.py.)"""
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from tests.test_encode import SCALE_FACTOR, digits_dataset, publish_tiny_autoenc
 pytestmark = pytest.mark.slow
 
 
-def test_encode_to_s3_then_two_worker_stage_b_with_crash_resume_and_published_bundle(tmp_path, mlflow_uri, ray_local, s3_bucket):
+def test_encode_to_s3_then_two_worker_stage_b_and_its_published_bundle(tmp_path, mlflow_uri, ray_local, s3_bucket):
     latents_uri = f"s3://{s3_bucket}/latents/digits"
     cfg = tiny_config(
         tmp_path, digits_dataset(tmp_path), f"encode.output_uri={latents_uri}", "run.name=tiny",
-        "stage_b.scaling.num_workers=2", "stage_b.train.fail_at_step=3", "stage_b.train.max_failures=1",
+        "stage_b.scaling.num_workers=2",
     )
     ae_uri, stage_a_run, _ = publish_tiny_autoencoder(cfg, tmp_path / "ae")
     encoded = run_encode(cfg)
@@ -60,7 +61,7 @@ def test_encode_to_s3_then_two_worker_stage_b_with_crash_resume_and_published_bu
     assert tags["model_uri"] == result.model_uri == "models:/ldm-unet/1"
     history = client.get_metric_history(result.run_id, "train/loss")
     assert {m.step for m in history} == {1, 2, 3, 4} and all(np.isfinite(m.value) for m in history)
-    assert [m.value for m in client.get_metric_history(result.run_id, "train/resumed_from_step")] == [2.0]
+    assert "train/resumed_from_step" not in metrics
     for key in ("train/grad_norm", "train/lr", "perf/images_per_s", "perf/data_wait_fraction", "perf/setup_s",
                 "eval/holdout_loss", "eval/holdout_loss_ema"):
         assert np.isfinite(metrics[key]), key
@@ -68,7 +69,7 @@ def test_encode_to_s3_then_two_worker_stage_b_with_crash_resume_and_published_bu
     assert {"samples/step_0000002.png", "samples/step_0000004.png"} <= grids
     assert run.inputs.dataset_inputs[0].dataset.digest == encoded.manifest["digest"][:36]
 
-    # The checkpoint: 4 optimiser steps exactly (none lost or repeated across the crash), EMA updated 4 times.
+    # The checkpoint: 4 optimiser steps exactly, EMA updated 4 times.
     ckpt = Path(tags["checkpoint"])
     assert json.loads((ckpt / "meta.json").read_text())["step"] == 4
     assert {float(v) for k, v in load_file(str(ckpt / "opt.safetensors")).items() if k.endswith(".step")} == {4.0}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ import ray.train
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from mlflow.tracking import MlflowClient
 
 from ldm_core.config import ConfigError
 from pipelines.train.run_logger import RunLogger
@@ -23,7 +21,6 @@ from pipelines.models.checkpoints import save_checkpoint
 from pipelines.train.loop import (TrainLoop, Update, Worker, check_resumable, fingerprint_fields, newest_intact,
                                   poison_nonfinite)
 from tests.conftest import free_port
-from tests.helpers import start_mlflow_server, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_DIRS = (str(REPO / "pipelines"), str(REPO / "ldm_core"))
@@ -200,41 +197,6 @@ def test_fingerprint_ignores_how_long_and_how_often_but_not_what_is_trained(tmp_
     assert check_resumable(str(tmp_path / "ckpts"), "run-stage_a", fingerprint_fields(changed, "stage_a"),
                            allow_changed=True)["step"] == 40
     assert check_resumable(str(tmp_path / "ckpts"), "other-stage_a", fingerprint_fields(changed, "stage_a")) is None
-
-
-@pytest.mark.slow
-def test_buffered_logger_keeps_training_going_through_an_mlflow_outage_and_delivers_everything(tmp_path, monkeypatch):
-    # The logger's own retry budget, not the driver's (tracking.setup, called by earlier tests in this process, sets
-    # 4 retries with backoff in the environment, after which one failed call takes longer than this test waits).
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
-    port = free_port()
-    server = start_mlflow_server(port, tmp_path)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        client = MlflowClient(uri)
-        run_id = client.create_run(client.create_experiment("outage")).info.run_id
-        logger = RunLogger(uri, run_id, max_backoff_s=1.0)
-        logger.log_metrics({"m": 0.0}, 0)
-        assert logger.flush(30)
-
-        stop_process_group(server)
-        started = time.monotonic()
-        for step in range(1, 21):  # "training" while MLflow is down: each call returns at once
-            logger.log_metrics({"m": float(step)}, step)
-        logger.set_tag("during_outage", "yes")
-        assert time.monotonic() - started < 1.0
-        assert not logger.flush(3)  # nothing gets through while the server is down...
-        assert logger.pending() > 0 and logger.failures > 0
-
-        server = start_mlflow_server(port, tmp_path)  # ...same port, same store
-        assert logger.flush(60)
-        history = MlflowClient(uri).get_metric_history(run_id, "m")
-        assert sorted(int(m.step) for m in history) == list(range(21))
-        assert MlflowClient(uri).get_run(run_id).data.tags["during_outage"] == "yes"
-        assert logger.dropped == 0
-    finally:
-        stop_process_group(server)
 
 
 def test_buffered_logger_memory_is_bounded(tmp_path):

@@ -73,10 +73,6 @@ class RaySection(StrictConfig):
     local Ray for this process."""
     num_cpus: int | None = None
     """CPUs of a new local Ray (None: all of this machine's). Ignored when attaching to a cluster."""
-    dashboard: bool = False
-    """Start Ray's dashboard (http://127.0.0.1:8265) with a new local Ray. Off by default: its processes add ~8 s
-    to every local start on a 2-core box (measured 2026-12-07), and the MLflow UI shows the runs either way. Ignored
-    when attaching to a cluster (`ray start --head` starts its own)."""
     autoscaler_timeout_s: float = Field(default=900.0, gt=0)
     """On a cluster with an autoscaler, how long a training stage waits for the CPUs (and GPUs) it asked the
     autoscaler for before it stops with an error naming what never arrived. Cloud GPU nodes take minutes to

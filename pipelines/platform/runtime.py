@@ -154,7 +154,7 @@ def init_ray(cfg: RaySection) -> None:
         # Two training stages' worker groups, Ray Data's actors and tasks start more workers at once than the
         # raylet's default (one per CPU) expects, and it warns at 4x that: the quickstart started 8 on 2 CPUs.
         cpus = cfg.num_cpus or os.cpu_count() or 1
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard,
+        ray.init(address="local", num_cpus=cfg.num_cpus,
                  _system_config={"worker_maximum_startup_concurrency": max(16, int(4 * cpus))}, **options)
     if quiet:
         _quiet_ray_data_in_this_process()
