@@ -218,16 +218,6 @@ TAG_DRIVER_HOST = "driver_host"
 TAG_DRIVER_PID = "driver_pid"
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
 def close_dead_pipelines(client: MlflowClient, experiment_id: str) -> list[str]:
     """Mark KILLED the pipeline runs still RUNNING whose driver process on this host is gone (SIGKILL, OOM,
     a closed terminal), with their unfinished stage runs; so the UI does not show them running forever.
@@ -238,7 +228,7 @@ def close_dead_pipelines(client: MlflowClient, experiment_id: str) -> list[str]:
     for run in tracking.find_runs(experiment_id, f"tags.{tracking.TAG_STAGE} = 'pipeline' and attributes.status = 'RUNNING' "
                                                  f"and tags.{TAG_DRIVER_HOST} = '{host}'"):
         pid = run.data.tags.get(TAG_DRIVER_PID, "")
-        if not pid.isdigit() or _process_alive(int(pid)):
+        if not pid.isdigit() or lease.process_alive(int(pid)):
             continue
         children = tracking.find_runs(experiment_id, f"tags.mlflow.parentRunId = '{run.info.run_id}' "
                                                      "and attributes.status = 'RUNNING'")

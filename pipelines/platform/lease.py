@@ -9,8 +9,8 @@ same output
 * finds a live one: **waits** for the owner to finish (polling every `poll_s`, at most `wait_s`, by default as
   long as the owner's heartbeat goes on), then takes it, and its caller re-checks the outputs and reuses
   them. Past `wait_s`, `LeaseHeld` says in one line who owns it;
-* finds a dead one (no heartbeat for `ttl_s` seconds, whatever host it ran on): takes it over and resumes
-  the work. `Lease.previous` is the record it inherited, notes included (`Lease.note`), so the new owner
+* finds a dead one (no heartbeat for `ttl_s` seconds, whatever host it ran on; on this host, at once once its
+  owner's process is gone): takes it over and resumes the work. `Lease.previous` is the record it inherited, notes included (`Lease.note`), so the new owner
   knows what the dead or failed execution left behind.
 
 Claiming is write-then-verify: write our record, wait `settle_s`, read it back; of two drivers that claim at
@@ -59,6 +59,17 @@ def owner_id() -> str:
         _thread_owner.pid = os.getpid()
         _thread_owner.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     return _thread_owner.owner
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host exists (a zombie not yet reaped counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def describe(record: dict, now: float | None = None) -> str:
@@ -112,6 +123,9 @@ class Lease:
     def _live_other(self, record: dict | None) -> bool:
         if record is None or record.get("released") or record.get("owner") == self.owner:
             return False
+        pid = record.get("pid")
+        if record.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0 and not process_alive(pid):
+            return False  # its driver ran here and is gone (SIGKILL, OOM, a closed terminal): no need to wait ttl_s
         return time.time() - float(record.get("heartbeat_at", 0)) <= self.settings.ttl_s
 
     # --- taking and giving back
