@@ -9,9 +9,9 @@ same output
 * finds a live one: **waits** for the owner to finish (polling every `poll_s`, at most `wait_s`, by default as
   long as the owner's heartbeat goes on), then takes it, and its caller re-checks the outputs and reuses
   them. Past `wait_s`, `LeaseHeld` says in one line who owns it;
-* finds a dead one (no heartbeat for `ttl_s` seconds, whatever host it ran on; on this host, at once once its
-  owner's process is gone): takes it over and resumes the work. `Lease.previous` is the record it inherited, notes included (`Lease.note`), so the new owner
-  knows what the dead or failed execution left behind.
+* finds a dead one (no heartbeat for `ttl_s` seconds, whatever host it ran on; on this host, as soon as the
+  owner's process is gone): takes it over and resumes the work. `Lease.previous` is the record it inherited,
+  notes included (`Lease.note`), so the new owner knows what the dead or failed execution left behind.
 
 Claiming is write-then-verify: write our record, wait `settle_s`, read it back; of two drivers that claim at
 the same moment only the last writer goes on, the other waits. A released lease stays as a record
