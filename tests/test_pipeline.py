@@ -105,8 +105,9 @@ def _checkpoints(cfg) -> list[Path]:
     return sorted(Path(cfg.run.checkpoint_root).rglob("checkpoint_*"))
 
 
-def _samples_dir(console: str) -> Path:
-    return Path(re.search(r"\(grid: (\S+grid\.png)\)", console).group(1)).parent
+def _grid_png(console: str) -> Path:
+    """The sample grid a run's closing summary names."""
+    return Path(re.search(r"\(grid: (\S+grid\.png)\)", console).group(1))
 
 
 def _lines(console: str, pattern: str) -> list[str]:
@@ -163,12 +164,12 @@ def test_every_stage_run_is_a_child_of_one_pipeline_run_that_names_what_it_consu
     assert {a.path for a in client.list_artifacts(parent_id, "summary")} == {
         "summary/holdout_final.png", "summary/grid.png"}
     assert "stage_a/eval/psnr" in runs["pipeline"].data.metrics
-    samples = _samples_dir(dag.console)
+    samples = _grid_png(dag.console).parent
     assert (samples / "grid.png").is_file() and len(list(samples.glob("p*.png"))) == 4
 
 
 def test_the_sample_grid_of_a_grey_dataset_is_grey(dag):
-    grid = Path(re.search(r"\(grid: (\S+grid\.png)\)", dag.console).group(1))
+    grid = _grid_png(dag.console)
     rgb = np.asarray(Image.open(grid).convert("RGB")).astype(int)
     assert rgb.std() > 0  # not a blank image
     assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
@@ -411,7 +412,7 @@ def test_a_new_store_over_the_same_outputs_adopts_stage_a_and_trains_the_rest_th
                           *[f"--set={o}" for o in dag.overrides], "--clean", "stage_b"]) == {}
     out = capsys.readouterr().out
     ours = [f"{cfg.run.checkpoint_root}/{runs['stage_b'].data.tags['ray_train_name']}", elsewhere["sample"].outputs["out_dir"]]
-    theirs = [f"{cfg.run.checkpoint_root}/{first['stage_b'].data.tags['ray_train_name']}", str(_samples_dir(dag.console))]
+    theirs = [f"{cfg.run.checkpoint_root}/{first['stage_b'].data.tags['ray_train_name']}", str(_grid_png(dag.console).parent)]
     for folder in ours:
         assert f"removed  {folder}" in out and not Path(folder).exists(), out
     for folder in theirs:
