@@ -1,6 +1,6 @@
 """CPU training-step time of our networks next to diffusers' at the same configs, side by side in one process.
 
-    .venv/bin/python benchmarks/bench_cpu_parity.py [--steps 20] [--threads 2] [--json results.jsonl]
+    .venv/bin/python benchmarks/bench_cpu_parity.py [--steps 20] [--threads 2] [--json results.jsonl] [--profile]
 
 For each pair (ours, diffusers' built from the same config through ldm_core.convert, same weights' shapes and
 parameter count), one training step is: float32 forward, a plain loss (L1 of the reconstruction for the
@@ -9,7 +9,9 @@ the CPU, foreach; diffusers' as torch builds it by default, the per-parameter lo
 torch's default for both). The two networks' steps alternate (ours, theirs,
 ours, ...) so that other load on the machine hits both alike; the first `--warmup` steps of each are not
 timed; the reported time is the median step. Ratio = our step time / diffusers' (below 1.0: ours is faster).
-The issue's target is <= 1.0 on CPU. Needs diffusers (an optional dependency: `pip install -e .[interop]`);
+The issue's target is <= 1.0 on CPU. `--profile`: instead of timing, the milliseconds per step by kind of
+kernel (convolutions, matrix products, attention, norms and activations, the rest), ours and diffusers'.
+Needs diffusers (an optional dependency: `pip install -e .[interop]`);
 without it the script says so and exits with status 0. Not a test: nothing is asserted.
 
 Pairs: configs/photos.yaml's f=8 autoencoder at 64 px (batch 8), configs/quickstart.yaml's U-Net on its
@@ -127,12 +129,48 @@ def alternate(steps: dict[str, Callable[[], None]], warmup: int, timed: int) -> 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+# Where a CPU training step's time goes, by kind of kernel (`--profile`): the convolutions and matrix products are
+# the same oneDNN / BLAS calls in both networks (same shapes, same count); only the rest can differ.
+KERNEL_KINDS = {
+    "conv": ("aten::convolution_backward", "aten::mkldnn_convolution", "aten::_slow_conv2d_forward",
+             "aten::_slow_conv2d_backward", "aten::thnn_conv2d"),
+    "gemm": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "norm+act": ("aten::native_group_norm", "aten::native_group_norm_backward", "aten::native_layer_norm",
+                 "aten::native_layer_norm_backward", "aten::silu", "aten::silu_backward", "aten::gelu",
+                 "aten::gelu_backward"),
+}
+
+
+def profile_kinds(steps: dict[str, Callable[[], None]], warmup: int, timed: int) -> dict[str, dict[str, float]]:
+    """Self-CPU milliseconds per step of each kind of kernel (KERNEL_KINDS, "other": everything else: copies,
+    elementwise ops, the optimizer, dispatch), by torch.profiler over `timed` interleaved steps of each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    kind_of = {op: kind for kind, ops in KERNEL_KINDS.items() for op in ops}
+    out = {name: dict.fromkeys([*KERNEL_KINDS, "other"], 0.0) for name in steps}
+    for _ in range(timed):
+        for name, step in steps.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step()
+            for event in prof.key_averages():
+                out[name][kind_of.get(event.key, "other")] += event.self_cpu_time_total / 1e3 / timed
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per network (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
     parser.add_argument("--json", type=Path, help="append each row as a JSON line to this file")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing, profile the steps: milliseconds per step by kind of kernel, "
+                             "ours and diffusers' (torch.profiler; its own overhead is in every column)")
     parser.add_argument("--plain-adamw", action="store_true",
                         help="torch's default AdamW for ours too (the training loop picks foreach on the CPU)")
     args = parser.parse_args(argv)
@@ -154,11 +192,30 @@ def main(argv: list[str] | None = None) -> int:
         ("U-Net 64ch, 4x32x32, 77x768 context", 4, lambda: UNet(MID_UNET), lambda: their_unet(MID_UNET, 32),
          lambda m, ours: unet_step(m, ours, 4, 32, 77, 768)),
     ]
-    print(f"{'network':42s} {'batch':>5s} {'params M':>9s} {'ours s/step':>12s} {'diffusers':>10s} {'ratio':>6s}")
+    if not args.profile:
+        print(f"{'network':42s} {'batch':>5s} {'params M':>9s} {'ours s/step':>12s} {'diffusers':>10s} {'ratio':>6s}")
     for name, batch, make_ours, make_theirs, make_step in pairs:
         torch.manual_seed(0)
         ours, theirs = make_ours(), make_theirs()
         assert abs(params_m(ours) - params_m(theirs)) < 1e-3, (name, params_m(ours), params_m(theirs))
+        if args.profile:
+            kinds = profile_kinds({"ours": make_step(ours, True), "diffusers": make_step(theirs, False)},
+                                  args.warmup, args.steps)
+            print(f"{name} (batch {batch}): ms per step by kind of kernel, ours / diffusers'")
+            for kind in kinds["ours"]:
+                print(f"  {kind:10s} {kinds['ours'][kind]:9.1f} {kinds['diffusers'][kind]:9.1f}")
+            total = {k: sum(v.values()) for k, v in kinds.items()}
+            same = sum(kinds["ours"][k] for k in ("conv", "gemm", "attention"))
+            left = 0.85 * total["diffusers"] - same
+            print(f"  {'total':10s} {total['ours']:9.1f} {total['diffusers']:9.1f}   conv+gemm+attention: "
+                  f"{same / total['ours']:.0%} of ours; 0.85x would leave {left:.1f} ms for the rest of our step "
+                  f"(now {total['ours'] - same:.1f})")
+            if args.json:
+                with args.json.open("a") as f:
+                    f.write(json.dumps({"network": name, "batch": batch, "profile_ms": kinds,
+                                        "threads": args.threads, "steps": args.steps,
+                                        "date": time.strftime("%Y-%m-%d"), "load": os.getloadavg()[0]}) + "\n")
+            continue
         times = alternate({"ours": make_step(ours, True), "diffusers": make_step(theirs, False)}, args.warmup, args.steps)
         ratio = times["ours"] / times["diffusers"]
         print(f"{name:42s} {batch:5d} {params_m(ours):9.2f} {times['ours']:12.4f} {times['diffusers']:10.4f} {ratio:6.2f}")
