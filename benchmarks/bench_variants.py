@@ -103,13 +103,12 @@ def brightness_leak(config_args: list[str], model_uri: str, samples: int = 8, se
     import numpy as np
 
     from pipelines.config import load_config
-    from pipelines.models.inference import render
+    from pipelines.data.reader import in_split
+    from pipelines.models.inference import Renderer
 
     import mlflow
 
     from pipelines.platform import tracking
-
-    from pipelines.data.reader import in_split
 
     cfg = load_config(config_args[0], config_args[1:])
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg.mlflow))  # where the model URI resolves
@@ -120,11 +119,12 @@ def brightness_leak(config_args: list[str], model_uri: str, samples: int = 8, se
     # photographs): its gap measures generalisation to an unseen photograph, not the leak.
     split = cfg.data.holdout_fraction, cfg.data.holdout_by
     held = np.array([not any(in_split(k, "train", *split) for k, _ in crops[c]) for c in captions])
+    renderer = Renderer.load(cfg, model_uri)  # the U-Net, autoencoder and text encoder, once for every seed
     per_seed = []
     for seed in seeds:
         sc = cfg.sample.model_copy(update={"num_per_prompt": samples, "steps": 25, "guidance": 4.0, "seed": seed,
                                            "height": None, "width": None})
-        images, _ = render(cfg.model_copy(update={"sample": sc}), captions, model_uri)
+        images = renderer(sc, captions)
         per_seed.append(luma(images.numpy()).reshape(len(captions), samples).mean(axis=1))
     got = np.stack(per_seed)  # (seeds, captions)
     trained = ~held
@@ -172,10 +172,15 @@ STUDIES: dict[str, Study] = {
 STAGE_B_LINE = re.compile(r"^\[stage_b\]\s+(\S+)\s+([\d.]+)s\s+(?:run\s+)?([0-9a-f]{32})")
 
 
+def variant_sets(study: Study, name: str, overrides: list[str]) -> list[str]:
+    """The `--set` overrides that make variant `name`: its run name, its own settings, then the caller's."""
+    return [f"run.name={Path(study.config).stem}-{name}", *study.variants[name], *overrides]
+
+
 def run_variant(study: Study, name: str, overrides: list[str]) -> dict:
     config = str(REPO / study.config)
     cmd = [sys.executable, str(REPO / "pipelines" / "run.py"), "--config", config, "--until", "stage_b"]
-    sets = [f"run.name={Path(study.config).stem}-{name}", *study.variants[name], *overrides]
+    sets = variant_sets(study, name, overrides)
     for o in sets:
         cmd += ["--set", o]
     started = time.monotonic()
@@ -210,9 +215,9 @@ def rescore(study: Study, row: dict, overrides: list[str]) -> dict:
     """`row` with the study's extra metrics measured again from its registered model."""
     if study.extra is None or not row.get("model_uri"):
         return row
-    sets = [f"run.name={Path(study.config).stem}-{row['variant']}", *study.variants[row["variant"]], *overrides]
     kept = {k: v for k, v in row.items() if not k.startswith("leak/")}
-    return kept | study.extra([str(REPO / study.config), *sets], row["model_uri"])
+    return kept | study.extra([str(REPO / study.config), *variant_sets(study, row["variant"], overrides)],
+                              row["model_uri"])
 
 
 def table(study: Study, rows: list[dict]) -> str:
