@@ -39,7 +39,6 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from pydantic import ValidationError
-from torchvision.utils import make_grid
 
 from ldm_core.config import ConfigError, format_validation_error
 from pipelines.platform import lease, storage, tracking
@@ -134,7 +133,7 @@ def trained_shapes_grid(cfg: PipelineConfig, prompts: list[str], renderer: Rende
     for _, h, w in shapes[:MAX_SHAPE_ROWS]:
         images = renderer(cfg.sample.model_copy(update={"height": h * f, "width": w * f, "num_per_prompt": 1}),
                           prompts[:MAX_SHAPE_ROWS])
-        rows.append(make_grid(images, nrow=len(images), padding=2, pad_value=-1.0))
+        rows.append(tracking.make_grid(images, nrow=len(images), padding=2, pad_value=-1.0))
     canvas = torch.full((rows[0].shape[0], sum(r.shape[1] for r in rows), max(r.shape[2] for r in rows)), -1.0)
     top = 0
     for row in rows:
@@ -156,7 +155,7 @@ def write_samples(images: torch.Tensor, prompts: list[str], num_per_prompt: int,
         storage.write_bytes(loc, to_png(image))
         paths.append(loc.uri)
         entries.append({"file": loc.uri.rsplit("/", 1)[-1], "prompt": prompts[i], "prompt_index": i, "sample_index": j})
-    grid = make_grid(images, nrow=num_per_prompt, padding=2, pad_value=-1.0)
+    grid = tracking.make_grid(images, nrow=num_per_prompt, padding=2, pad_value=-1.0)
     grid_loc = root.join("grid.png")
     storage.write_bytes(grid_loc, to_png(grid))
     storage.write_json(root.join("samples.json"), {**manifest, "images": entries, "grid": "grid.png"})

@@ -31,7 +31,6 @@ import ray.train
 import ray.train.torch
 import torch
 from mlflow.tracking import MlflowClient
-from torchvision.utils import make_grid
 
 from ldm_core.autoencoder import AutoencoderKL
 from ldm_core.config import ConfigError
@@ -198,7 +197,7 @@ def log_reconstructions(logger: RunLogger, batch: dict, n: int, artifact_file: s
     """A grid of `n` images (top row) over their reconstructions (bottom row)."""
     x, recon = batch["image"], batch["recon"]
     n = min(n, x.shape[0])
-    grid = make_grid(torch.cat([x[:n], recon[:n].clamp(-1, 1)]).float().cpu(), nrow=n, padding=1)
+    grid = tracking.make_grid(torch.cat([x[:n], recon[:n].clamp(-1, 1)]).float().cpu(), nrow=n, padding=1)
     logger.log_image(tracking.tensor_grid_to_uint8(grid), artifact_file)
 
 

@@ -35,7 +35,6 @@ import ray.train
 import ray.train.torch
 import torch
 from mlflow.tracking import MlflowClient
-from torchvision.utils import make_grid
 
 from ldm_core.config import ConfigError
 from ldm_core.diffusion import NoiseSchedule, training_loss
@@ -162,7 +161,7 @@ class GridSampler:
         averaged = ema.average_parameters(model) if ema is not None else contextlib.nullcontext()
         with averaged:
             images = generate(model, self.autoencoder, self.plan, self.condition, **self.settings)
-        grid = make_grid(images, nrow=self.settings["num_per_prompt"], padding=1)
+        grid = tracking.make_grid(images, nrow=self.settings["num_per_prompt"], padding=1)
         logger.log_image(tracking.tensor_grid_to_uint8(grid), f"samples/step_{step:07d}.png")
 
 

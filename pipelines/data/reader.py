@@ -36,6 +36,7 @@ from ray.data.datasource import FileBasedDatasource
 
 from pipelines.config.data import DataConfig, nearest_bucket
 from pipelines.data.shards import PARQUET_COLUMNS, DatasetError, read_manifest, split_member_name
+from pipelines.platform.skip_counter import SkipCounter  # noqa: F401  (re-exported)
 from pipelines.platform.storage import StorageConfig, resolve
 
 if TYPE_CHECKING:
@@ -440,32 +441,6 @@ def decode_shards(batch: dict, *, cfg: DataConfig, split: str, seed: int, counte
 # ---------------------------------------------------------------------------------------------------
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-class SkipCounter:
-    """Skips and repairs by reason, one record per (shard, part). A shard read again (next epoch, a retried
-    task) replaces its record, so a sample is counted once however often it is read.
-
-    Ray restarts it under the same name when its process dies; the records it held are gone, and come back as
-    the shards are read again (every epoch re-records every shard). Until then its counts are low, never high.
-    """
-
-    def __init__(self):
-        self.records: dict[tuple[str, str], dict[str, int]] = {}
-
-    def record(self, shard: str, parts: dict[str, dict[str, int]]) -> None:
-        """`parts`: {"shard": shard-level losses, SPLIT: that split's per-sample counts}."""
-        for part, counts in parts.items():
-            self.records[(shard, part)] = counts
-
-    def snapshot(self) -> dict[str, int]:
-        total: Counter = Counter()
-        for (shard, part), counts in self.records.items():
-            if part in ("train", "holdout") and (shard, "all") in self.records:
-                continue  # "all" already holds both splits of this shard
-            total.update(counts)
-        return {reason: n for reason, n in sorted(total.items()) if n}
-
-
 _actors: dict[str, "ray.actor.ActorHandle"] = {}
 COUNTER_TIMEOUT_S = 10.0
 """How long a decode task or a snapshot waits for the SkipCounter before going on without it."""
@@ -522,10 +497,10 @@ def open_skip_counter(name: str) -> SkipCounterHandle:
 def new_skip_counter() -> SkipCounterHandle:
     """A fresh counter actor, owned by the caller (it lives as long as the caller's Ray job)."""
     name = f"skips-{uuid.uuid4().hex[:12]}"
+    # Not waited for: the name is registered now, and its process starts (~1 s, see skip_counter.py) while the
+    # caller starts its Train workers; the first count arrives from a read task long after.
     actor = SkipCounter.options(name=name, namespace=COUNTER_NAMESPACE).remote()
-    handle = SkipCounterHandle(name, actor)
-    ray.get(actor.snapshot.remote())  # wait until the actor is up
-    return handle
+    return SkipCounterHandle(name, actor)
 
 
 # ---------------------------------------------------------------------------------------------------

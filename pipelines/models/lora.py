@@ -17,8 +17,6 @@ import hashlib
 from typing import Mapping
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from peft.tuners.lora import LoraLayer  # noqa: F401 (tests and callers tell adapter layers by it)
 from torch import nn
 
 from ldm_core import convert
@@ -34,6 +32,17 @@ DIFFUSERS_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 DIFFUSERS_PREFIX = "unet."
 """diffusers' prefix of the U-Net's adapters in that file (the text encoder's would be `text_encoder.`)."""
 
+# peft is imported where it is used: with transformers behind it, it costs ~3 s per process, and every Train
+# worker and driver imports this module, LoRA or not.
+
+
+def __getattr__(name: str):
+    if name == "LoraLayer":  # peft's adapter layer class: tests and callers tell adapter layers by it
+        from peft.tuners.lora import LoraLayer
+
+        return LoraLayer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 class BaseMismatch(ConfigError):
     """Adapters meeting a base model other than the one they were trained on (one line, for the entry points)."""
@@ -41,6 +50,8 @@ class BaseMismatch(ConfigError):
 
 def attach(unet: UNet, section: LoraSection) -> UNet:
     """`unet` (in place) with adapters on `section.target_modules` in every block; everything else frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
     config = LoraConfig(r=section.rank, lora_alpha=section.alpha or section.rank, lora_dropout=section.dropout,
                         target_modules=list(section.target_modules), init_lora_weights=True)
     return inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
@@ -87,12 +98,16 @@ def check_base(reference: Mapping[str, str], digest: str, where: str, hint: str 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' tensors, keyed `<module>.lora_A.weight` / `<module>.lora_B.weight` (our module names)."""
+    from peft import get_peft_model_state_dict
+
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(unwrap_model(model), adapter_name=ADAPTER).items()}
 
 
 def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load `adapter_state`'s tensors into a model with the same adapters attached; every adapter tensor must be
     there and nothing else."""
+    from peft import set_peft_model_state_dict
+
     model = unwrap_model(model)
     result = set_peft_model_state_dict(model, dict(state), adapter_name=ADAPTER)
     missing = [k for k in result.missing_keys if ".lora_" in k]
@@ -119,6 +134,8 @@ class AdapterWeights:
 def merge(unet: UNet, scale: float = 1.0) -> UNet:
     """`unet` (in place) with every adapter folded into its base weight, W + scale (alpha / r) B A, and peft's
     wrappers replaced by the plain layers: an ordinary UNet."""
+    from peft.tuners.lora import LoraLayer
+
     for name, module in list(unet.named_modules()):
         if not isinstance(module, LoraLayer):
             continue
