@@ -23,6 +23,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# Every Ray the tests start (ray_local, `ray start` heads, the drivers' own) polls its Train workers as a driver's
+# local Ray does (pipelines.platform.runtime.init_ray): a stage's end is seen in 0.5 s, not up to 2 s plus a poll.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# The tests' `mlflow server`s run no jobs: without this each starts a pool of 7 job-runner processes (as
+# infra/mlflow/serve.sh's default does too).
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
 def _raise_open_files_limit() -> None:
