@@ -23,8 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-# Every Ray the tests start (ray_local, `ray start` heads, the drivers' own) polls its Train workers as a driver's
-# local Ray does (pipelines.platform.runtime.init_ray): a stage's end is seen in 0.5 s, not up to 2 s plus a poll.
+# The local Rays the tests start (ray_local, the drivers' own) poll their Train workers as a driver's local Ray does
+# (pipelines.platform.runtime.init_ray): a stage's end is seen in 0.5 s, not 2 s, and a worker's next report no
+# longer waits up to 2 s for the controller to take the last one. The autoscaling clusters of test_cluster.py keep
+# Ray's default, as real clusters do.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # The tests' `mlflow server`s run no jobs: without this each starts a pool of 7 job-runner processes (as
 # infra/mlflow/serve.sh's default does too).
