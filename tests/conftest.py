@@ -27,7 +27,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 # (pipelines.platform.runtime.init_ray): a stage's end is seen in 0.5 s, not 2 s, and a worker's next report no
 # longer waits up to 2 s for the controller to take the last one. The autoscaling clusters of test_cluster.py keep
 # Ray's default, as real clusters do.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+from pipelines.platform.runtime import LOCAL_TRAIN_POLL_S, TRAIN_POLL_ENV  # noqa: E402
+
+os.environ.setdefault(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)
 # The tests' `mlflow server`s run no jobs: without this each starts a pool of 7 job-runner processes (as
 # infra/mlflow/serve.sh's default does too).
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")

@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load
 
 from pipelines.platform.cluster import ClusterError, StageNeeds, autoscaler_running, check_local_paths, ensure_resources
+from pipelines.platform.runtime import TRAIN_POLL_ENV
 from pipelines.config import load_config
 from tests.conftest import free_port
 from tests.helpers import REPO, tiny_later_stages, tiny_overrides
@@ -116,7 +117,7 @@ def autoscaling_cluster():
     # local Rays): a worker's report waits for the controller to take the one before it, so the poll also paces
     # Stage A's logged steps, and the node-loss test must kill a rank before the last of them.
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("AWS_", "RAY_ADDRESS", "MLFLOW_", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"))}
+           if not k.startswith(("AWS_", "RAY_ADDRESS", "MLFLOW_", TRAIN_POLL_ENV))}
     # Ray's memory monitor judges the whole machine's memory, which other work on a shared CI box also uses: it
     # would kill this cluster's workers for the others' usage. The kernel's OOM killer still guards the machine.
     env.update(ports, LDM_FAKE=str(root), RAY_memory_monitor_refresh_ms="0")
