@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import re
+import shutil
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,3 +238,76 @@ def synthetic_shards(uri: str, num_shards: int, *, samples_per_shard: int = 2, f
             for path, data in batch.items():
                 storage.write_bytes(storage.resolve(path), data)
     return num_shards * samples_per_shard
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: JSON messages ended by
+    NUL, commands on its fd 3, answers on its fd 4), so a test can wait in real time for what a page draws."""
+
+    def __init__(self, profile: Path):
+        exe = shutil.which("chromium")
+        assert exe, "this test needs Debian's chromium package (.ci/run installs it)"
+        to_chrome_r, self._to_chrome = os.pipe()
+        self._from_chrome, from_chrome_w = os.pipe()
+
+        def pipes_at_3_and_4():  # (via fds above 9: either end may itself be 3 or 4)
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_chrome_r, from_chrome_w)]
+            for fd, high_fd in zip((3, 4), high):
+                os.dup2(high_fd, fd)  # (inheritable)
+
+        self._proc = subprocess.Popen(
+            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1600,4000",
+             f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=False,
+            preexec_fn=pipes_at_3_and_4, start_new_session=True)
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buffer, self._next_id = b"", 0
+
+    def _call(self, method: str, session: str | None = None, timeout: float = 60, **params):
+        self._next_id += 1
+        message = {"id": self._next_id, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        os.write(self._to_chrome, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self._buffer:
+                raw, self._buffer = self._buffer.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self._next_id:
+                    assert "error" not in reply, f"{method}: {reply['error']}"
+                    return reply["result"]
+            assert time.monotonic() < deadline, f"Chromium did not answer {method} within {timeout} s"
+            chunk = os.read(self._from_chrome, 1 << 16)
+            assert chunk, "Chromium closed its DevTools pipe"
+            self._buffer += chunk
+
+    def dom(self, url: str, wait_for: str, timeout: float = 120) -> str:
+        """The page at `url` in a fresh tab, once its DOM contains `wait_for` (or when `timeout` seconds have passed:
+        the caller's assert decides)."""
+        target = self._call("Target.createTarget", url=url)["targetId"]
+        session = self._call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        deadline, html = time.monotonic() + timeout, ""
+        try:
+            while time.monotonic() < deadline:
+                html = self._call("Runtime.evaluate", session, expression="document.documentElement.outerHTML",
+                                  returnByValue=True)["result"].get("value", "")
+                if wait_for in html:
+                    break
+                time.sleep(0.5)
+        finally:
+            self._call("Target.closeTarget", targetId=target)
+        return html
+
+    def close(self):
+        try:
+            self._call("Browser.close", timeout=10)
+        except (AssertionError, OSError):
+            pass
+        try:
+            self._proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._proc.pid, 9)
+            self._proc.wait()
+        os.close(self._to_chrome)
+        os.close(self._from_chrome)
