@@ -84,3 +84,21 @@ def test_read_ahead_ends_with_its_source():
     from pipelines.train.rank import ReadAhead
 
     assert list(ReadAhead(iter(range(20)), ahead=3)) == list(range(20))
+
+
+def test_read_ahead_says_when_a_batch_is_long_overdue(caplog):
+    """A reader that stalls (Ray Data waiting for CPUs no node has) is named in the log, then its item still comes."""
+    import logging
+    import time
+
+    from pipelines.train.rank import ReadAhead
+
+    def slow():
+        time.sleep(0.5)
+        yield "late"
+
+    with caplog.at_level(logging.WARNING, logger="pipelines.train.rank"):
+        assert next(ReadAhead(slow(), stall_warn_s=0.2)) == "late"
+    stalls = [r.getMessage() for r in caplog.records if r.getMessage().startswith("no batch from Ray Data for ")]
+    assert [m.split(" s: ")[0].rsplit(" ", 1)[1] for m in stalls[:2]] == ["0.2", "0.4"]
+    assert stalls[0].endswith("(`ray status` lists pending demands; data.cpus_per_task sets what each read task takes)")

@@ -125,7 +125,9 @@ class DataConfig(StrictConfig):
     `WHOLE_CPU_FROM` are free (data has cores of its own: a cluster's CPU nodes, a GPU node's spare cores), 0.5 where
     fewer are (two 0.5-CPU Train workers on a 2-core laptop, where whole-CPU tasks would wait behind them). Measured
     on 2 cores (benchmarks/README.md): 1 CPU per task reads 256-px JPEGs at 0.8x+ a DataLoader, 0.5 at ~0.7x; below
-    0.5 more decode tasks run at once than there are cores, and throughput drops."""
+    0.5 more decode tasks run at once than there are cores, and throughput drops. The choice holds for the run: after
+    a node is lost and nothing replaces it, tasks no survivor has the CPUs for wait (each rank logs it after
+    `pipelines.train.rank.STALL_WARN_S`); set 0.5 where nodes may go without a replacement."""
     reserved_cpus: float | None = Field(default=None, ge=0)
     """CPUs that must stay free of Train workers so read/decode tasks can run: `check_cpu_budget` fails
     before training when num_workers x cpus_per_worker leaves less; on an autoscaling cluster the stage asks

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 
 FAULT_GRACE_S = 10.0
+STALL_WARN_S = 300.0
+"""A rank that has waited this long for its next batch says so (again at every multiple): Ray Data waits silently
+for CPUs that no node has free, e.g. a reader sized for the cluster at the start, after a node was lost."""
 """How long the fault hook's worker lives on after writing its marker: tests that kill a driver at the fault wait
 for the marker (on S3: a listing, seconds on a loaded box) and 2 s more, and must act before the worker exits."""
 
@@ -211,8 +214,9 @@ class ReadAhead:
     dropping the iterator) stops the thread.
     """
 
-    def __init__(self, source: Iterator[Any], ahead: int = 8):
+    def __init__(self, source: Iterator[Any], ahead: int = 8, stall_warn_s: float = STALL_WARN_S):
         self._ready: queue.Queue = queue.Queue(maxsize=ahead)
+        self._stall_warn_s = stall_warn_s
         self._stop = threading.Event()
         # The thread holds the queue and the event, not this object, so dropping the iterator stops it.
         self._thread = threading.Thread(target=_read_into, args=(source, self._ready, self._stop), name="read-ahead",
@@ -225,7 +229,16 @@ class ReadAhead:
     def __next__(self) -> Any:
         if self._stop.is_set():
             raise StopIteration
-        kind, item = self._ready.get()
+        waited = 0.0
+        while True:
+            try:
+                kind, item = self._ready.get(timeout=self._stall_warn_s)
+                break
+            except queue.Empty:
+                waited += self._stall_warn_s
+                log.warning("no batch from Ray Data for %g s: its tasks may be waiting for CPUs that no node has free "
+                            "(`ray status` lists pending demands; data.cpus_per_task sets what each read task takes)",
+                            waited)
         if kind != "item":
             self.close()
             if kind == "error":
