@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
 import time
@@ -249,20 +250,21 @@ class Chromium:
         assert exe, "this test needs Debian's chromium package (.ci/run installs it)"
         to_chrome_r, self._to_chrome = os.pipe()
         self._from_chrome, from_chrome_w = os.pipe()
-
-        def pipes_at_3_and_4():  # (via fds above 9: either end may itself be 3 or 4)
-            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_chrome_r, from_chrome_w)]
-            for fd, high_fd in zip((3, 4), high):
-                os.dup2(high_fd, fd)  # (inheritable)
-
+        # Chromium's ends, moved above 99 so that neither is 3 or 4, then put at 3 and 4 by bash's redirections (no
+        # preexec_fn: forking a threaded test process into Python code is not safe).
+        theirs = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in (to_chrome_r, from_chrome_w)]
+        for fd in (to_chrome_r, from_chrome_w):
+            os.close(fd)
+        r, w = theirs
         self._proc = subprocess.Popen(
-            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1600,4000",
-             f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=False,
-            preexec_fn=pipes_at_3_and_4, start_new_session=True)
-        os.close(to_chrome_r)
-        os.close(from_chrome_w)
+            ["bash", "-c", f'exec "$@" 3<&{r} 4>&{w} {r}<&- {w}>&-', "bash", exe, "--headless", "--no-sandbox",
+             "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--no-first-run", "--window-size=1600,4000", f"--user-data-dir={profile}", "--remote-debugging-pipe",
+             "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=theirs,
+            start_new_session=True)
+        for fd in theirs:
+            os.close(fd)
         self._buffer, self._next_id = b"", 0
 
     def _call(self, method: str, session: str | None = None, timeout: float = 60, **params):
@@ -277,7 +279,9 @@ class Chromium:
                 if reply.get("id") == self._next_id:
                     assert "error" not in reply, f"{method}: {reply['error']}"
                     return reply["result"]
-            assert time.monotonic() < deadline, f"Chromium did not answer {method} within {timeout} s"
+            left = deadline - time.monotonic()
+            assert left > 0 and select.select([self._from_chrome], [], [], left)[0], \
+                f"Chromium did not answer {method} within {timeout} s"
             chunk = os.read(self._from_chrome, 1 << 16)
             assert chunk, "Chromium closed its DevTools pipe"
             self._buffer += chunk
