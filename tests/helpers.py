@@ -256,6 +256,8 @@ class Chromium:
         for fd in (to_chrome_r, from_chrome_w):
             os.close(fd)
         r, w = theirs
+        # A tall window: the UI draws a chart only once it scrolls into view (an IntersectionObserver), and headless
+        # Chromium's default 800x600 leaves most of a metrics page below the fold.
         self._proc = subprocess.Popen(
             ["bash", "-c", f'exec "$@" 3<&{r} 4>&{w} {r}<&- {w}>&-', "bash", exe, "--headless", "--no-sandbox",
              "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync",

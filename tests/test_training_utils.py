@@ -94,7 +94,7 @@ def test_read_ahead_says_when_a_batch_is_long_overdue(caplog):
     from pipelines.train.rank import ReadAhead
 
     def slow():
-        time.sleep(0.5)
+        time.sleep(1.0)  # well past the second warning (at 0.4 s), even if next() is called late on a loaded box
         yield "late"
 
     with caplog.at_level(logging.WARNING, logger="pipelines.train.rank"):

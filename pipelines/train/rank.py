@@ -30,11 +30,11 @@ log = logging.getLogger(__name__)
 
 
 FAULT_GRACE_S = 10.0
+"""How long the fault hook's worker lives on after writing its marker: tests that kill a driver at the fault wait
+for the marker (on S3: a listing, seconds on a loaded box) and 2 s more, and must act before the worker exits."""
 STALL_WARN_S = 300.0
 """A rank that has waited this long for its next batch says so (again at every multiple): Ray Data waits silently
 for CPUs that no node has free, e.g. a reader sized for the cluster at the start, after a node was lost."""
-"""How long the fault hook's worker lives on after writing its marker: tests that kill a driver at the fault wait
-for the marker (on S3: a listing, seconds on a loaded box) and 2 s more, and must act before the worker exits."""
 
 
 class NonFiniteLossError(RuntimeError):
