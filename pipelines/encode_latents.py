@@ -48,7 +48,7 @@ from pipelines.data.reader import in_split
 from pipelines.models.registry import load_autoencoder, model_to_load, run_id_of
 from pipelines.platform.progress import print_summary, run_with_progress
 from pipelines.platform.runtime import exit_on, setup_logging
-from pipelines.data.text_encoders import TextEncoderConfig, check_text_encoder, encode_prompts_remote, load_text_encoder
+from pipelines.data.text_encoders import TextEncoderConfig, check_text_encoder, load_text_encoder, prompt_states
 
 log = logging.getLogger("encode")
 STAGE_NAME = latents.ENCODE_STAGE
@@ -64,16 +64,26 @@ LEASE = ".lease.json"
 
 @ray.remote(num_cpus=0)
 class EncodedCount:
-    """Images encoded so far by the whole actor pool: what the driver's progress line shows."""
+    """Images encoded so far by the whole actor pool (what the driver's progress line shows), and the empty prompt's
+    text states (the CFG null condition), which the first encoder actor up computes with the text encoder it holds:
+    no process of its own loads the encoder once more for one prompt."""
 
     def __init__(self):
         self.images = 0
+        self.null_states: dict | None = None
 
     def add(self, n: int) -> None:
         self.images += n
 
     def get(self) -> int:
         return self.images
+
+    def set_null(self, states: dict) -> None:
+        if self.null_states is None:
+            self.null_states = states
+
+    def null(self) -> dict | None:
+        return self.null_states
 
 
 class LatentEncoder:
@@ -88,6 +98,7 @@ class LatentEncoder:
         self.autoencoder.to(self.device).eval().requires_grad_(False)
         self.normalization = weights["normalization"]  # `latent_normalization`'s scale_factor, latents_mean, latents_std
         self.text = load_text_encoder(TextEncoderConfig.model_validate(text_encoder), self.device)
+        ray.get(encoded.set_null.remote(prompt_states(self.text, [""])))  # delivered before any batch is encoded
         self.holdout_fraction = holdout_fraction
         self.holdout_by = holdout_by  # the same split as Stage A's (DataConfig.holdout_by)
         self.encoded = encoded
@@ -288,8 +299,6 @@ def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: Autoencode
     sc = ec.scaling
     num_gpus = sc.gpus_per_actor if sc.use_gpu else 0
     started = time.monotonic()
-    # The empty prompt's embedding (the CFG null condition), computed on a worker like the actors' encoders.
-    null_ref = encode_prompts_remote(ec.text_encoder, [""], num_cpus=sc.cpus_per_actor, num_gpus=num_gpus)
 
     # Stage A's crops may be random; latents are computed once, so take the centre, unflipped.
     # Unset data.cpus_per_task: chosen for the CPUs the encoder actors leave free.
@@ -321,10 +330,13 @@ def _encode(cfg: PipelineConfig, root: storage.Location, autoencoder: Autoencode
     run_with_progress(STAGE_NAME, num_images, lambda: encoded.write_datasink(sink),
                       lambda: ray.get(counter.get.remote(), timeout=5))
     seconds = time.monotonic() - started
-    null = ray.get(null_ref)
     if not sink.files:
         raise latents.LatentsError(f"encode wrote no rows to {root.uri}: every image of {cfg.data.uri} was skipped "
                                    f"({skip_counter.snapshot()})")
+    null = ray.get(counter.null.remote())  # set by the first encoder actor up, before it encoded any batch
+    if null is None:
+        raise latents.LatentsError(f"encode into {root.uri}: no encoder actor reported the empty prompt's text states; "
+                                   "no manifest written")
 
     null_payload = latents.null_condition_bytes(torch.tensor(null["hidden"][0]), torch.tensor(null["mask"][0]))
     storage.write_bytes(root.join(latents.NULL_CONDITION), null_payload)

@@ -25,11 +25,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 # The local Rays the tests start (ray_local, the drivers' own) poll their Train workers as a driver's local Ray does
 # (pipelines.platform.runtime.init_ray): a stage's end is seen in 0.5 s, not 2 s, and a worker's next report no
-# longer waits up to 2 s for the controller to take the last one. The autoscaling clusters of test_cluster.py keep
-# Ray's default, as real clusters do.
-from pipelines.platform.runtime import LOCAL_TRAIN_POLL_S, TRAIN_POLL_ENV  # noqa: E402
+# longer waits up to 2 s for the controller to take the last one; and without Ray Train's preemption watcher (no
+# node of a local Ray is drained). The autoscaling clusters of test_cluster.py keep Ray's defaults, as real clusters do.
+from pipelines.platform.runtime import LOCAL_TRAIN_POLL_S, PREEMPTION_WATCHER_ENV, TRAIN_POLL_ENV  # noqa: E402
 
 os.environ.setdefault(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)
+os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
 # The tests' `mlflow server`s run no jobs: without this each starts a pool of 7 job-runner processes (as
 # infra/mlflow/serve.sh's default does too).
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
@@ -173,12 +174,15 @@ def ray_local(moto_server):
     """
     import ray
 
+    from pipelines.platform.runtime import local_system_config
+
     if ray.is_initialized():
         ray.shutdown()
     ray.init(
         address="local",
         num_cpus=2,
         log_to_driver=True,
+        _system_config=local_system_config(2),
     )
     yield ray
     ray.shutdown()

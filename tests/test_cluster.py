@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load
 
 from pipelines.platform.cluster import ClusterError, StageNeeds, autoscaler_running, check_local_paths, ensure_resources
-from pipelines.platform.runtime import TRAIN_POLL_ENV
+from pipelines.platform.runtime import PREEMPTION_WATCHER_ENV, TRAIN_POLL_ENV
 from pipelines.config import load_config
 from tests.conftest import free_port
 from tests.helpers import REPO, tiny_later_stages, tiny_overrides
@@ -114,10 +114,11 @@ def autoscaling_cluster():
     root = Path(tempfile.mkdtemp(prefix="ldmf", dir="/tmp"))  # short: Ray's socket paths have a length limit
     ports = {"RAY_PORT": str(free_port()), "DASHBOARD_PORT": str(free_port()), "S3_PORT": str(free_port())}
     # Ray Train's controller polls at Ray's default here, as on a real cluster (tests/conftest.py sets 0.5 s for the
-    # local Rays): a worker's report waits for the controller to take the one before it, so the poll also paces
-    # Stage A's logged steps, and the node-loss test must kill a rank before the last of them.
+    # local Rays), and its preemption watcher is on: a worker's report waits for the controller to take the one
+    # before it, so the poll also paces Stage A's logged steps, and the node-loss test must kill a rank before the
+    # last of them.
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("AWS_", "RAY_ADDRESS", "MLFLOW_", TRAIN_POLL_ENV))}
+           if not k.startswith(("AWS_", "RAY_ADDRESS", "MLFLOW_", TRAIN_POLL_ENV, PREEMPTION_WATCHER_ENV))}
     # Ray's memory monitor judges the whole machine's memory, which other work on a shared CI box also uses: it
     # would kill this cluster's workers for the others' usage. The kernel's OOM killer still guards the machine.
     env.update(ports, LDM_FAKE=str(root), RAY_memory_monitor_refresh_ms="0")

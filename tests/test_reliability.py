@@ -40,8 +40,9 @@ import json, sys, time
 from pipelines.platform import lease
 from pipelines.config.sections import LeaseSection
 uri, hold_s, notes, start_at = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3]), float(sys.argv[4])
+settle_s = float(sys.argv[5])
 time.sleep(max(0.0, start_at - time.time()))
-held = lease.acquire(uri, what="holder", settings=LeaseSection(ttl_s=3, heartbeat_s=0.5, poll_s=0.2, settle_s=0.2))
+held = lease.acquire(uri, what="holder", settings=LeaseSection(ttl_s=3, heartbeat_s=0.5, poll_s=0.2, settle_s=settle_s))
 if notes:
     held.note(**notes)
 print("held", time.time(), flush=True)
@@ -51,8 +52,10 @@ print("released", time.time(), flush=True)
 """
 
 
-def _holder(uri: str, hold_s: float, notes: dict | None = None, start_at: float = 0.0) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", HOLDER, uri, str(hold_s), json.dumps(notes or {}), str(start_at)],
+def _holder(uri: str, hold_s: float, notes: dict | None = None, start_at: float = 0.0,
+            settle_s: float = 0.2) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", HOLDER, uri, str(hold_s), json.dumps(notes or {}), str(start_at),
+                             str(settle_s)],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
 
 
@@ -193,10 +196,12 @@ def test_two_prepare_commands_into_one_folder_never_mix_their_shards(tmp_path):
     assert not list(out.glob("*.lease.json")) and json.loads((tmp_path / "images.lease.json").read_text())["released"]
 
 
-def test_two_drivers_claiming_at_once_never_overlap(tmp_path):
-    uri = str(tmp_path / "race.lease.json")
+def test_two_drivers_claiming_at_once_never_overlap(lease_uri):
+    """On S3 the settle wait keeps two simultaneous claims apart; on a local path the folder lock does, with no wait
+    at all (settle_s=0 there: without the lock both would read "free" and go on)."""
+    settle_s = 0.0 if not lease_uri.startswith("s3://") else 0.2
     start_at = time.time() + 3.0
-    procs = [_holder(uri, hold_s=1.0, start_at=start_at) for _ in range(2)]
+    procs = [_holder(lease_uri, hold_s=1.0, start_at=start_at, settle_s=settle_s) for _ in range(2)]
     try:
         spans = [(_wait_line(p, "held"), _wait_line(p, "released")) for p in procs]
         assert [p.wait(timeout=60) for p in procs] == [0, 0]
@@ -205,6 +210,40 @@ def test_two_drivers_claiming_at_once_never_overlap(tmp_path):
             p.kill()
     (a0, a1), (b0, b1) = sorted(spans)
     assert a1 <= b0, f"both held the lease at once: {spans}"
+
+
+def test_local_claims_are_atomic_without_a_settle_wait(tmp_path):
+    """Four drivers (threads: each its own owner) claim one local lease 25 times each with settle_s=0: the folder
+    lock alone must keep every holding apart (without it, a read-then-write race lets two hold it at once)."""
+    uri = str(tmp_path / "busy.lease.json")
+    settings = FAST.model_copy(update={"settle_s": 0.0, "poll_s": 0.001})
+    holders: list[str] = []
+    overlaps: list[tuple[str, list[str]]] = []
+    errors: list[BaseException] = []
+    guard = threading.Lock()
+
+    def claim(n: int) -> None:
+        try:
+            for i in range(25):
+                with lease.hold(uri, what=f"driver {n}", settings=settings):
+                    with guard:
+                        if holders:
+                            overlaps.append((f"{n}/{i}", list(holders)))
+                        holders.append(f"{n}/{i}")
+                    time.sleep(0.001)
+                    with guard:
+                        holders.remove(f"{n}/{i}")
+        except BaseException as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert not overlaps, f"held at once: {overlaps[:3]}"
+    assert lease.Lease(uri, "probe", FAST, None).read()["released"]
 
 
 def test_a_driver_taken_over_knows_it_lost_and_leaves_the_new_record(tmp_path):

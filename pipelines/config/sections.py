@@ -31,8 +31,9 @@ class LeaseSection(StrictConfig):
     poll_s: float = Field(default=5.0, gt=0)
     """While waiting, how often the lease is read again."""
     settle_s: float = Field(default=1.0, ge=0)
-    """After writing its claim, a driver waits this long and reads the lease back: of two drivers claiming at
-    the same moment, only the one whose write landed last goes on."""
+    """On S3, after writing its claim, a driver waits this long and reads the lease back: of two drivers claiming
+    at the same moment, only the one whose write landed last goes on. Local leases do not wait: their claims are
+    atomic under a lock of the lease's folder."""
 
     @model_validator(mode="after")
     def _heartbeat_within_ttl(self):

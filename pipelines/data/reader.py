@@ -497,10 +497,12 @@ def open_skip_counter(name: str) -> SkipCounterHandle:
 def new_skip_counter() -> SkipCounterHandle:
     """A fresh counter actor, owned by the caller (it lives as long as the caller's Ray job)."""
     name = f"skips-{uuid.uuid4().hex[:12]}"
+    # Not waited for: the name is registered now, and its process starts (~1 s, see skip_counter.py) while the
+    # caller starts its Train workers; the first count arrives from a read task long after, and a count or snapshot
+    # sent before the actor is up waits for it (up to COUNTER_TIMEOUT_S). (The node-loss hang once blamed on not
+    # waiting here was the reader's CPU fit: benchmarks/README.md, "Round two".)
     actor = SkipCounter.options(name=name, namespace=COUNTER_NAMESPACE).remote()
-    handle = SkipCounterHandle(name, actor)
-    ray.get(actor.snapshot.remote())  # wait until the actor is up (its process imports Ray only: skip_counter.py)
-    return handle
+    return SkipCounterHandle(name, actor)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -243,7 +243,11 @@ def load_text_encoder(cfg: TextEncoderConfig, device: torch.device | str = "cpu"
 def encode_prompts(cfg: TextEncoderConfig, prompts: list[str]) -> dict:
     """Load the encoder (on CUDA when visible) and encode `prompts`: hidden (B, L, D), mask (B, L) as numpy,
     plus what the manifest records about the encoder (hidden_size, effective max_length, model_type)."""
-    encoder = load_text_encoder(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+    return prompt_states(load_text_encoder(cfg, "cuda" if torch.cuda.is_available() else "cpu"), prompts)
+
+
+def prompt_states(encoder: TextEncoder, prompts: list[str]) -> dict:
+    """`encode_prompts` with an encoder already loaded."""
     hidden, mask = encoder.encode(list(prompts))
     return {"hidden": hidden.numpy(), "mask": mask.numpy(), "hidden_size": encoder.hidden_size,
             "max_length": encoder.max_length, "model_type": encoder.model_type, "path": encoder.path}

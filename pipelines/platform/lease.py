@@ -13,8 +13,11 @@ same output
   owner's process is gone): takes it over and resumes the work. `Lease.previous` is the record it inherited,
   notes included (`Lease.note`), so the new owner knows what the dead or failed execution left behind.
 
-Claiming is write-then-verify: write our record, wait `settle_s`, read it back; of two drivers that claim at
-the same moment only the last writer goes on, the other waits. A released lease stays as a record
+On S3, claiming is write-then-verify: write our record, wait `settle_s`, read it back; of two drivers that claim
+at the same moment only the last writer goes on, the other waits. On a local path each read-then-write of the
+record (a claim, a heartbeat, a note, the release) runs under an exclusive `flock` of the lease's folder, so two
+claims cannot interleave and no settle wait is needed (a folder shared between hosts must then be on a file
+system with working locks, as NFSv4 is; across hosts, S3 is the shared store this pipeline expects). A released lease stays as a record
 (`released: true`) so its notes reach the next owner. A heartbeat that finds someone else's record (this
 driver stalled past `ttl_s` and was taken over) marks the lease lost: `check()` raises `LeaseLost`, and
 callers check before they publish anything.
@@ -22,6 +25,7 @@ callers check before they publish anything.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import os
@@ -29,7 +33,8 @@ import socket
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipelines.platform import storage
@@ -120,6 +125,12 @@ class Lease:
     def _write(self, released: bool = False) -> None:
         storage.write_json(self.loc, self._record(released))
 
+    def _exclusive(self):
+        """Around a read-then-write of the record: on a local path, an exclusive `flock` of the lease's folder
+        (every process and thread opens its own descriptor, so they exclude each other); on S3, nothing (claims
+        settle instead)."""
+        return _folder_lock(Path(self.loc.path).parent) if self.loc.scheme == "file" else nullcontext()
+
     def _live_other(self, record: dict | None) -> bool:
         if record is None or record.get("released") or record.get("owner") == self.owner:
             return False
@@ -135,13 +146,18 @@ class Lease:
         started = time.monotonic()
         announced = False
         while True:
-            record = self.read()
-            if not self._live_other(record):
-                self.previous = record  # released, dead, or an earlier claim of this same thread
-                self.acquired_at = time.time()
-                if self.previous is not None and not self.previous.get("released"):
-                    log.warning("lease %s: taking over from a dead %s", self.loc.uri, describe(self.previous))
-                self._write()
+            with self._exclusive() as atomic:
+                record = self.read()
+                free = not self._live_other(record)
+                if free:
+                    self.previous = record  # released, dead, or an earlier claim of this same thread
+                    self.acquired_at = time.time()
+                    if self.previous is not None and not self.previous.get("released"):
+                        log.warning("lease %s: taking over from a dead %s", self.loc.uri, describe(self.previous))
+                    self._write()
+            if free:
+                if atomic:  # nobody could read or write between our read and our write
+                    break
                 time.sleep(s.settle_s)
                 mine = self.read()
                 if mine is not None and mine.get("owner") == self.owner:
@@ -165,7 +181,7 @@ class Lease:
     def _beat(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_s):
             try:
-                with self._lock:
+                with self._lock, self._exclusive():
                     record = self.read()
                     if record is None or record.get("owner") != self.owner:
                         self.lost = True
@@ -178,7 +194,7 @@ class Lease:
 
     def note(self, **notes: Any) -> None:
         """Record facts for whoever holds the lease next (e.g. the folder this execution writes), now."""
-        with self._lock:
+        with self._lock, self._exclusive():
             self.notes.update(notes)
             if not self.lost:
                 self._write()
@@ -199,11 +215,24 @@ class Lease:
             self._thread.join(timeout=30)
         with self._lock:
             try:
-                record = self.read()
-                if not self.lost and record is not None and record.get("owner") == self.owner:
-                    self._write(released=True)
+                with self._exclusive():
+                    record = self.read()
+                    if not self.lost and record is not None and record.get("owner") == self.owner:
+                        self._write(released=True)
             except OSError as e:
                 log.warning("lease %s: could not be released (%s); it expires in %gs", self.loc.uri, e, self.settings.ttl_s)
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[bool]:
+    """An exclusive `flock` of `folder` (created if missing) while the block runs; yields True."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 _held: dict[tuple[str, str], Lease] = {}

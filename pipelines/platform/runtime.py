@@ -129,6 +129,27 @@ def local_ray_cpus(cfg: RaySection) -> float | None:
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 LOCAL_TRAIN_POLL_S = "0.5"
 """How often a local Ray's Train controller polls its worker group, in seconds (see init_ray)."""
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+"""Ray Train's watcher of node drains (spot reclaims): one more actor process per training stage. A local Ray is one
+machine that nothing drains, so `init_ray` turns it off there (unless set); clusters keep it."""
+
+
+IDLE_WORKER_KEEP_MS = 60_000
+"""How long a local Ray keeps an idle worker process (Ray's default: 1 s once more processes run than CPUs)."""
+
+
+def local_system_config(cpus: float) -> dict:
+    """The `_system_config` of a local Ray with `cpus` CPUs (`init_ray`, and the tests' own local Ray).
+
+    - More workers may start at once than the raylet's default (one per CPU) expects, and it warns at 4x that: two
+      training stages' worker groups, Ray Data's actors and tasks started 8 on 2 CPUs in the quickstart.
+    - Idle workers are kept `IDLE_WORKER_KEEP_MS`. Ray kills a task's worker 1 s after it goes idle whenever more
+      processes run than CPUs, which a training stage always does (its controller, ranks, split coordinators...):
+      every epoch's Ray Data read task then started a fresh Python (2-3 s of CPU importing Ray, pyarrow and the
+      reader): 8 such starts in the quickstart's Stage B alone (2-core box, 2026-12-07). Kept, they are reused.
+    """
+    return {"worker_maximum_startup_concurrency": max(16, int(4 * cpus)),
+            "idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS}
 
 
 def init_ray(cfg: RaySection) -> None:
@@ -156,16 +177,14 @@ def init_ray(cfg: RaySection) -> None:
         # "local" always starts a fresh Ray for this process, never a stale or foreign `ray start` cluster
         # (attach to one of those explicitly with ray.address=auto).
         log.info("starting a local Ray (num_cpus=%s)", cfg.num_cpus or "all")
-        # Two training stages' worker groups, Ray Data's actors and tasks start more workers at once than the
-        # raylet's default (one per CPU) expects, and it warns at 4x that: the quickstart started 8 on 2 CPUs.
         cpus = cfg.num_cpus or os.cpu_count() or 1
         # The Train controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s) and
         # learns only then that the train function has returned: a trivial TorchTrainer.fit took 5.0 s from the
         # last report to its return at 2 s, 0.8 s at 0.25 s (2-core box, 2026-12-07). A local Ray runs this one
         # driver's stages, so it polls at 0.5 s; a cluster keeps Ray's default (and whatever its operator sets).
         os.environ.setdefault(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)
-        ray.init(address="local", num_cpus=cfg.num_cpus,
-                 _system_config={"worker_maximum_startup_concurrency": max(16, int(4 * cpus))}, **options)
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+        ray.init(address="local", num_cpus=cfg.num_cpus, _system_config=local_system_config(cpus), **options)
     if quiet:
         _quiet_ray_data_in_this_process()
         _filter_stderr()
