@@ -1,6 +1,8 @@
-"""ldm_core is pure PyTorch math: it must never import Ray, MLflow, storage or CLI libraries."""
+"""ldm_core is pure PyTorch math: it must never import Ray, MLflow, storage or CLI libraries. And a local Ray's
+workers run the driver's own checkout of `pipelines`."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +130,39 @@ def test_pipelines_top_level_holds_only_entry_points_and_subpackages():
     not_scripts = [name for name in top if 'if __name__ == "__main__":' not in (REPO / "pipelines" / name).read_text()]
     assert not_scripts == []
     assert sorted(p.name for p in (REPO / "pipelines").iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(LAYERS)
+
+
+def test_a_local_rays_workers_run_the_drivers_checkout(tmp_path):
+    """Two checkouts sharing one venv (installed editable from this one): a driver run from the other checkout must
+    have its Ray workers import that checkout's `pipelines`, not the installed one. A worker imports `pipelines`
+    first for its setup hook, before any driver path reaches it; init_ray puts the driver's checkout on the
+    PYTHONPATH that a local Ray's processes inherit."""
+    import shutil
+
+    other = tmp_path / "other-checkout"
+    for package in ("pipelines", "ldm_core"):
+        shutil.copytree(REPO / package, other / package, ignore=shutil.ignore_patterns("__pycache__"))
+    driver = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import ray\n"
+        "from pipelines.config.sections import RaySection\n"
+        "from pipelines.platform.runtime import init_ray\n"
+        "init_ray(RaySection(num_cpus=1))\n"
+        "def where():\n"
+        "    import pipelines.platform.runtime as r\n"
+        "    return r.__file__\n"
+        "@ray.remote(num_cpus=0)\n"
+        "class Probe:\n"
+        "    def where(self):\n"
+        "        return where()\n"
+        "print('driver', where())\n"
+        "print('task', ray.get(ray.remote(num_cpus=0)(where).remote()))\n"
+        "print('actor', ray.get(Probe.remote().where.remote()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    out = subprocess.run([sys.executable, "-c", driver, str(other)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.split(" ", 1)[0] in ("driver", "task", "actor"))
+    expected = str(other / "pipelines" / "platform" / "runtime.py")
+    assert seen == {"driver": expected, "task": expected, "actor": expected}, out.stdout

@@ -152,6 +152,20 @@ def local_system_config(cpus: float) -> dict:
             "idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS}
 
 
+PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+"""The checkout this code runs from (the folder holding `pipelines/` and `ldm_core/`)."""
+
+
+def _workers_import_this_checkout() -> None:
+    """Put this checkout first on the PYTHONPATH that a local Ray's processes inherit. A worker imports `pipelines`
+    before the driver's paths reach it (the setup hook lives there), so without this it takes whatever the venv
+    installed: with one venv shared by two checkouts (an editable install of the first), a driver run from the
+    second ran its workers on the first one's code."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if not paths or paths[0] != PROJECT_ROOT:
+        os.environ["PYTHONPATH"] = os.pathsep.join([PROJECT_ROOT, *[p for p in paths if p != PROJECT_ROOT]])
+
+
 def init_ray(cfg: RaySection) -> None:
     """Attach to the configured cluster (or RAY_ADDRESS, as set by `ray job submit`), else start a local Ray.
 
@@ -184,6 +198,7 @@ def init_ray(cfg: RaySection) -> None:
         # driver's stages, so it polls at 0.5 s; a cluster keeps Ray's default (and whatever its operator sets).
         os.environ.setdefault(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)
         os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+        _workers_import_this_checkout()
         ray.init(address="local", num_cpus=cfg.num_cpus, _system_config=local_system_config(cpus), **options)
     if quiet:
         _quiet_ray_data_in_this_process()
