@@ -17,10 +17,10 @@ On S3, claiming is write-then-verify: write our record, wait `settle_s`, read it
 at the same moment only the last writer goes on, the other waits. On a local path each read-then-write of the
 record (a claim, a heartbeat, a note, the release) runs under an exclusive `flock` of the lease's folder, so two
 claims cannot interleave and no settle wait is needed (a folder shared between hosts must then be on a file
-system with working locks, as NFSv4 is; across hosts, S3 is the shared store this pipeline expects). A released lease stays as a record
-(`released: true`) so its notes reach the next owner. A heartbeat that finds someone else's record (this
-driver stalled past `ttl_s` and was taken over) marks the lease lost: `check()` raises `LeaseLost`, and
-callers check before they publish anything.
+system with working locks, as NFSv4 is; across hosts, S3 is the shared store this pipeline expects). A released
+lease stays as a record (`released: true`) so its notes reach the next owner. A heartbeat that finds someone
+else's record (this driver stalled past `ttl_s` and was taken over) marks the lease lost: `check()` raises
+`LeaseLost`, and callers check before they publish anything.
 """
 
 from __future__ import annotations
