@@ -27,10 +27,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 # (pipelines.platform.runtime.init_ray): a stage's end is seen in 0.5 s, not 2 s, and a worker's next report no
 # longer waits up to 2 s for the controller to take the last one; and without Ray Train's preemption watcher (no
 # node of a local Ray is drained). The autoscaling clusters of test_cluster.py keep Ray's defaults, as real clusters do.
-from pipelines.platform.runtime import LOCAL_TRAIN_POLL_S, PREEMPTION_WATCHER_ENV, TRAIN_POLL_ENV  # noqa: E402
+from pipelines.platform.runtime import set_local_train_defaults  # noqa: E402
 
-os.environ.setdefault(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)
-os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+set_local_train_defaults()
 # The tests' `mlflow server`s run no jobs: without this each starts a pool of 7 job-runner processes (as
 # infra/mlflow/serve.sh's default does too).
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")

@@ -59,6 +59,24 @@ def _holder(uri: str, hold_s: float, notes: dict | None = None, start_at: float 
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
 
 
+def _in_threads(work, count: int, timeout: float | None = None) -> list[BaseException]:
+    """`work(n)` for n in range(count), each in a thread of its own, all joined: what any of them raised."""
+    errors: list[BaseException] = []
+
+    def run(n: int) -> None:
+        try:
+            work(n)
+        except BaseException as e:  # noqa: BLE001 - returned to the test, which asserts on it
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return errors
+
+
 def _wait_line(proc: subprocess.Popen, word: str) -> float:
     line = proc.stdout.readline()
     while line.startswith("waiting for"):  # the lease says whom it waits for
@@ -219,28 +237,20 @@ def test_local_claims_are_atomic_without_a_settle_wait(tmp_path):
     settings = FAST.model_copy(update={"settle_s": 0.0, "poll_s": 0.001})
     holders: list[str] = []
     overlaps: list[tuple[str, list[str]]] = []
-    errors: list[BaseException] = []
     guard = threading.Lock()
 
     def claim(n: int) -> None:
-        try:
-            for i in range(25):
-                with lease.hold(uri, what=f"driver {n}", settings=settings):
-                    with guard:
-                        if holders:
-                            overlaps.append((f"{n}/{i}", list(holders)))
-                        holders.append(f"{n}/{i}")
-                    time.sleep(0.001)
-                    with guard:
-                        holders.remove(f"{n}/{i}")
-        except BaseException as e:  # noqa: BLE001 - collected and asserted below
-            errors.append(e)
+        for i in range(25):
+            with lease.hold(uri, what=f"driver {n}", settings=settings):
+                with guard:
+                    if holders:
+                        overlaps.append((f"{n}/{i}", list(holders)))
+                    holders.append(f"{n}/{i}")
+                time.sleep(0.001)
+                with guard:
+                    holders.remove(f"{n}/{i}")
 
-    threads = [threading.Thread(target=claim, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    errors = _in_threads(claim, 4, timeout=120)
     assert not errors, errors
     assert not overlaps, f"held at once: {overlaps[:3]}"
     assert lease.Lease(uri, "probe", FAST, None).read()["released"]
@@ -264,21 +274,12 @@ def test_a_driver_taken_over_knows_it_lost_and_leaves_the_new_record(tmp_path):
 
 def test_concurrent_writers_of_one_file_never_share_a_temp_file(tmp_path):
     loc = storage.resolve(tmp_path / "shared.json")
-    errors: list[BaseException] = []
 
     def write(n: int) -> None:
-        try:
-            for i in range(300):
-                storage.write_bytes(loc, f"{n}-{i}".encode())
-        except BaseException as e:  # noqa: BLE001 - collected and asserted below
-            errors.append(e)
+        for i in range(300):
+            storage.write_bytes(loc, f"{n}-{i}".encode())
 
-    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert _in_threads(write, 4) == []
     assert storage.read_bytes(loc).decode().endswith("-299")
     assert not list(tmp_path.glob("*.tmp"))
 

@@ -134,6 +134,14 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 machine that nothing drains, so `init_ray` turns it off there (unless set); clusters keep it."""
 
 
+def set_local_train_defaults() -> None:
+    """Ray Train's settings for a local Ray, in this process's environment (its Ray processes inherit it), each
+    unless already set: the controller polls at `LOCAL_TRAIN_POLL_S` (see init_ray) and runs no preemption watcher.
+    `init_ray` calls it before starting a local Ray, and the tests before starting theirs."""
+    os.environ.setdefault(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+
+
 IDLE_WORKER_KEEP_MS = 60_000
 """How long a local Ray keeps an idle worker process (Ray's default: 1 s once more processes run than CPUs)."""
 
@@ -196,8 +204,7 @@ def init_ray(cfg: RaySection) -> None:
         # learns only then that the train function has returned: a trivial TorchTrainer.fit took 5.0 s from the
         # last report to its return at 2 s, 0.8 s at 0.25 s (2-core box, 2026-12-07). A local Ray runs this one
         # driver's stages, so it polls at 0.5 s; a cluster keeps Ray's default (and whatever its operator sets).
-        os.environ.setdefault(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)
-        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+        set_local_train_defaults()
         _workers_import_this_checkout()
         ray.init(address="local", num_cpus=cfg.num_cpus, _system_config=local_system_config(cpus), **options)
     if quiet:
